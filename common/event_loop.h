@@ -1,0 +1,67 @@
+#pragma once
+// EventLoop: one libevent event_base driven by one thread, with RAII handles for libevent
+// objects, a thread-safe post() for cross-thread work (an eventfd, so the base itself needs no
+// locks), and deferred deletion for objects that finish inside their own callbacks.
+
+#include <event2/event.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common/unique_fd.h"
+
+namespace dmm {
+
+struct EventDeleter {
+  void operator()(event* e) const { event_free(e); }
+};
+using EventPtr = std::unique_ptr<event, EventDeleter>;
+
+struct EventBaseDeleter {
+  void operator()(event_base* b) const { event_base_free(b); }
+};
+using EventBasePtr = std::unique_ptr<event_base, EventBaseDeleter>;
+
+// Base class for objects handed to EventLoop::deferDelete().
+class Deferrable {
+ public:
+  virtual ~Deferrable() = default;
+};
+
+class EventLoop {
+ public:
+  EventLoop();
+  ~EventLoop();
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  event_base* base() const { return base_.get(); }
+
+  // Runs the loop on the calling thread until exit(). Call from one thread only.
+  void run();
+  // Makes run() return after the current iteration. Any thread.
+  void exit();
+  // Runs fn on the loop thread, in order of posting. Any thread.
+  void post(std::function<void()> fn);
+  // Destroys obj once the running callback has returned. Loop thread only.
+  void deferDelete(std::unique_ptr<Deferrable> obj);
+
+  // Creates an event on this loop (not yet added). Loop thread (or before run()).
+  EventPtr newEvent(evutil_socket_t fd, short what, event_callback_fn cb, void* arg) const;
+
+ private:
+  static void onWake(evutil_socket_t fd, short what, void* arg);
+  static void onCleanup(evutil_socket_t fd, short what, void* arg);
+
+  EventBasePtr base_;
+  UniqueFd wake_fd_;
+  EventPtr wake_event_;
+  EventPtr cleanup_event_;
+  std::vector<std::unique_ptr<Deferrable>> graveyard_;
+  std::mutex mutex_;  // guards posted_
+  std::vector<std::function<void()>> posted_;
+};
+
+}  // namespace dmm

@@ -1,0 +1,269 @@
+#include "common/toml_table.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "common/duration.h"
+
+namespace dmm {
+
+namespace {
+
+// toml11 v3 puts the exact column only into its formatted message: the caret line under the
+// offending source line (" 2 | b = = 2" / "   |     ^--- here"). Recover it from there, and keep
+// the first line of the message ("[error] bad format: ...") as the text.
+SourcePosition syntaxErrorPosition(const toml::exception& e, const std::string& file,
+                                   std::string& message) {
+  SourcePosition pos{file, e.location().line(), e.location().column()};
+  std::istringstream in(e.what());
+  std::string line;
+  std::string first;
+  std::string prev;
+  bool have_first = false;
+  while (std::getline(in, line)) {
+    if (!have_first) {
+      first = line;
+      have_first = true;
+    }
+    auto bar = line.find(" | ");
+    auto caret = line.find('^');
+    if (bar != std::string::npos && caret != std::string::npos && caret > bar) {
+      // The source line above shares the same " | " column.
+      auto prev_bar = prev.find(" | ");
+      if (prev_bar != std::string::npos) {
+        pos.column = static_cast<std::uint32_t>(caret - (bar + 3) + 1);
+        auto num = prev.substr(0, prev_bar);
+        try {
+          pos.line = static_cast<std::uint32_t>(std::stoul(num));
+        } catch (...) {
+        }
+      }
+      break;
+    }
+    prev = line;
+  }
+  const std::string prefix = "[error] ";
+  if (first.rfind(prefix, 0) == 0) first = first.substr(prefix.size());
+  if (first.rfind("toml::", 0) == 0) {
+    // "toml::parse_basic_string: the next token..." -> "the next token..."
+    auto colon = first.find(": ");
+    if (colon != std::string::npos) first = first.substr(colon + 2);
+  }
+  message = "TOML syntax error: " + first;
+  if (pos.line == 0) pos.line = 1;
+  if (pos.column == 0) pos.column = 1;
+  return pos;
+}
+
+std::string typeName(const toml::value& v) {
+  switch (v.type()) {
+    case toml::value_t::boolean:
+      return "a boolean";
+    case toml::value_t::integer:
+      return "an integer";
+    case toml::value_t::floating:
+      return "a float";
+    case toml::value_t::string:
+      return "a string";
+    case toml::value_t::array:
+      return "an array";
+    case toml::value_t::table:
+      return "a table";
+    default:
+      return "a date/time";
+  }
+}
+
+}  // namespace
+
+std::optional<toml::value> loadTomlString(const std::string& text, const std::string& file_name,
+                                          Diagnostics& diags) {
+  try {
+    std::istringstream in(text);
+    return toml::parse(in, file_name);
+  } catch (const toml::exception& e) {
+    std::string message;
+    auto pos = syntaxErrorPosition(e, file_name, message);
+    diags.error(pos, message);
+  } catch (const std::exception& e) {
+    diags.error({file_name, 1, 1}, e.what());
+  }
+  return std::nullopt;
+}
+
+std::optional<toml::value> loadTomlFile(const std::string& path, Diagnostics& diags) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    diags.error({path, 0, 0}, "cannot open file");
+    return std::nullopt;
+  }
+  std::ostringstream text;
+  text << in.rdbuf();
+  return loadTomlString(text.str(), path, diags);
+}
+
+SourcePosition positionOf(const toml::value& v) {
+  auto loc = v.location();
+  return {loc.file_name(), loc.line(), loc.column()};
+}
+
+TomlTable::TomlTable(const toml::value& table, std::string name, Diagnostics& diags)
+    : table_(table), name_(std::move(name)), diags_(diags) {}
+
+SourcePosition TomlTable::position() const {
+  auto pos = positionOf(table_);
+  if (pos.line == 0) pos.line = 1;
+  if (pos.column == 0) pos.column = 1;
+  return pos;
+}
+
+SourcePosition TomlTable::keyPosition(std::string_view key) const {
+  if (!table_.is_table()) return position();
+  const auto& t = table_.as_table();
+  auto it = t.find(std::string(key));
+  if (it == t.end()) return position();
+  auto loc = it->second.location();
+  SourcePosition pos{loc.file_name(), loc.line(), loc.column()};
+  // Point at the key itself rather than its value when the key is on the same line.
+  const std::string& line = loc.line_str();
+  if (pos.column > 1 && pos.column - 1 <= line.size()) {
+    auto found = line.rfind(key, pos.column - 1);
+    if (found != std::string::npos) pos.column = static_cast<std::uint32_t>(found + 1);
+  }
+  return pos;
+}
+
+const toml::value* TomlTable::find(std::string_view key) {
+  known_.emplace(key);
+  if (!table_.is_table()) return nullptr;
+  const auto& t = table_.as_table();
+  auto it = t.find(std::string(key));
+  return it == t.end() ? nullptr : &it->second;
+}
+
+const toml::value* TomlTable::getRaw(std::string_view key) { return find(key); }
+
+void TomlTable::typeError(std::string_view key, std::string_view expected) {
+  const toml::value* v = find(key);
+  diags_.error(v != nullptr ? positionOf(*v) : position(),
+               "'" + std::string(key) + "' in " + name_ + ": expected " + std::string(expected) +
+                   (v != nullptr ? ", got " + typeName(*v) : std::string()));
+}
+
+std::optional<std::string> TomlTable::getString(std::string_view key) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return std::nullopt;
+  if (!v->is_string()) {
+    typeError(key, "a string");
+    return std::nullopt;
+  }
+  return v->as_string().str;
+}
+
+std::optional<std::int64_t> TomlTable::getInt(std::string_view key, std::int64_t min,
+                                              std::int64_t max) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return std::nullopt;
+  if (!v->is_integer()) {
+    typeError(key, "an integer");
+    return std::nullopt;
+  }
+  auto n = v->as_integer();
+  if (n < min || n > max) {
+    diags_.error(positionOf(*v), "'" + std::string(key) + "' in " + name_ + ": " +
+                                     std::to_string(n) + " is out of range [" +
+                                     std::to_string(min) + ", " + std::to_string(max) + "]");
+    return std::nullopt;
+  }
+  return n;
+}
+
+std::optional<bool> TomlTable::getBool(std::string_view key) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return std::nullopt;
+  if (!v->is_boolean()) {
+    typeError(key, "a boolean");
+    return std::nullopt;
+  }
+  return v->as_boolean();
+}
+
+std::optional<std::chrono::milliseconds> TomlTable::getDuration(std::string_view key) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return std::nullopt;
+  if (!v->is_string()) {
+    typeError(key, "a duration string such as \"5s\" or \"250ms\"");
+    return std::nullopt;
+  }
+  auto d = parseDuration(v->as_string().str);
+  if (!d) {
+    diags_.error(positionOf(*v), "'" + std::string(key) + "' in " + name_ + ": \"" +
+                                     v->as_string().str +
+                                     "\" is not a duration (use ms, s, m or h, e.g. \"5s\")");
+  }
+  return d;
+}
+
+std::optional<SocketAddress> TomlTable::getSocketAddress(std::string_view key,
+                                                         bool allow_zero_port) {
+  auto text = getString(key);
+  if (!text) return std::nullopt;
+  auto addr = SocketAddress::parse(*text, allow_zero_port);
+  if (!addr) error(key, "\"" + *text + "\" is not an address such as \"10.0.0.1:80\" or \"[::1]:80\"");
+  return addr;
+}
+
+const toml::value* TomlTable::getTable(std::string_view key) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return nullptr;
+  if (!v->is_table()) {
+    typeError(key, "a table");
+    return nullptr;
+  }
+  return v;
+}
+
+std::vector<const toml::value*> TomlTable::getArrayOfTables(std::string_view key) {
+  std::vector<const toml::value*> out;
+  const toml::value* v = find(key);
+  if (v == nullptr) return out;
+  if (!v->is_array()) {
+    typeError(key, "an array of tables ([[" + std::string(key) + "]])");
+    return out;
+  }
+  for (const auto& e : v->as_array()) {
+    if (!e.is_table()) {
+      diags_.error(positionOf(e), "'" + std::string(key) + "' in " + name_ +
+                                      ": expected a table, got " + typeName(e));
+      continue;
+    }
+    out.push_back(&e);
+  }
+  return out;
+}
+
+void TomlTable::requireKey(std::string_view key) {
+  diags_.error(position(), name_ + ": missing required key '" + std::string(key) + "'");
+}
+
+void TomlTable::error(std::string_view key, std::string message) {
+  const toml::value* v = find(key);
+  diags_.error(v != nullptr ? positionOf(*v) : position(),
+               "'" + std::string(key) + "' in " + name_ + ": " + message);
+}
+
+void TomlTable::warning(std::string_view key, std::string message) {
+  const toml::value* v = find(key);
+  diags_.warning(v != nullptr ? positionOf(*v) : position(),
+                 "'" + std::string(key) + "' in " + name_ + ": " + message);
+}
+
+void TomlTable::rejectUnknown() {
+  if (!table_.is_table()) return;
+  for (const auto& [key, value] : table_.as_table()) {
+    if (known_.count(key) != 0) continue;
+    diags_.error(keyPosition(key), "unknown key '" + key + "' in " + name_);
+  }
+}
+
+}  // namespace dmm

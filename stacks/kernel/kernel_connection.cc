@@ -1,0 +1,73 @@
+#include "stacks/kernel/kernel_connection.h"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "common/socket_util.h"
+
+namespace dmm::stacks::kernel {
+
+KernelConnection::KernelConnection(EventLoop& loop, UniqueFd fd, ConnectionCallbacks& callbacks,
+                                   bool connecting)
+    : fd_(std::move(fd)), callbacks_(&callbacks), connecting_(connecting) {
+  (void)net::setAbortOnClose(fd_.get(), true);
+  event_ = loop.newEvent(fd_.get(), EV_READ | EV_WRITE | EV_PERSIST | EV_ET,
+                         &KernelConnection::onEvent, this);
+  event_add(event_.get(), nullptr);
+}
+
+KernelConnection::~KernelConnection() {
+  if (fd_) close(CloseType::kAbort);
+}
+
+void KernelConnection::onEvent(evutil_socket_t, short what, void* arg) {
+  auto* self = static_cast<KernelConnection*>(arg);
+  if (self->connecting_) {
+    if ((what & EV_WRITE) == 0 && (what & EV_READ) == 0) return;
+    self->connecting_ = false;
+    int err = net::socketError(self->fd_.get());
+    if (err != 0) {
+      self->callbacks_->onConnectFailed(*self, Error{err, "connect"});
+      return;
+    }
+    self->callbacks_->onConnected(*self);
+    // The first edge may also carry data (a server that speaks first).
+    if (self->fd_ && (what & EV_READ) != 0) self->callbacks_->onReadable(*self);
+    return;
+  }
+  if ((what & EV_READ) != 0) {
+    self->callbacks_->onReadable(*self);
+    if (!self->fd_) return;  // closed inside the callback
+  }
+  if ((what & EV_WRITE) != 0) self->callbacks_->onWritable(*self);
+}
+
+IoResult KernelConnection::read(std::span<std::byte> buffer) {
+  ssize_t n = ::recv(fd_.get(), buffer.data(), buffer.size(), 0);
+  if (n > 0) return IoResult::ok(static_cast<std::size_t>(n));
+  if (n == 0) return IoResult::eof();
+  return IoResult::fromErrno(errno);
+}
+
+IoResult KernelConnection::write(std::span<const std::byte> data) {
+  ssize_t n = ::send(fd_.get(), data.data(), data.size(), MSG_NOSIGNAL);
+  if (n >= 0) return IoResult::ok(static_cast<std::size_t>(n));
+  return IoResult::fromErrno(errno);
+}
+
+void KernelConnection::shutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+
+void KernelConnection::close(CloseType type) {
+  if (!fd_) return;
+  event_.reset();
+  if (type == CloseType::kGraceful) (void)net::setAbortOnClose(fd_.get(), false);
+  fd_.reset();
+}
+
+std::optional<SocketAddress> KernelConnection::peerAddress() const {
+  return net::peerAddress(fd_.get());
+}
+
+}  // namespace dmm::stacks::kernel

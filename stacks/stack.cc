@@ -1,0 +1,43 @@
+#include "stacks/stack.h"
+
+#include <cerrno>
+
+#include "stacks/kernel/kernel_stack.h"
+
+namespace dmm::stacks {
+
+IoResult IoResult::fromErrno(int e) {
+  switch (e) {
+    case EAGAIN:
+      return wouldBlock();
+    case ECONNRESET:
+    case EPIPE:
+    case ECONNABORTED:
+      return {Status::kReset, 0, e};
+    default:
+      return {Status::kError, 0, e};
+  }
+}
+
+void StackRegistry::add(std::unique_ptr<StackFactory> factory) {
+  factories_.push_back(std::move(factory));
+}
+
+const StackFactory* StackRegistry::find(std::string_view kind) const {
+  for (const auto& f : factories_) {
+    if (f->kind() == kind) return f.get();
+  }
+  return nullptr;
+}
+
+std::vector<std::string> StackRegistry::kinds() const {
+  std::vector<std::string> out;
+  for (const auto& f : factories_) out.emplace_back(f->kind());
+  return out;
+}
+
+void registerBuiltinStacks(StackRegistry& registry) {
+  registry.add(std::make_unique<kernel::KernelStackFactory>());
+}
+
+}  // namespace dmm::stacks
