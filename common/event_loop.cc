@@ -70,6 +70,13 @@ void EventLoop::deferDelete(std::unique_ptr<Deferrable> obj) {
   graveyard_.push_back(std::move(obj));
 }
 
+void EventLoop::collectGarbage() {
+  while (!graveyard_.empty()) {
+    std::vector<std::unique_ptr<Deferrable>> dead;
+    dead.swap(graveyard_);
+  }
+}
+
 void EventLoop::onCleanup(evutil_socket_t, short, void* arg) {
   auto* self = static_cast<EventLoop*>(arg);
   // Destructors may defer more deletions; swap first so those land in a fresh batch.

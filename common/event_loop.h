@@ -47,6 +47,8 @@ class EventLoop {
   void post(std::function<void()> fn);
   // Destroys obj once the running callback has returned. Loop thread only.
   void deferDelete(std::unique_ptr<Deferrable> obj);
+  // Destroys what deferDelete() holds now (when the loop no longer runs). Loop thread only.
+  void collectGarbage();
 
   // Creates an event on this loop (not yet added). Loop thread (or before run()).
   EventPtr newEvent(evutil_socket_t fd, short what, event_callback_fn cb, void* arg) const;

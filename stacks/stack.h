@@ -116,11 +116,11 @@ class Stack {
   virtual Result<std::unique_ptr<StackConnection>> connect(EventLoop& loop,
                                                            const ConnectOptions& options,
                                                            ConnectionCallbacks& callbacks) = 0;
-  // Takes over an established kernel socket that this stack will carry data on (the kernel
-  // kind carries data on the handshake's own connection) and applies the instance's tuning.
-  // Stacks that carry data on connections of their own return an error.
-  virtual Result<std::unique_ptr<StackConnection>> adopt(EventLoop& loop, UniqueFd fd,
-                                                         ConnectionCallbacks& callbacks) = 0;
+  // Takes over the handshake's control connection to carry the session's data on it (what the
+  // kernel kind does), applying the instance's tuning. Stacks that carry data on connections of
+  // their own return an error.
+  virtual Result<std::unique_ptr<StackConnection>> adopt(
+      std::unique_ptr<StackConnection> control) = 0;
   // The connect parameters this instance puts into a handshake offer (opaque to other kinds).
   virtual std::vector<std::uint8_t> advertise() const = 0;
   // False while the instance cannot carry connections (device gone, port down).

@@ -59,11 +59,11 @@ Result<std::unique_ptr<StackConnection>> KernelStack::connect(EventLoop& loop,
       std::make_unique<KernelConnection>(loop, std::move(*fd), callbacks, true));
 }
 
-Result<std::unique_ptr<StackConnection>> KernelStack::adopt(EventLoop& loop, UniqueFd fd,
-                                                            ConnectionCallbacks& callbacks) {
-  if (auto s = tune(fd.get()); !s) return s.error();
-  return std::unique_ptr<StackConnection>(
-      std::make_unique<KernelConnection>(loop, std::move(fd), callbacks, false));
+Result<std::unique_ptr<StackConnection>> KernelStack::adopt(
+    std::unique_ptr<StackConnection> control) {
+  if (control->fd() < 0) return Error{EINVAL, "not_a_kernel_connection"};
+  if (auto s = tune(control->fd()); !s) return s.error();
+  return control;
 }
 
 std::unique_ptr<StackOptions> KernelStackFactory::parseOptions(TomlTable& table) const {

@@ -27,8 +27,8 @@ class KernelStack final : public Stack {
   std::uint32_t capabilities() const override { return kCanSplice | kIpv6 | kHalfClose; }
   Result<std::unique_ptr<StackConnection>> connect(EventLoop& loop, const ConnectOptions& options,
                                                    ConnectionCallbacks& callbacks) override;
-  Result<std::unique_ptr<StackConnection>> adopt(EventLoop& loop, UniqueFd fd,
-                                                 ConnectionCallbacks& callbacks) override;
+  Result<std::unique_ptr<StackConnection>> adopt(
+      std::unique_ptr<StackConnection> control) override;
   std::vector<std::uint8_t> advertise() const override { return {}; }
 
   // Applies this instance's socket options to `fd`.
