@@ -1,0 +1,195 @@
+#include "proxy/capture.h"
+
+#include <fcntl.h>
+#include <linux/netfilter_ipv4.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+extern char** environ;
+
+namespace dmm::proxy {
+
+namespace {
+
+// <linux/netfilter_ipv6/ip6_tables.h> clashes with glibc's headers; the value is ABI.
+constexpr int kIp6tSoOriginalDst = 80;
+
+struct CommandResult {
+  int status = -1;  // exit status, or -1 if it could not run
+  std::string output;
+};
+
+// Runs argv (no shell) with `input` on stdin; collects stdout and stderr together.
+CommandResult run(const std::vector<std::string>& argv, const std::string& input = {}) {
+  CommandResult result;
+  int in_pipe[2];
+  int out_pipe[2];
+  if (::pipe2(in_pipe, O_CLOEXEC) != 0) return result;
+  if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
+    ::close(in_pipe[0]);
+    ::close(in_pipe[1]);
+    return result;
+  }
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, in_pipe[0], 0);
+  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 1);
+  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 2);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = ::posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(in_pipe[0]);
+  ::close(out_pipe[1]);
+  if (rc != 0) {
+    ::close(in_pipe[1]);
+    ::close(out_pipe[0]);
+    result.output = argv[0] + ": " + std::strerror(rc);
+    return result;
+  }
+  // The rulesets are a few KB: the pipe takes them whole, so write, then read to EOF.
+  std::size_t off = 0;
+  while (off < input.size()) {
+    ssize_t n = ::write(in_pipe[1], input.data() + off, input.size() - off);
+    if (n <= 0) break;
+    off += static_cast<std::size_t>(n);
+  }
+  ::close(in_pipe[1]);
+  char buf[4096];
+  for (;;) {
+    ssize_t n = ::read(out_pipe[0], buf, sizeof buf);
+    if (n > 0) {
+      result.output.append(buf, static_cast<std::size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;
+    }
+  }
+  ::close(out_pipe[0]);
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+std::string describe(const std::vector<std::string>& argv, const CommandResult& r) {
+  std::string cmd;
+  for (const auto& a : argv) cmd += (cmd.empty() ? "" : " ") + a;
+  std::string out = r.output;
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  return "`" + cmd + "` failed (exit " + std::to_string(r.status) + "): " + out;
+}
+
+const SocketAddress* captureAddress(const Config& c, int family) {
+  for (const auto& a : c.capture_listen) {
+    if (a.family() == family) return &a;
+  }
+  return nullptr;
+}
+
+std::vector<int> families(const Config& c) {
+  std::vector<int> out{AF_INET};
+  if (c.capture_ipv6) out.push_back(AF_INET6);
+  return out;
+}
+
+std::string tool(int family, bool restore) {
+  std::string base = family == AF_INET ? "iptables" : "ip6tables";
+  return restore ? base + "-restore" : base;
+}
+
+}  // namespace
+
+std::optional<SocketAddress> originalDestination(int fd, int family) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof ss;
+  int rc = family == AF_INET6
+               ? ::getsockopt(fd, SOL_IPV6, kIp6tSoOriginalDst, &ss, &len)
+               : ::getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &ss, &len);
+  if (rc != 0) return std::nullopt;
+  return SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&ss), len);
+}
+
+std::string captureRuleset(const Config& c, int family) {
+  const SocketAddress* listen = captureAddress(c, family);
+  std::ostringstream r;
+  const std::string chain = c.capture_chain;
+  r << "*nat\n";
+  r << ":" << chain << " - [0:0]\n";  // declares, and with --noflush empties, the chain
+  r << "-A " << chain << " -m mark --mark 0x" << std::hex << c.mark << std::dec
+    << " -j RETURN\n";
+  r << "-A " << chain << " -m addrtype --dst-type LOCAL -j RETURN\n";
+  for (const auto& cidr : c.capture_exclude) {
+    if (cidr.family() == family) r << "-A " << chain << " -d " << cidr.toString() << " -j RETURN\n";
+  }
+  for (const auto& ports : c.capture_exclude_ports) {
+    r << "-A " << chain << " -p tcp --dport " << ports.first;
+    if (ports.last != ports.first) r << ":" << ports.last;
+    r << " -j RETURN\n";
+  }
+  if (listen != nullptr) {
+    for (const auto& cidr : c.capture_include) {
+      if (cidr.family() != family) continue;
+      r << "-A " << chain << " -p tcp -d " << cidr.toString() << " -j REDIRECT --to-ports "
+        << listen->port() << "\n";
+    }
+    if (c.capture_include.empty()) {
+      r << "-A " << chain << " -p tcp -j REDIRECT --to-ports " << listen->port() << "\n";
+    }
+  }
+  r << "COMMIT\n";
+  return r.str();
+}
+
+std::string installCaptureRules(const Config& c) {
+  for (int family : families(c)) {
+    if (captureAddress(c, family) == nullptr) {
+      return std::string("capture.listen has no ") + (family == AF_INET ? "IPv4" : "IPv6") +
+             " address to redirect to (set capture.ipv6 = false to capture IPv4 only)";
+    }
+    std::vector<std::string> restore{tool(family, true), "-w", "--noflush"};
+    auto r = run(restore, captureRuleset(c, family));
+    if (r.status != 0) return describe(restore, r);
+    std::vector<std::string> check{tool(family, false), "-w", "-t", "nat", "-C", "OUTPUT",
+                                   "-p", "tcp", "-j", c.capture_chain};
+    if (run(check).status != 0) {
+      std::vector<std::string> add{tool(family, false), "-w", "-t", "nat", "-A", "OUTPUT",
+                                   "-p", "tcp", "-j", c.capture_chain};
+      auto a = run(add);
+      if (a.status != 0) return describe(add, a);
+    }
+  }
+  return {};
+}
+
+std::string removeCaptureRules(const Config& c) {
+  for (int family : families(c)) {
+    std::vector<std::string> del{tool(family, false), "-w", "-t", "nat", "-D", "OUTPUT",
+                                 "-p", "tcp", "-j", c.capture_chain};
+    // Delete every copy of the jump (an older install might have added it twice).
+    for (int i = 0; i < 16 && run(del).status == 0; ++i) {
+    }
+    std::vector<std::string> exists{tool(family, false), "-w", "-t", "nat", "-S", c.capture_chain};
+    if (run(exists).status != 0) continue;  // already gone
+    for (const char* op : {"-F", "-X"}) {
+      std::vector<std::string> cmd{tool(family, false), "-w", "-t", "nat", op, c.capture_chain};
+      auto r = run(cmd);
+      if (r.status != 0) return describe(cmd, r);
+    }
+  }
+  return {};
+}
+
+}  // namespace dmm::proxy

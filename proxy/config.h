@@ -1,0 +1,106 @@
+#pragma once
+// The daemon's configuration (sidecar.toml): the model, its defaults, and the loader that
+// validates it and reports every problem as "file:line:col: message" in one pass.
+
+#include <spdlog/common.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/diagnostics.h"
+#include "common/duration.h"
+#include "common/log.h"
+#include "common/socket_address.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+
+struct StackInstanceConfig {
+  std::string name;
+  std::string kind;
+  std::shared_ptr<const stacks::StackOptions> options;
+};
+
+// One entry of the inbound allowlist: destinations this sidecar may deliver to.
+struct InboundAllow {
+  Cidr cidr;
+  std::vector<PortRange> ports;  // empty: every port
+  bool matches(const SocketAddress& dst) const;
+};
+
+enum class FallbackMode { kDirect, kRefuse };
+
+struct Config {
+  std::string path;
+
+  // [sidecar]
+  unsigned workers = 0;          // 0: one per online CPU
+  std::uint32_t mark = 0x444d;   // SO_MARK on every socket the sidecar opens
+
+  // [log]
+  spdlog::level::level_enum log_level = spdlog::level::info;
+  log::Format log_format = log::Format::kAuto;
+
+  // [capture]: connections of local applications redirected here by iptables.
+  bool capture_enabled = true;
+  std::vector<SocketAddress> capture_listen;  // default 127.0.0.1:17001 and [::1]:17001
+  std::vector<Cidr> capture_include;          // default: every destination
+  std::vector<Cidr> capture_exclude;
+  std::vector<PortRange> capture_exclude_ports;
+  bool capture_ipv6 = true;
+  std::string capture_chain = "DMM_SIDECAR";
+
+  // [tunnel]: the sidecar-to-sidecar port.
+  bool tunnel_enabled = true;
+  std::vector<SocketAddress> tunnel_listen;  // default 0.0.0.0:17002 and [::]:17002
+  std::uint16_t tunnel_port = 17002;         // dialed on peers
+  std::uint32_t max_header_bytes = 4096;
+
+  // [fallback]
+  FallbackMode fallback = FallbackMode::kDirect;
+  Millis no_sidecar_ttl{60'000};
+
+  // [inbound]
+  bool allow_local = true;  // every address of this host, any port
+  std::vector<InboundAllow> inbound_allow;
+
+  // [timeouts]
+  Millis connect_timeout{5'000};
+  Millis handshake_timeout{5'000};
+  Millis idle_timeout{3'600'000};
+  Millis half_closed_timeout{60'000};
+
+  // [relay]
+  std::uint32_t buffer_size = 64 * 1024;  // per direction: the high watermark
+  std::uint32_t low_watermark = 16 * 1024;
+  bool splice = true;
+
+  // [security]
+  std::vector<std::uint8_t> psk;
+  std::string key_id = "default";
+  Millis max_clock_skew{30'000};
+  std::uint32_t replay_cache_size = 1u << 20;
+
+  // [metrics]
+  bool metrics_enabled = true;
+  SocketAddress metrics_listen;  // default 127.0.0.1:17090
+
+  // [[stack]]
+  std::vector<StackInstanceConfig> stacks;  // default: one kernel instance named "kernel"
+
+  unsigned effectiveWorkers() const;
+  const StackInstanceConfig* findStack(std::string_view name) const;
+};
+
+// Reads and validates `path`. Returns nullopt when there is any error; all errors and warnings
+// are in `diags`.
+std::optional<Config> loadConfig(const std::string& path, const stacks::StackRegistry& registry,
+                                 Diagnostics& diags);
+// The same from text (tests).
+std::optional<Config> loadConfigString(const std::string& text, const std::string& file_name,
+                                       const stacks::StackRegistry& registry, Diagnostics& diags);
+
+}  // namespace dmm::proxy

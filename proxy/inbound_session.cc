@@ -1,0 +1,319 @@
+#include "proxy/inbound_session.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "common/socket_util.h"
+#include "proxy/relay.h"
+#include "proxy/session_util.h"
+#include "stacks/kernel/kernel_connection.h"
+
+namespace dmm::proxy {
+
+using stacks::CloseType;
+using stacks::IoResult;
+using stacks::kernel::KernelConnection;
+
+void InboundSession::start(Worker& worker, UniqueFd control) {
+  auto* session = new InboundSession(worker, std::move(control));
+  worker.sessionStarted(*session);
+  session->armTimer(worker.config().handshake_timeout);
+}
+
+InboundSession::InboundSession(Worker& worker, UniqueFd control)
+    : worker_(worker), id_(worker.nextConnectionId()), started_(Clock::now()) {
+  timer_ = worker.loop().newEvent(-1, 0, &InboundSession::onTimer, this);
+  // Registering the socket reports bytes that already arrived as a first readable edge.
+  control_ = std::make_unique<KernelConnection>(worker.loop(), std::move(control), *this, false);
+}
+
+InboundSession::~InboundSession() = default;
+
+void InboundSession::armTimer(std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  event_add(timer_.get(), &tv);
+}
+
+void InboundSession::onReadable(stacks::StackConnection& conn) {
+  if (&conn == control_.get() && state_ == State::kReadingHello) readHello();
+}
+
+void InboundSession::onWritable(stacks::StackConnection& conn) {
+  if (&conn == control_.get() && (state_ == State::kAccepting || state_ == State::kRejecting))
+    flushReply();
+}
+
+void InboundSession::readHello() {
+  const auto& config = worker_.config();
+  for (;;) {
+    if (in_.size() < in_need_) {
+      std::size_t have = in_.size();
+      in_.resize(in_need_);
+      // Read exactly the frame: bytes after it are the session's data.
+      auto r = control_->read(std::as_writable_bytes(std::span(in_).subspan(have)));
+      if (r.status != IoResult::Status::kOk) in_.resize(have);
+      if (r.status == IoResult::Status::kWouldBlock) return;
+      if (r.status == IoResult::Status::kEof) {
+        // A connection that closes having sent nothing is a probe, not a handshake.
+        drop(RejectionLabel::kMalformed, !in_.empty());
+        return;
+      }
+      if (r.status != IoResult::Status::kOk) {
+        drop(RejectionLabel::kMalformed, false);
+        return;
+      }
+      in_.resize(have + r.bytes);
+      if (in_.size() < in_need_) continue;
+    }
+    if (!prefix_checked_) {
+      handshake::Prefix prefix{};
+      auto err = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
+                                            in_.data(), handshake::kPrefixSize),
+                                        handshake::MessageType::kHello, config.max_header_bytes,
+                                        prefix);
+      switch (err) {
+        case handshake::PrefixError::kNone:
+          break;
+        case handshake::PrefixError::kBadMagic:
+          drop(RejectionLabel::kBadMagic, true);
+          return;
+        case handshake::PrefixError::kUnsupportedVersion:
+          reject(handshake::RejectReason::kUnsupportedVersion);
+          return;
+        case handshake::PrefixError::kTooLarge:
+          reject(handshake::RejectReason::kTooLarge);
+          return;
+        default:
+          reject(handshake::RejectReason::kMalformed);
+          return;
+      }
+      prefix_checked_ = true;
+      in_need_ = handshake::kPrefixSize + prefix.body_length;
+      continue;
+    }
+    onHello();
+    return;
+  }
+}
+
+bool InboundSession::allowed(const SocketAddress& dst) {
+  const auto& config = worker_.config();
+  // Our own ports are never a destination: a session delivered to the tunnel or capture
+  // listener would loop back into this sidecar.
+  for (const auto* list : {&config.tunnel_listen, &config.capture_listen}) {
+    for (const auto& l : *list) {
+      if (l.port() == dst.port() && (l.ip() == dst.ip() || l.ip().isUnspecified() ||
+                                     worker_.localAddresses().isLocal(dst.ip(), Clock::now())))
+        return false;
+    }
+  }
+  for (const auto& rule : config.inbound_allow) {
+    if (rule.matches(dst)) return true;
+  }
+  // By default: this host's own addresses, except loopback (services bound to loopback chose
+  // not to be reachable from other hosts; allow them explicitly if wanted).
+  return config.allow_local && !dst.ip().isLoopback() &&
+         worker_.localAddresses().isLocal(dst.ip(), Clock::now());
+}
+
+void InboundSession::onHello() {
+  auto& ctx = worker_.context();
+  const auto& config = ctx.config;
+  auto keys = [&config](std::string_view key_id) -> std::span<const std::uint8_t> {
+    if (key_id == config.key_id) return config.psk;
+    return {};
+  };
+  auto result = handshake::decodeHello(in_, keys, config.max_header_bytes);
+  if (result.error != handshake::RejectReason::kNone) {
+    reject(result.error);
+    return;
+  }
+  hello_ = std::move(result.hello);
+  hello_valid_ = true;
+
+  auto now_ms = static_cast<std::int64_t>(unixMillis());
+  auto skew = static_cast<std::int64_t>(config.max_clock_skew.count());
+  auto age = now_ms - static_cast<std::int64_t>(hello_.timestamp_ms);
+  if (age > skew || age < -skew) {
+    reject(handshake::RejectReason::kStale);
+    return;
+  }
+  switch (ctx.replay.insert(hello_.nonce, Clock::now())) {
+    case ReplayCache::Insert::kNew:
+      break;
+    case ReplayCache::Insert::kReplayed:
+      reject(handshake::RejectReason::kReplayed);
+      return;
+    case ReplayCache::Insert::kFull:
+      reject(handshake::RejectReason::kOverloaded);
+      return;
+  }
+  if (!allowed(hello_.original_dst)) {
+    reject(handshake::RejectReason::kDestinationNotAllowed);
+    return;
+  }
+  // The first offer, in the initiator's order, that this sidecar runs and is healthy.
+  bool found = false;
+  for (std::size_t i = 0; i < hello_.offers.size() && !found; ++i) {
+    for (std::size_t j = 0; j < ctx.stacks.size(); ++j) {
+      const auto& stack = *ctx.stacks[j];
+      if (stack.kind() == handshake::stackKindName(hello_.offers[i].kind) && stack.healthy()) {
+        chosen_offer_ = static_cast<std::uint8_t>(i);
+        chosen_stack_ = j;
+        found = true;
+        break;
+      }
+    }
+  }
+  if (!found) {
+    reject(handshake::RejectReason::kNoCommonStack);
+    return;
+  }
+  auto fd = net::connectTcp(hello_.original_dst, config.mark);
+  if (!fd) {
+    reject(handshake::RejectReason::kDestinationUnreachable);
+    return;
+  }
+  state_ = State::kConnecting;
+  server_ = std::make_unique<KernelConnection>(worker_.loop(), std::move(*fd), *this, true);
+  armTimer(config.connect_timeout);
+}
+
+void InboundSession::onConnected(stacks::StackConnection& conn) {
+  if (&conn != server_.get() || state_ != State::kConnecting) return;
+  const auto& config = worker_.config();
+  handshake::Reply reply;
+  reply.accepted = true;
+  reply.chosen_index = chosen_offer_;
+  reply.chosen_name = worker_.context().stacks[chosen_stack_]->name();
+  out_ = handshake::encodeReply(reply, config.psk, hello_.nonce);
+  out_done_ = 0;
+  state_ = State::kAccepting;
+  armTimer(config.handshake_timeout);
+  flushReply();
+}
+
+void InboundSession::onConnectFailed(stacks::StackConnection& conn, Error error) {
+  if (&conn != server_.get() || state_ != State::kConnecting) return;
+  spdlog::debug("conn {:x}: delivering to {} failed: {}", id_, hello_.original_dst.toString(),
+                std::strerror(error.code));
+  reject(handshake::RejectReason::kDestinationUnreachable);
+}
+
+void InboundSession::reject(handshake::RejectReason reason) {
+  const auto& config = worker_.config();
+  worker_.metrics().rejection(Role::kInbound, rejectionLabel(reason));
+  worker_.metrics().connectionFailed(
+      Role::kInbound, hello_valid_ ? chosen_stack_ : 0,
+      reason == handshake::RejectReason::kDestinationUnreachable ? Outcome::kConnectFailed
+                                                                 : Outcome::kRefused);
+  auto peer = control_->peerAddress();
+  spdlog::info("conn {:x} role=inbound peer={} dst={} end=refused reason={}", id_,
+               peer ? peer->toString() : "-",
+               hello_valid_ ? hello_.original_dst.toString() : std::string("-"),
+               handshake::reasonName(reason));
+  if (server_) server_->close(CloseType::kAbort);
+  handshake::Reply reply;
+  reply.accepted = false;
+  reply.reason = reason;
+  // Without an authenticated HELLO there is no nonce to bind the reply to; a zero nonce makes
+  // the reply unverifiable for the initiator, which then refuses rather than falls back.
+  handshake::Nonce nonce = hello_valid_ ? hello_.nonce : handshake::Nonce{};
+  out_ = handshake::encodeReply(reply, config.psk, nonce);
+  out_done_ = 0;
+  state_ = State::kRejecting;
+  armTimer(config.handshake_timeout);
+  flushReply();
+}
+
+void InboundSession::flushReply() {
+  while (out_done_ < out_.size()) {
+    auto r = control_->write(std::as_bytes(std::span(out_).subspan(out_done_)));
+    if (r.status == IoResult::Status::kOk) {
+      out_done_ += r.bytes;
+    } else if (r.status == IoResult::Status::kWouldBlock) {
+      return;
+    } else {
+      drop(RejectionLabel::kMalformed, false);
+      return;
+    }
+  }
+  if (state_ == State::kAccepting) {
+    startRelay();
+  } else {
+    control_->close(CloseType::kGraceful);
+    end();
+  }
+}
+
+void InboundSession::startRelay() {
+  auto& ctx = worker_.context();
+  auto adopted = ctx.stacks[chosen_stack_]->adopt(std::move(control_));
+  if (!adopted) {
+    spdlog::warn("conn {:x}: stack {} cannot carry the session: {}", id_,
+                 ctx.stacks[chosen_stack_]->name(), adopted.error().reason);
+    if (server_) server_->close(CloseType::kAbort);
+    worker_.metrics().connectionFailed(Role::kInbound, chosen_stack_, Outcome::kError);
+    end();
+    return;
+  }
+  worker_.metrics().handshakeDone(
+      Role::kInbound, std::chrono::duration<double>(Clock::now() - started_).count());
+  Relay::Info info;
+  info.id = id_;
+  info.role = Role::kInbound;
+  info.stack = chosen_stack_;
+  info.destination = hello_.original_dst;
+  info.started = started_;
+  end();
+  Relay::start(worker_, info, std::move(*adopted), std::move(server_));
+}
+
+void InboundSession::drop(RejectionLabel label, bool count) {
+  if (count) {
+    worker_.metrics().rejection(Role::kInbound, label);
+    auto peer = control_ ? control_->peerAddress() : std::nullopt;
+    spdlog::info("conn {:x} role=inbound peer={} end=dropped reason={}", id_,
+                 peer ? peer->toString() : "-", rejectionLabelName(label));
+  }
+  if (control_) control_->close(CloseType::kAbort);
+  if (server_) server_->close(CloseType::kAbort);
+  end();
+}
+
+void InboundSession::end() {
+  if (state_ == State::kDone) return;
+  state_ = State::kDone;
+  timer_.reset();
+  worker_.sessionEnded(*this);
+  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
+}
+
+void InboundSession::shutdown() {
+  if (control_) control_->close(CloseType::kAbort);
+  if (server_) server_->close(CloseType::kAbort);
+  end();
+}
+
+void InboundSession::onTimer(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<InboundSession*>(arg);
+  switch (self->state_) {
+    case State::kReadingHello:
+      self->drop(RejectionLabel::kTimeout, true);
+      break;
+    case State::kConnecting:
+      self->reject(handshake::RejectReason::kDestinationUnreachable);
+      break;
+    case State::kAccepting:
+    case State::kRejecting:
+      self->drop(RejectionLabel::kTimeout, true);
+      break;
+    case State::kDone:
+      break;
+  }
+}
+
+}  // namespace dmm::proxy

@@ -1,0 +1,140 @@
+// dmm-sidecar: the per-host daemon. See docs/ for the user guide.
+//
+//   dmm-sidecar [-c FILE]                     serve
+//   dmm-sidecar -c FILE --mode validate       check the config, print every problem, exit
+//   dmm-sidecar capture install|remove -c FILE   manage the iptables capture rules
+//   dmm-sidecar --version
+
+#include <event2/event.h>
+#include <signal.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+
+#include "common/event_loop.h"
+#include "common/log.h"
+#include "common/socket_util.h"
+#include "proxy/capture.h"
+#include "proxy/config.h"
+#include "proxy/sidecar.h"
+#include "proxy/version.h"
+#include "stacks/stack.h"
+
+namespace {
+
+using dmm::proxy::Config;
+
+constexpr int kExitOk = 0;
+constexpr int kExitInvalidConfig = 2;
+constexpr int kExitRuntime = 1;
+
+std::optional<Config> load(const std::string& path, const dmm::stacks::StackRegistry& registry,
+                           bool print_warnings) {
+  dmm::Diagnostics diags;
+  auto config = dmm::proxy::loadConfig(path, registry, diags);
+  if (!config || print_warnings) std::cerr << diags.formatAll();
+  return config;
+}
+
+struct SignalContext {
+  dmm::EventLoop* loop;
+  std::string config_path;
+  const dmm::stacks::StackRegistry* registry;
+};
+
+void onStopSignal(evutil_socket_t sig, short, void* arg) {
+  auto* ctx = static_cast<SignalContext*>(arg);
+  spdlog::info("received {}, stopping", sig == SIGINT ? "SIGINT" : "SIGTERM");
+  event_base_loopbreak(ctx->loop->base());
+}
+
+void onHangup(evutil_socket_t, short, void* arg) {
+  // Listeners, stacks and keys are fixed for the life of the process; a reload re-validates
+  // the file and applies what can change without dropping connections: the log level.
+  auto* ctx = static_cast<SignalContext*>(arg);
+  dmm::Diagnostics diags;
+  auto config = dmm::proxy::loadConfig(ctx->config_path, *ctx->registry, diags);
+  if (!config) {
+    spdlog::error("reload: {} is invalid, keeping the running configuration:\n{}",
+                  ctx->config_path, diags.formatAll());
+    return;
+  }
+  dmm::log::setLevel(config->log_level);
+  spdlog::info("reload: {} is valid; log level now {}", ctx->config_path,
+               spdlog::level::to_string_view(config->log_level));
+}
+
+int serve(Config config, const dmm::stacks::StackRegistry& registry) {
+  dmm::log::init(config.log_format, config.log_level);
+  ::signal(SIGPIPE, SIG_IGN);  // splice() to a closed socket raises it; errors come back as EPIPE
+  auto files = dmm::net::raiseFileLimit();
+  spdlog::debug("open files limit: {}", files);
+
+  dmm::EventLoop main_loop;
+  SignalContext sctx{&main_loop, config.path, &registry};
+  dmm::EventPtr sigterm(evsignal_new(main_loop.base(), SIGTERM, onStopSignal, &sctx));
+  dmm::EventPtr sigint(evsignal_new(main_loop.base(), SIGINT, onStopSignal, &sctx));
+  dmm::EventPtr sighup(evsignal_new(main_loop.base(), SIGHUP, onHangup, &sctx));
+  for (auto* ev : {sigterm.get(), sigint.get(), sighup.get()}) evsignal_add(ev, nullptr);
+
+  dmm::proxy::Sidecar sidecar(std::move(config), registry);
+  if (auto err = sidecar.start(main_loop); !err.empty()) {
+    spdlog::critical("cannot start: {}", err);
+    return kExitRuntime;
+  }
+  main_loop.run();
+  sidecar.stop();
+  spdlog::info("stopped");
+  return kExitOk;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"dmm-sidecar: carries captured TCP connections to the peer host's sidecar over "
+               "the stack its policy picks"};
+  std::string config_path = "/etc/dmm-sidecar/sidecar.toml";
+  std::string mode = "serve";
+  app.add_option("-c,--config", config_path, "configuration file")->capture_default_str();
+  app.add_option("--mode", mode, "serve, or validate: check the configuration and exit")
+      ->check(CLI::IsMember({"serve", "validate"}))
+      ->capture_default_str();
+  app.set_version_flag("--version", std::string("dmm-sidecar ") + DMM_VERSION + " (" +
+                                        DMM_GIT_COMMIT + ")");
+
+  auto* capture = app.add_subcommand("capture", "install or remove the iptables capture rules");
+  std::string action;
+  capture->add_option("action", action, "install or remove")
+      ->required()
+      ->check(CLI::IsMember({"install", "remove"}));
+  capture->add_option("-c,--config", config_path, "configuration file")->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+
+  dmm::stacks::StackRegistry registry;
+  dmm::stacks::registerBuiltinStacks(registry);
+
+  if (capture->parsed()) {
+    auto config = load(config_path, registry, false);
+    if (!config) return kExitInvalidConfig;
+    auto err = action == "install" ? dmm::proxy::installCaptureRules(*config)
+                                   : dmm::proxy::removeCaptureRules(*config);
+    if (!err.empty()) {
+      std::cerr << "dmm-sidecar capture " << action << ": " << err << "\n";
+      return kExitRuntime;
+    }
+    return kExitOk;
+  }
+
+  if (mode == "validate") {
+    auto config = load(config_path, registry, true);
+    if (!config) return kExitInvalidConfig;
+    std::cout << config_path << ": ok\n";
+    return kExitOk;
+  }
+  auto config = load(config_path, registry, true);
+  if (!config) return kExitInvalidConfig;
+  return serve(std::move(*config), registry);
+}

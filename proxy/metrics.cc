@@ -1,0 +1,200 @@
+#include "proxy/metrics.h"
+
+namespace dmm::proxy {
+
+const char* roleName(Role r) {
+  switch (r) {
+    case Role::kOutbound:
+      return "outbound";
+    case Role::kInbound:
+      return "inbound";
+    default:
+      return "unknown";
+  }
+}
+
+const char* outcomeName(Outcome o) {
+  switch (o) {
+    case Outcome::kClosed:
+      return "closed";
+    case Outcome::kReset:
+      return "reset";
+    case Outcome::kIdleTimeout:
+      return "idle_timeout";
+    case Outcome::kHalfClosedTimeout:
+      return "half_closed_timeout";
+    case Outcome::kConnectFailed:
+      return "connect_failed";
+    case Outcome::kRefused:
+      return "refused";
+    case Outcome::kError:
+      return "error";
+    case Outcome::kShutdown:
+      return "shutdown";
+    default:
+      return "unknown";
+  }
+}
+
+const char* fallbackReasonName(FallbackReason r) {
+  switch (r) {
+    case FallbackReason::kPeerRefused:
+      return "peer_refused";
+    case FallbackReason::kPeerTimeout:
+      return "peer_timeout";
+    case FallbackReason::kPeerUnreachable:
+      return "peer_unreachable";
+    case FallbackReason::kPeerClosed:
+      return "peer_closed";
+    case FallbackReason::kPeerProtocolError:
+      return "peer_protocol_error";
+    case FallbackReason::kPeerUnsupportedVersion:
+      return "peer_unsupported_version";
+    case FallbackReason::kPeerNoCommonStack:
+      return "peer_no_common_stack";
+    case FallbackReason::kPeerOverloaded:
+      return "peer_overloaded";
+    case FallbackReason::kCachedNoSidecar:
+      return "cached_no_sidecar";
+    default:
+      return "unknown";
+  }
+}
+
+const char* rejectionLabelName(RejectionLabel r) {
+  switch (r) {
+    case RejectionLabel::kMalformed:
+      return "malformed";
+    case RejectionLabel::kUnsupportedVersion:
+      return "unsupported_version";
+    case RejectionLabel::kAuthFailed:
+      return "auth_failed";
+    case RejectionLabel::kStale:
+      return "stale";
+    case RejectionLabel::kReplayed:
+      return "replayed";
+    case RejectionLabel::kDestinationNotAllowed:
+      return "destination_not_allowed";
+    case RejectionLabel::kDestinationUnreachable:
+      return "destination_unreachable";
+    case RejectionLabel::kNoCommonStack:
+      return "no_common_stack";
+    case RejectionLabel::kOverloaded:
+      return "overloaded";
+    case RejectionLabel::kTooLarge:
+      return "too_large";
+    case RejectionLabel::kBadMagic:
+      return "bad_magic";
+    case RejectionLabel::kTimeout:
+      return "timeout";
+    default:
+      return "unknown";
+  }
+}
+
+Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string& version,
+                 const std::string& commit)
+    : registry_(std::make_shared<prometheus::Registry>()), stack_count_(stack_names.size()) {
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  using prometheus::BuildHistogram;
+  std::vector<std::string> stacks = stack_names;
+  stacks.emplace_back("direct");
+  constexpr auto kRoles = static_cast<std::size_t>(Role::kCount);
+
+  BuildGauge()
+      .Name("dmm_sidecar_build_info")
+      .Help("Build information; always 1.")
+      .Register(*registry_)
+      .Add({{"version", version}, {"commit", commit}})
+      .Set(1);
+
+  auto& connections = BuildCounter()
+                          .Name("dmm_sidecar_connections_total")
+                          .Help("Connections ended, by role, carrying stack and outcome.")
+                          .Register(*registry_);
+  auto& bytes = BuildCounter()
+                    .Name("dmm_sidecar_relay_bytes_total")
+                    .Help("Bytes relayed, by role, carrying stack and direction "
+                          "(upstream: client to server).")
+                    .Register(*registry_);
+  for (std::size_t r = 0; r < kRoles; ++r) {
+    const char* role = roleName(static_cast<Role>(r));
+    for (const auto& stack : stacks) {
+      for (std::size_t o = 0; o < kOutcomes; ++o) {
+        connections_.push_back(&connections.Add(
+            {{"role", role}, {"stack", stack}, {"outcome", outcomeName(static_cast<Outcome>(o))}}));
+      }
+      bytes_.push_back(&bytes.Add({{"role", role}, {"stack", stack}, {"direction", "upstream"}}));
+      bytes_.push_back(&bytes.Add({{"role", role}, {"stack", stack}, {"direction", "downstream"}}));
+    }
+  }
+
+  auto& active = BuildGauge()
+                     .Name("dmm_sidecar_active_connections")
+                     .Help("Connections currently relayed, by role.")
+                     .Register(*registry_);
+  auto& handshake = BuildHistogram()
+                        .Name("dmm_sidecar_handshake_duration_seconds")
+                        .Help("Time from accepting a connection to the start of its relay "
+                              "(outbound: includes the onward connect; inbound: includes "
+                              "delivering to the local server).")
+                        .Register(*registry_);
+  const prometheus::Histogram::BucketBoundaries buckets = {
+      0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
+  auto& rejections = BuildCounter()
+                         .Name("dmm_sidecar_handshake_rejections_total")
+                         .Help("Handshakes rejected: inbound ones this sidecar refused, outbound "
+                               "ones a peer refused, by reason.")
+                         .Register(*registry_);
+  for (std::size_t r = 0; r < kRoles; ++r) {
+    const char* role = roleName(static_cast<Role>(r));
+    active_[r] = &active.Add({{"role", role}});
+    handshake_seconds_[r] = &handshake.Add({{"role", role}}, buckets);
+    for (std::size_t reason = 0; reason < kRejections; ++reason) {
+      rejections_.push_back(&rejections.Add(
+          {{"role", role}, {"reason", rejectionLabelName(static_cast<RejectionLabel>(reason))}}));
+    }
+  }
+
+  auto& pauses = BuildCounter()
+                     .Name("dmm_sidecar_relay_pauses_total")
+                     .Help("Times a relay direction stopped reading because its buffer reached "
+                           "the high watermark.")
+                     .Register(*registry_);
+  pauses_[0] = &pauses.Add({{"direction", "upstream"}});
+  pauses_[1] = &pauses.Add({{"direction", "downstream"}});
+
+  auto& fallbacks = BuildCounter()
+                        .Name("dmm_sidecar_fallbacks_total")
+                        .Help("Captured connections that could not use the peer sidecar, by "
+                              "reason and what was done (direct connection or refusal).")
+                        .Register(*registry_);
+  for (std::size_t r = 0; r < static_cast<std::size_t>(FallbackReason::kCount); ++r) {
+    const char* reason = fallbackReasonName(static_cast<FallbackReason>(r));
+    fallbacks_.push_back(&fallbacks.Add({{"reason", reason}, {"action", "direct"}}));
+    fallbacks_.push_back(&fallbacks.Add({{"reason", reason}, {"action", "refuse"}}));
+  }
+
+  auto& capture = BuildCounter()
+                      .Name("dmm_sidecar_capture_refusals_total")
+                      .Help("Captured connections refused before any handshake, by reason.")
+                      .Register(*registry_);
+  capture_refusals_[0] = &capture.Add({{"reason", "loop"}});
+  capture_refusals_[1] = &capture.Add({{"reason", "no_original_destination"}});
+
+  auto& accept_errors = BuildCounter()
+                            .Name("dmm_sidecar_accept_errors_total")
+                            .Help("accept() failures (e.g. out of file descriptors), by listener.")
+                            .Register(*registry_);
+  accept_errors_[0] = &accept_errors.Add({{"listener", "capture"}});
+  accept_errors_[1] = &accept_errors.Add({{"listener", "tunnel"}});
+
+  splice_disabled_ = &BuildCounter()
+                          .Name("dmm_sidecar_splice_disabled_total")
+                          .Help("Relays that fell back from splice() to read/write copies.")
+                          .Register(*registry_)
+                          .Add({});
+}
+
+}  // namespace dmm::proxy

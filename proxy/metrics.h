@@ -1,0 +1,150 @@
+#pragma once
+// The proxy's Prometheus metrics, declared in one place. Every label set is created up front
+// (bounded labels: role, stack instance, outcome, reason, direction; never addresses), so the data
+// path only touches handles it already holds.
+//
+// dmm_sidecar_build_info{version,commit}                       gauge, 1
+// dmm_sidecar_connections_total{role,stack,outcome}            counter, at close
+// dmm_sidecar_active_connections{role}                         gauge
+// dmm_sidecar_relay_bytes_total{role,stack,direction}          counter
+// dmm_sidecar_relay_pauses_total{direction}                    counter (backpressure)
+// dmm_sidecar_handshake_duration_seconds{role}                 histogram
+// dmm_sidecar_handshake_rejections_total{role,reason}          counter
+// dmm_sidecar_fallbacks_total{reason,action}                   counter
+// dmm_sidecar_capture_refusals_total{reason}                   counter
+// dmm_sidecar_accept_errors_total{listener}                    counter
+// dmm_sidecar_splice_disabled_total                            counter
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace dmm::proxy {
+
+// Which side of a sidecar pair a connection is on.
+enum class Role : std::uint8_t {
+  kOutbound,  // a local application's connection this sidecar captured and carries out
+  kInbound,   // a connection a peer sidecar carried in, delivered to a local server
+  kCount
+};
+const char* roleName(Role r);
+
+// How a connection ended (the termination cause on the close log line).
+enum class Outcome : std::uint8_t {
+  kClosed,             // both directions ended cleanly
+  kReset,              // one side reset; the reset was passed on
+  kIdleTimeout,        // no bytes either way for timeouts.idle
+  kHalfClosedTimeout,  // one direction ended and the other stalled for timeouts.half_closed
+  kConnectFailed,      // the onward connection could not be opened
+  kRefused,            // refused by the handshake, policy or fallback mode
+  kError,              // a local error (see the log line)
+  kShutdown,           // the sidecar stopped
+  kCount
+};
+const char* outcomeName(Outcome o);
+
+// Why a connection bypassed (or would have bypassed) the peer sidecar.
+enum class FallbackReason : std::uint8_t {
+  kPeerRefused,             // nothing listens on the peer's tunnel port
+  kPeerTimeout,             // connect or reply took too long
+  kPeerUnreachable,         // no route, host unreachable, other connect errors
+  kPeerClosed,              // the peer closed before replying
+  kPeerProtocolError,       // the peer answered something that is not a v1 reply
+  kPeerUnsupportedVersion,  // the peer rejected our version
+  kPeerNoCommonStack,       // the peer supports none of the stacks we offered
+  kPeerOverloaded,          // the peer asked us to go elsewhere
+  kCachedNoSidecar,         // the peer was recently found to have no sidecar
+  kCount
+};
+const char* fallbackReasonName(FallbackReason r);
+
+enum class Direction : std::uint8_t {
+  kUpstream,    // client -> server
+  kDownstream,  // server -> client
+  kCount
+};
+
+// Rejection reasons in the handshake; mirrors handshake::RejectReason plus the local-only ones.
+enum class RejectionLabel : std::uint8_t {
+  kMalformed,
+  kUnsupportedVersion,
+  kAuthFailed,
+  kStale,
+  kReplayed,
+  kDestinationNotAllowed,
+  kDestinationUnreachable,
+  kNoCommonStack,
+  kOverloaded,
+  kTooLarge,
+  kBadMagic,  // local only: not our protocol
+  kTimeout,   // local only: the header did not arrive in time
+  kUnknown,   // a peer sent a reason we do not know
+  kCount
+};
+const char* rejectionLabelName(RejectionLabel r);
+
+class Metrics {
+ public:
+  // `stack_names` are the configured instances; the label "direct" is added for fallbacks.
+  Metrics(const std::vector<std::string>& stack_names, const std::string& version,
+          const std::string& commit);
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+
+  // Index of "direct" among the stack labels.
+  std::size_t directStack() const { return stack_count_; }
+
+  void connectionOpened(Role role) { active_[idx(role)]->Increment(); }
+  void connectionClosed(Role role, std::size_t stack, Outcome outcome) {
+    active_[idx(role)]->Decrement();
+    connections_[(idx(role) * (stack_count_ + 1) + stack) * kOutcomes + idx(outcome)]->Increment();
+  }
+  // A connection that never became a relay (refused, onward connect failed).
+  void connectionFailed(Role role, std::size_t stack, Outcome outcome) {
+    connections_[(idx(role) * (stack_count_ + 1) + stack) * kOutcomes + idx(outcome)]->Increment();
+  }
+  prometheus::Counter& bytes(Role role, std::size_t stack, Direction d) {
+    return *bytes_[(idx(role) * (stack_count_ + 1) + stack) * 2 + idx(d)];
+  }
+  void relayPaused(Direction d) { pauses_[idx(d)]->Increment(); }
+  void handshakeDone(Role role, double seconds) { handshake_seconds_[idx(role)]->Observe(seconds); }
+  void rejection(Role role, RejectionLabel reason) {
+    rejections_[idx(role) * kRejections + idx(reason)]->Increment();
+  }
+  void fallback(FallbackReason reason, bool direct) {
+    fallbacks_[idx(reason) * 2 + (direct ? 0 : 1)]->Increment();
+  }
+  void captureRefused(bool loop) { capture_refusals_[loop ? 0 : 1]->Increment(); }
+  void acceptError(bool tunnel) { accept_errors_[tunnel ? 1 : 0]->Increment(); }
+  void spliceDisabled() { splice_disabled_->Increment(); }
+
+ private:
+  template <class E>
+  static std::size_t idx(E e) {
+    return static_cast<std::size_t>(e);
+  }
+  static constexpr std::size_t kOutcomes = static_cast<std::size_t>(Outcome::kCount);
+  static constexpr std::size_t kRejections = static_cast<std::size_t>(RejectionLabel::kCount);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::size_t stack_count_;
+  std::vector<prometheus::Counter*> connections_;
+  std::array<prometheus::Gauge*, 2> active_{};
+  std::vector<prometheus::Counter*> bytes_;
+  std::array<prometheus::Counter*, 2> pauses_{};
+  std::array<prometheus::Histogram*, 2> handshake_seconds_{};
+  std::vector<prometheus::Counter*> rejections_;
+  std::vector<prometheus::Counter*> fallbacks_;
+  std::array<prometheus::Counter*, 2> capture_refusals_{};
+  std::array<prometheus::Counter*, 2> accept_errors_{};
+  prometheus::Counter* splice_disabled_ = nullptr;
+};
+
+}  // namespace dmm::proxy

@@ -1,0 +1,39 @@
+#pragma once
+// MetricsServer: serves GET /metrics (Prometheus text format 0.0.4) from a registry, on the
+// main thread's event loop with libevent's evhttp.
+//
+// Why not prometheus-cpp's Exposer: it runs civetweb, whose master thread polls with a fixed
+// 2-second quantum, so every stop (and so every restart) of the daemon took two seconds, and it
+// adds three threads. evhttp is part of the event library we already use; prometheus-cpp still
+// keeps the registry and writes the text format.
+
+#include <event2/http.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <string>
+
+#include "common/event_loop.h"
+#include "common/socket_address.h"
+#include "common/unique_fd.h"
+
+namespace dmm::proxy {
+
+class MetricsServer {
+ public:
+  MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry);
+  ~MetricsServer();
+  MetricsServer(const MetricsServer&) = delete;
+  MetricsServer& operator=(const MetricsServer&) = delete;
+
+  // Binds and starts serving; returns an empty string or why it failed.
+  std::string listen(const SocketAddress& address);
+
+ private:
+  static void onRequest(evhttp_request* request, void* arg);
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  evhttp* http_ = nullptr;
+};
+
+}  // namespace dmm::proxy

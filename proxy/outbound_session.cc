@@ -1,0 +1,355 @@
+#include "proxy/outbound_session.h"
+
+#include <openssl/rand.h>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "common/socket_util.h"
+#include "proxy/capture.h"
+#include "proxy/relay.h"
+#include "proxy/session_util.h"
+#include "stacks/kernel/kernel_connection.h"
+
+namespace dmm::proxy {
+
+using stacks::CloseType;
+using stacks::IoResult;
+using stacks::kernel::KernelConnection;
+
+namespace {
+
+FallbackReason reasonForConnectError(int err) {
+  switch (err) {
+    case ECONNREFUSED:
+      return FallbackReason::kPeerRefused;
+    case ETIMEDOUT:
+      return FallbackReason::kPeerTimeout;
+    default:
+      return FallbackReason::kPeerUnreachable;
+  }
+}
+
+}  // namespace
+
+void OutboundSession::start(Worker& worker, UniqueFd client) {
+  auto local = net::localAddress(client.get());
+  auto destination = local ? originalDestination(client.get(), local->family()) : std::nullopt;
+  if (!destination) {
+    worker.metrics().captureRefused(false);
+    spdlog::debug("captured connection without an original destination refused");
+    (void)net::setAbortOnClose(client.get(), true);
+    return;
+  }
+  if (*destination == *local) {
+    // An original destination equal to our own listener means the connection was not
+    // redirected: refuse it, or we would dial ourselves forever.
+    worker.metrics().captureRefused(true);
+    spdlog::debug("connection straight to the capture listener {} refused (loop)",
+                  local->toString());
+    (void)net::setAbortOnClose(client.get(), true);
+    return;
+  }
+  auto* session = new OutboundSession(worker, std::move(client), *destination);
+  worker.sessionStarted(*session);
+  session->begin();
+}
+
+OutboundSession::OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination)
+    : worker_(worker),
+      id_(worker.nextConnectionId()),
+      started_(Clock::now()),
+      destination_(destination),
+      peer_(destination.ip(), worker.config().tunnel_port) {
+  client_ = std::make_unique<KernelConnection>(worker.loop(), std::move(client), *this, false);
+  timer_ = worker.loop().newEvent(-1, 0, &OutboundSession::onTimer, this);
+}
+
+OutboundSession::~OutboundSession() = default;
+
+void OutboundSession::armTimer(std::chrono::milliseconds timeout) {
+  timeval tv{static_cast<time_t>(timeout.count() / 1000),
+             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  event_add(timer_.get(), &tv);
+}
+
+void OutboundSession::retireUpstream() {
+  if (!upstream_) return;
+  upstream_->close(CloseType::kAbort);
+  retired_.push_back(std::move(upstream_));
+}
+
+void OutboundSession::begin() {
+  auto& ctx = worker_.context();
+  if (ctx.peers.knownNoSidecar(destination_.ip(), Clock::now())) {
+    fallBack(FallbackReason::kCachedNoSidecar, false);
+    return;
+  }
+  connectPeer();
+}
+
+void OutboundSession::connectPeer() {
+  const auto& config = worker_.config();
+  auto fd = net::connectTcp(peer_, config.mark);
+  if (!fd) {
+    fallBack(reasonForConnectError(fd.error().code), true);
+    return;
+  }
+  state_ = State::kConnectingPeer;
+  upstream_ = std::make_unique<KernelConnection>(worker_.loop(), std::move(*fd), *this, true);
+  armTimer(config.connect_timeout);
+}
+
+void OutboundSession::onConnected(stacks::StackConnection& conn) {
+  if (&conn != upstream_.get()) return;
+  if (state_ == State::kConnectingPeer) {
+    sendHello();
+  } else if (state_ == State::kConnectingDirect) {
+    startRelay(std::move(upstream_), worker_.metrics().directStack());
+  }
+}
+
+void OutboundSession::onConnectFailed(stacks::StackConnection& conn, Error error) {
+  if (&conn != upstream_.get()) return;
+  if (state_ == State::kConnectingPeer) {
+    fallBack(reasonForConnectError(error.code), true);
+  } else if (state_ == State::kConnectingDirect) {
+    refuse(Outcome::kConnectFailed, worker_.metrics().directStack(), std::strerror(error.code));
+  }
+}
+
+void OutboundSession::sendHello() {
+  const auto& ctx = worker_.context();
+  handshake::Hello hello;
+  RAND_bytes(nonce_.data(), static_cast<int>(nonce_.size()));
+  hello.nonce = nonce_;
+  hello.timestamp_ms = unixMillis();
+  hello.original_dst = destination_;
+  hello.key_id = ctx.config.key_id;
+  hello.connection_id = id_;
+  for (std::size_t i = 0; i < ctx.stacks.size() && hello.offers.size() < handshake::kMaxOffers;
+       ++i) {
+    const auto& stack = *ctx.stacks[i];
+    auto kind = handshake::stackKindFromName(stack.kind());
+    if (!kind || !stack.healthy()) continue;
+    hello.offers.push_back({*kind, stack.name(), stack.advertise()});
+    offered_stacks_.push_back(i);
+  }
+  if (hello.offers.empty()) {
+    fallBack(FallbackReason::kPeerNoCommonStack, false);
+    return;
+  }
+  out_ = handshake::encodeHello(hello, ctx.config.psk);
+  out_done_ = 0;
+  state_ = State::kHandshaking;
+  armTimer(ctx.config.handshake_timeout);
+  flushHello();
+}
+
+void OutboundSession::flushHello() {
+  while (out_done_ < out_.size()) {
+    auto r = upstream_->write(std::as_bytes(std::span(out_).subspan(out_done_)));
+    if (r.status == IoResult::Status::kOk) {
+      out_done_ += r.bytes;
+    } else if (r.status == IoResult::Status::kWouldBlock) {
+      return;
+    } else {
+      fallBack(FallbackReason::kPeerClosed, true);
+      return;
+    }
+  }
+}
+
+void OutboundSession::onWritable(stacks::StackConnection& conn) {
+  if (&conn == upstream_.get() && state_ == State::kHandshaking) flushHello();
+}
+
+void OutboundSession::onReadable(stacks::StackConnection& conn) {
+  // The client's bytes wait in its socket until the relay starts; only the reply matters here.
+  if (&conn == upstream_.get() && state_ == State::kHandshaking) readReply();
+}
+
+void OutboundSession::readReply() {
+  const auto& config = worker_.config();
+  for (;;) {
+    if (in_.size() < in_need_) {
+      std::size_t have = in_.size();
+      in_.resize(in_need_);
+      // Read exactly what the frame needs: bytes after it belong to the relay.
+      auto r = upstream_->read(std::as_writable_bytes(std::span(in_).subspan(have)));
+      if (r.status != IoResult::Status::kOk) in_.resize(have);
+      if (r.status == IoResult::Status::kWouldBlock) return;
+      if (r.status != IoResult::Status::kOk) {
+        fallBack(FallbackReason::kPeerClosed, true);
+        return;
+      }
+      in_.resize(have + r.bytes);
+      if (in_.size() < in_need_) continue;
+    }
+    if (!prefix_checked_) {
+      handshake::Prefix prefix{};
+      auto err = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
+                                            in_.data(), handshake::kPrefixSize),
+                                        handshake::MessageType::kReply, config.max_header_bytes,
+                                        prefix);
+      if (err == handshake::PrefixError::kUnsupportedVersion) {
+        fallBack(FallbackReason::kPeerUnsupportedVersion, false);
+        return;
+      }
+      if (err != handshake::PrefixError::kNone) {
+        fallBack(FallbackReason::kPeerProtocolError, true);
+        return;
+      }
+      prefix_checked_ = true;
+      in_need_ = handshake::kPrefixSize + prefix.body_length;
+      continue;
+    }
+    auto result = handshake::decodeReply(in_, config.psk, nonce_, config.max_header_bytes);
+    if (result.error == handshake::RejectReason::kAuthFailed) {
+      // The peer could not prove it holds our key (or says we could not): never fall back
+      // around an authentication failure, or anyone could force the downgrade.
+      worker_.metrics().rejection(Role::kOutbound, RejectionLabel::kAuthFailed);
+      refuse(Outcome::kRefused, offered_stacks_.front(), "peer authentication failed");
+      return;
+    }
+    if (result.error != handshake::RejectReason::kNone) {
+      fallBack(FallbackReason::kPeerProtocolError, true);
+      return;
+    }
+    onReply(result.reply);
+    return;
+  }
+}
+
+void OutboundSession::onReply(const handshake::Reply& reply) {
+  auto& ctx = worker_.context();
+  ctx.peers.markSidecar(destination_.ip());
+  if (reply.accepted) {
+    if (reply.chosen_index >= offered_stacks_.size()) {
+      fallBack(FallbackReason::kPeerProtocolError, false);
+      return;
+    }
+    std::size_t stack_index = offered_stacks_[reply.chosen_index];
+    auto adopted = ctx.stacks[stack_index]->adopt(std::move(upstream_));
+    if (!adopted) {
+      refuse(Outcome::kError, stack_index, adopted.error().reason);
+      return;
+    }
+    startRelay(std::move(*adopted), stack_index);
+    return;
+  }
+  worker_.metrics().rejection(Role::kOutbound, rejectionLabel(reply.reason));
+  switch (reply.reason) {
+    case handshake::RejectReason::kUnsupportedVersion:
+      fallBack(FallbackReason::kPeerUnsupportedVersion, false);
+      return;
+    case handshake::RejectReason::kNoCommonStack:
+      fallBack(FallbackReason::kPeerNoCommonStack, false);
+      return;
+    case handshake::RejectReason::kOverloaded:
+      fallBack(FallbackReason::kPeerOverloaded, false);
+      return;
+    case handshake::RejectReason::kDestinationUnreachable:
+      refuse(Outcome::kConnectFailed, offered_stacks_.front(), "peer could not reach destination");
+      return;
+    default:
+      refuse(Outcome::kRefused, offered_stacks_.front(), handshake::reasonName(reply.reason));
+      return;
+  }
+}
+
+void OutboundSession::fallBack(FallbackReason reason, bool no_sidecar) {
+  auto& ctx = worker_.context();
+  const auto& config = ctx.config;
+  retireUpstream();
+  if (no_sidecar) {
+    ctx.peers.markNoSidecar(destination_.ip(), config.no_sidecar_ttl, Clock::now());
+    // Logged once per peer per no_sidecar_ttl: later connections hit the cache quietly.
+    spdlog::warn("no usable sidecar at {} ({}); {} for {}", peer_.toString(),
+                 fallbackReasonName(reason),
+                 config.fallback == FallbackMode::kDirect ? "connecting directly"
+                                                          : "refusing connections",
+                 formatDuration(config.no_sidecar_ttl));
+  }
+  bool direct = config.fallback == FallbackMode::kDirect;
+  worker_.metrics().fallback(reason, direct);
+  if (!direct) {
+    refuse(Outcome::kRefused, worker_.metrics().directStack(), fallbackReasonName(reason));
+    return;
+  }
+  connectDirect();
+}
+
+void OutboundSession::connectDirect() {
+  const auto& config = worker_.config();
+  auto fd = net::connectTcp(destination_, config.mark);
+  if (!fd) {
+    refuse(Outcome::kConnectFailed, worker_.metrics().directStack(),
+           std::strerror(fd.error().code));
+    return;
+  }
+  state_ = State::kConnectingDirect;
+  upstream_ = std::make_unique<KernelConnection>(worker_.loop(), std::move(*fd), *this, true);
+  armTimer(config.connect_timeout);
+}
+
+void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstream,
+                                 std::size_t stack) {
+  (void)net::setNoDelay(client_->fd(), true);
+  worker_.metrics().handshakeDone(
+      Role::kOutbound, std::chrono::duration<double>(Clock::now() - started_).count());
+  Relay::Info info;
+  info.id = id_;
+  info.role = Role::kOutbound;
+  info.stack = stack;
+  info.destination = destination_;
+  info.started = started_;
+  end();
+  Relay::start(worker_, info, std::move(client_), std::move(upstream));
+}
+
+void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why) {
+  // The client's connect() already succeeded (to us): a reset is the closest we can come to
+  // the refusal it would have seen.
+  if (client_) client_->close(CloseType::kAbort);
+  retireUpstream();
+  worker_.metrics().connectionFailed(Role::kOutbound, stack, outcome);
+  spdlog::info("conn {:x} role=outbound dst={} end={} reason=\"{}\"", id_,
+               destination_.toString(), outcomeName(outcome), why);
+  end();
+}
+
+void OutboundSession::end() {
+  if (state_ == State::kDone) return;
+  state_ = State::kDone;
+  timer_.reset();
+  worker_.sessionEnded(*this);
+  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
+}
+
+void OutboundSession::shutdown() {
+  if (client_) client_->close(CloseType::kAbort);
+  retireUpstream();
+  worker_.metrics().connectionFailed(Role::kOutbound, worker_.metrics().directStack(),
+                                     Outcome::kShutdown);
+  end();
+}
+
+void OutboundSession::onTimer(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<OutboundSession*>(arg);
+  switch (self->state_) {
+    case State::kConnectingPeer:
+    case State::kHandshaking:
+      self->fallBack(FallbackReason::kPeerTimeout, true);
+      break;
+    case State::kConnectingDirect:
+      self->refuse(Outcome::kConnectFailed, self->worker_.metrics().directStack(),
+                   "connect timed out");
+      break;
+    case State::kDone:
+      break;
+  }
+}
+
+}  // namespace dmm::proxy

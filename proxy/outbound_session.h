@@ -1,0 +1,81 @@
+#pragma once
+// OutboundSession: a captured connection on its way to the peer. It recovers the original
+// destination, asks the peer host's sidecar to carry it (HELLO / REPLY over a control
+// connection to the peer's tunnel port), and hands both connections to a Relay. When the peer
+// has no usable sidecar it falls back to a direct kernel connection (or refuses, per
+// fallback.mode), counts why, and remembers sidecar-less peers for fallback.no_sidecar_ttl.
+//
+//   accept -> [peer known sidecar-less?] -> connect peer tunnel -> send HELLO -> read REPLY
+//             |                              | refused/timeout     | closed/timeout/garbage
+//             v                              v                     v
+//          direct connect  <------------  fall back  <-------------+
+//   REPLY accepted -> Relay over the chosen stack;  REPLY rejected -> fall back or refuse,
+//   depending on the reason (docs/handshake.md lists which).
+
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include "common/event_loop.h"
+#include "common/socket_address.h"
+#include "common/unique_fd.h"
+#include "proxy/handshake_codec.h"
+#include "proxy/metrics.h"
+#include "proxy/worker.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+
+class OutboundSession final : public Session, public stacks::ConnectionCallbacks {
+ public:
+  // Takes a connection accepted on a capture listener (worker thread).
+  static void start(Worker& worker, UniqueFd client);
+  ~OutboundSession() override;
+
+  void shutdown() override;
+  void onConnected(stacks::StackConnection& conn) override;
+  void onConnectFailed(stacks::StackConnection& conn, Error error) override;
+  void onReadable(stacks::StackConnection& conn) override;
+  void onWritable(stacks::StackConnection& conn) override;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  enum class State { kConnectingPeer, kHandshaking, kConnectingDirect, kDone };
+
+  OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination);
+  void begin();
+  void connectPeer();
+  void sendHello();
+  void flushHello();
+  void readReply();
+  void onReply(const handshake::Reply& reply);
+  void fallBack(FallbackReason reason, bool no_sidecar);
+  void connectDirect();
+  void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack);
+  void refuse(Outcome outcome, std::size_t stack, const char* why);
+  void end();
+  void armTimer(std::chrono::milliseconds timeout);
+  void retireUpstream();
+  static void onTimer(evutil_socket_t fd, short what, void* arg);
+
+  Worker& worker_;
+  std::uint64_t id_;
+  Clock::time_point started_;
+  SocketAddress destination_;
+  SocketAddress peer_;
+  State state_ = State::kConnectingPeer;
+  std::unique_ptr<stacks::StackConnection> client_;
+  std::unique_ptr<stacks::StackConnection> upstream_;
+  // Connections closed inside their own callbacks wait here until the session is destroyed.
+  std::vector<std::unique_ptr<stacks::StackConnection>> retired_;
+  EventPtr timer_;
+  handshake::Nonce nonce_{};
+  std::vector<std::size_t> offered_stacks_;  // offer index -> index in context().stacks
+  std::vector<std::uint8_t> out_;            // HELLO bytes not yet written
+  std::size_t out_done_ = 0;
+  std::vector<std::uint8_t> in_;  // REPLY bytes so far
+  std::size_t in_need_ = handshake::kPrefixSize;
+  bool prefix_checked_ = false;
+};
+
+}  // namespace dmm::proxy

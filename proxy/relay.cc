@@ -1,0 +1,278 @@
+#include "proxy/relay.h"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "proxy/worker.h"
+
+namespace dmm::proxy {
+
+using stacks::CloseType;
+using stacks::IoResult;
+using Status = stacks::IoResult::Status;
+
+namespace {
+
+Relay::Clock::time_point nowTime() { return Relay::Clock::now(); }
+
+}  // namespace
+
+void Relay::start(Worker& worker, const Info& info,
+                  std::unique_ptr<stacks::StackConnection> downstream,
+                  std::unique_ptr<stacks::StackConnection> upstream) {
+  // The relay owns itself from here: it hands itself to deferDelete() when it finishes.
+  auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
+  worker.relayStarted(*relay);
+  // Readiness edges may have fired during the handshake: assume both sides are ready.
+  if (!relay->pump(relay->flows_[0])) return;
+  if (!relay->pump(relay->flows_[1])) return;
+  relay->settle();
+}
+
+Relay::Relay(Worker& worker, const Info& info,
+             std::unique_ptr<stacks::StackConnection> downstream,
+             std::unique_ptr<stacks::StackConnection> upstream)
+    : worker_(worker),
+      info_(info),
+      downstream_(std::move(downstream)),
+      upstream_(std::move(upstream)),
+      last_active_(nowTime()) {
+  downstream_->setCallbacks(*this);
+  upstream_->setCallbacks(*this);
+  bool splice = worker_.config().splice && worker_.spliceUsable() && downstream_->fd() >= 0 &&
+                upstream_->fd() >= 0;
+  flows_[0].src = downstream_.get();
+  flows_[0].dst = upstream_.get();
+  flows_[1].src = upstream_.get();
+  flows_[1].dst = downstream_.get();
+  for (auto& f : flows_) f.splice = splice;
+}
+
+Relay::~Relay() {
+  for (auto& f : flows_) releaseSpace(f);
+}
+
+void Relay::onReadable(stacks::StackConnection& conn) {
+  Flow& f = &conn == downstream_.get() ? flows_[0] : flows_[1];
+  f.src_readable = true;
+  if (pump(f)) settle();
+}
+
+void Relay::onWritable(stacks::StackConnection& conn) {
+  Flow& f = &conn == upstream_.get() ? flows_[0] : flows_[1];
+  f.dst_writable = true;
+  if (pump(f)) settle();
+}
+
+void Relay::resume() {
+  if (finished_) return;
+  if (!pump(flows_[0])) return;
+  if (!pump(flows_[1])) return;
+  settle();
+}
+
+bool Relay::acquireSpace(Flow& f) {
+  if (f.splice) {
+    if (f.pipe_read >= 0) return true;
+    return worker_.pipes().get(f.pipe_read, f.pipe_write);
+  }
+  if (f.buffer != nullptr) return true;
+  f.buffer = worker_.buffers().get();
+  f.head = 0;
+  return f.buffer != nullptr;
+}
+
+void Relay::releaseSpace(Flow& f) {
+  if (f.pipe_read >= 0) {
+    if (f.pending == 0) {
+      worker_.pipes().put(f.pipe_read, f.pipe_write);
+    } else {  // bytes left behind (reset or error): the pipe cannot be reused
+      ::close(f.pipe_read);
+      ::close(f.pipe_write);
+    }
+    f.pipe_read = f.pipe_write = -1;
+  }
+  if (f.buffer != nullptr) {
+    worker_.buffers().put(f.buffer);
+    f.buffer = nullptr;
+    f.head = 0;
+  }
+}
+
+Relay::Step Relay::readIn(Flow& f) {
+  auto size = static_cast<std::uint32_t>(worker_.buffers().bufferSize());
+  // Keep the pending bytes contiguous: [head, head + pending). Compact when the tail is short.
+  if (f.head + f.pending == size && f.head > 0) {
+    std::memmove(f.buffer, f.buffer + f.head, f.pending);
+    f.head = 0;
+  }
+  auto r = f.src->read({f.buffer + f.head + f.pending, size - f.head - f.pending});
+  return {r.status, r.bytes, r.err};
+}
+
+Relay::Step Relay::writeOut(Flow& f) {
+  auto r = f.dst->write({f.buffer + f.head, f.pending});
+  if (r.status == Status::kOk) {
+    f.head += static_cast<std::uint32_t>(r.bytes);
+    if (r.bytes == f.pending) f.head = 0;
+  }
+  return {r.status, r.bytes, r.err};
+}
+
+Relay::Step Relay::spliceIn(Flow& f) {
+  std::size_t room = worker_.pipes().pipeSize() - f.pending;
+  ssize_t n = ::splice(f.src->fd(), nullptr, f.pipe_write, nullptr, room,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0};
+  if (n == 0) return {Status::kEof, 0, 0};
+  auto r = IoResult::fromErrno(errno);
+  return {r.status, 0, r.err};
+}
+
+Relay::Step Relay::spliceOut(Flow& f) {
+  ssize_t n = ::splice(f.pipe_read, nullptr, f.dst->fd(), nullptr, f.pending,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0};
+  auto r = IoResult::fromErrno(n == 0 ? EPIPE : errno);
+  return {r.status, 0, r.err};
+}
+
+bool Relay::pump(Flow& f) {
+  if (finished_) return false;
+  const auto& config = worker_.config();
+  const std::size_t high =
+      f.splice ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
+  const std::size_t low = config.low_watermark;
+  std::size_t moved = 0;
+  for (;;) {
+    bool progress = false;
+    if (f.pending > 0 && f.dst_writable) {
+      Step s = f.splice ? spliceOut(f) : writeOut(f);
+      if (s.status == Status::kOk) {
+        f.pending -= static_cast<std::uint32_t>(s.bytes);
+        moved += s.bytes;
+        progress = true;
+      } else if (s.status == Status::kWouldBlock) {
+        f.dst_writable = false;
+      } else {
+        fail(s);
+        return false;
+      }
+    }
+    if (f.pending == 0) releaseSpace(f);
+
+    if (!f.src_eof && f.src_readable) {
+      if (f.pending >= high || (f.paused && f.pending > low)) {
+        if (!f.paused) {
+          f.paused = true;
+          worker_.metrics().relayPaused(direction(f));
+        }
+      } else if (!acquireSpace(f)) {
+        // No pipe or buffer could be made (out of fds or memory): this connection cannot go on.
+        fail(Step{Status::kError, 0, errno != 0 ? errno : ENOMEM});
+        return false;
+      } else {
+        f.paused = false;
+        Step s = f.splice ? spliceIn(f) : readIn(f);
+        if (s.status == Status::kOk) {
+          f.pending += static_cast<std::uint32_t>(s.bytes);
+          progress = true;
+        } else if (s.status == Status::kWouldBlock) {
+          // With bytes in the pipe, EAGAIN may mean "pipe full" rather than "socket empty"
+          // (each skb fragment takes a pipe slot): keep the readiness and retry after a flush.
+          if (!(f.splice && f.pending > 0)) f.src_readable = false;
+        } else if (s.status == Status::kEof) {
+          f.src_eof = true;
+        } else if (f.splice && (s.err == EINVAL || s.err == ENOSYS) && f.pending == 0) {
+          // splice() refused this pair: copy from now on, here and in this worker.
+          releaseSpace(f);
+          for (auto& other : flows_) {
+            if (other.pending == 0) {
+              releaseSpace(other);
+              other.splice = false;
+            }
+          }
+          worker_.disableSplice();
+          worker_.metrics().spliceDisabled();
+          spdlog::warn("conn {:x}: splice() failed ({}), relaying with read/write copies", info_.id,
+                       std::strerror(s.err));
+          progress = true;
+        } else {
+          fail(s);
+          return false;
+        }
+      }
+    }
+    if (!progress) break;
+    if (moved >= kWakeupBudget) {
+      worker_.scheduleResume(*this);
+      break;
+    }
+  }
+  if (moved > 0) {
+    f.bytes += moved;
+    worker_.metrics().bytes(info_.role, info_.stack, direction(f)).Increment(static_cast<double>(moved));
+    last_active_ = nowTime();
+    worker_.relayActive(*this);
+  }
+  if (f.src_eof && f.pending == 0 && !f.shut) {
+    f.dst->shutdownWrite();
+    f.shut = true;
+  }
+  return true;
+}
+
+void Relay::settle() {
+  if (finished_) return;
+  if (flows_[0].done() && flows_[1].done()) {
+    finish(Outcome::kClosed, CloseType::kGraceful);
+    return;
+  }
+  if (!half_closed_ && (flows_[0].done() || flows_[1].done())) {
+    half_closed_ = true;
+    worker_.relayActive(*this);  // moves it to the half-closed list
+  }
+}
+
+void Relay::fail(const Step& step) {
+  // A reset seen on one side is passed on as a reset to the other; so is any other failure,
+  // because the stream is cut either way and a clean end would claim it was complete.
+  Outcome outcome = step.status == Status::kReset ? Outcome::kReset : Outcome::kError;
+  finish(outcome, CloseType::kAbort, step.err);
+}
+
+void Relay::expire(Outcome why) { finish(why, CloseType::kGraceful); }
+
+void Relay::shutdown() { finish(Outcome::kShutdown, CloseType::kAbort); }
+
+void Relay::finish(Outcome outcome, CloseType close, int err) {
+  if (finished_) return;
+  finished_ = true;
+  downstream_->close(close);
+  upstream_->close(close);
+  for (auto& f : flows_) releaseSpace(f);
+  worker_.relayEnded(*this);
+  worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
+  auto duration = std::chrono::duration<double>(nowTime() - info_.started).count();
+  const auto& stacks = worker_.context().stacks;
+  const char* stack =
+      info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
+  if (outcome == Outcome::kError) {
+    spdlog::warn("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={} error={}",
+                 info_.id, roleName(info_.role), stack, info_.destination.toString(),
+                 flows_[0].bytes, flows_[1].bytes, duration, outcomeName(outcome),
+                 std::strerror(err));
+  } else {
+    spdlog::info("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={}",
+                 info_.id, roleName(info_.role), stack, info_.destination.toString(),
+                 flows_[0].bytes, flows_[1].bytes, duration, outcomeName(outcome));
+  }
+  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
+}
+
+}  // namespace dmm::proxy

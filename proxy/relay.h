@@ -1,0 +1,127 @@
+#pragma once
+// Relay: moves bytes both ways between two connections until both directions have ended.
+//
+// Each direction (a "flow": upstream = downstream side -> upstream side, i.e. client to server)
+// is independent:
+//   - kernel-to-kernel flows splice() through a pipe taken from the worker's pool only while
+//     bytes are in flight; other flows copy through a buffer from the worker's pool, again only
+//     while bytes are held, so an idle connection holds no buffer at all;
+//   - the bytes held per flow stay below the high watermark (relay.buffer_size): reading pauses
+//     there and resumes at or below relay.low_watermark, so a slow reader stops its writer;
+//   - end of stream is passed on as a half-close once everything read has been written;
+//   - a reset on either side is passed on as a reset to the other;
+//   - one wake-up moves at most kWakeupBudget bytes per flow, then yields to other connections.
+// The relay owns both connections and itself: it deletes itself (deferred, on its loop) when
+// it finishes. All of it runs on one worker thread.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+
+#include "common/event_loop.h"
+#include "common/intrusive_list.h"
+#include "common/socket_address.h"
+#include "proxy/metrics.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+
+class Worker;
+struct TimeoutListTag;
+struct ResumeListTag;
+
+class Relay final : public Deferrable,
+                    public stacks::ConnectionCallbacks,
+                    public ListHook<TimeoutListTag>,
+                    public ListHook<ResumeListTag> {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  struct Info {
+    std::uint64_t id = 0;
+    Role role = Role::kOutbound;
+    std::size_t stack = 0;  // index of the carrying stack's metric label
+    SocketAddress destination;
+    Clock::time_point started;
+  };
+
+  // Starts relaying between `downstream` (towards the client) and `upstream` (towards the
+  // server). Both must be established. Bytes already waiting on either are picked up at once.
+  static void start(Worker& worker, const Info& info,
+                    std::unique_ptr<stacks::StackConnection> downstream,
+                    std::unique_ptr<stacks::StackConnection> upstream);
+
+  ~Relay() override;
+
+  // Called by the worker's timeout sweep.
+  void expire(Outcome why);
+  // Called by the worker when this relay asked to continue after its wake-up budget.
+  void resume();
+  // Called when the worker stops: ends the connection at once.
+  void shutdown();
+
+  Clock::time_point lastActive() const { return last_active_; }
+  bool halfClosed() const { return half_closed_; }
+
+  // ConnectionCallbacks
+  void onConnected(stacks::StackConnection&) override {}
+  void onConnectFailed(stacks::StackConnection&, Error) override {}
+  void onReadable(stacks::StackConnection& conn) override;
+  void onWritable(stacks::StackConnection& conn) override;
+
+  static constexpr std::size_t kWakeupBudget = 1024 * 1024;
+
+ private:
+  struct Flow {
+    stacks::StackConnection* src = nullptr;
+    stacks::StackConnection* dst = nullptr;
+    int pipe_read = -1;  // splice mode: the pipe holding bytes in flight
+    int pipe_write = -1;
+    std::byte* buffer = nullptr;  // copy mode: the buffer holding bytes in flight
+    std::uint32_t head = 0;       // copy mode: offset of the first pending byte
+    std::uint32_t pending = 0;    // bytes read from src and not yet written to dst
+    bool splice = false;
+    bool src_readable = true;  // edge-triggered readiness not yet consumed
+    bool dst_writable = true;
+    bool src_eof = false;
+    bool shut = false;    // end of stream passed on to dst
+    bool paused = false;  // reading stopped at the high watermark
+    std::uint64_t bytes = 0;
+    bool done() const { return src_eof && pending == 0 && shut; }
+  };
+  struct Step {
+    stacks::IoResult::Status status;
+    std::size_t bytes;
+    int err;
+  };
+
+  Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConnection> downstream,
+        std::unique_ptr<stacks::StackConnection> upstream);
+
+  Direction direction(const Flow& f) const {
+    return &f == &flows_[0] ? Direction::kUpstream : Direction::kDownstream;
+  }
+  // Moves what can move now. Returns false if the relay finished inside.
+  bool pump(Flow& f);
+  Step readIn(Flow& f);
+  Step writeOut(Flow& f);
+  Step spliceIn(Flow& f);
+  Step spliceOut(Flow& f);
+  bool acquireSpace(Flow& f);
+  void releaseSpace(Flow& f);
+  void fail(const Step& step);
+  // Re-evaluates after a pump: finished, half-closed, activity.
+  void settle();
+  void finish(Outcome outcome, stacks::CloseType close, int err = 0);
+
+  Worker& worker_;
+  Info info_;
+  std::unique_ptr<stacks::StackConnection> downstream_;
+  std::unique_ptr<stacks::StackConnection> upstream_;
+  Flow flows_[2];
+  Clock::time_point last_active_;
+  bool half_closed_ = false;
+  bool finished_ = false;
+};
+
+}  // namespace dmm::proxy

@@ -1,0 +1,49 @@
+#pragma once
+// Sidecar: the running daemon. Owns the stack instances, the shared tables, the metrics and
+// their HTTP exposer, and the workers. The main thread creates it, start()s it, and stop()s it
+// on SIGTERM; workers do all connection work.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "proxy/config.h"
+#include "proxy/context.h"
+#include "proxy/metrics.h"
+#include "proxy/metrics_server.h"
+#include "proxy/peer_table.h"
+#include "proxy/replay_cache.h"
+#include "proxy/worker.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+
+class Sidecar {
+ public:
+  Sidecar(Config config, const stacks::StackRegistry& registry);
+  ~Sidecar();
+  Sidecar(const Sidecar&) = delete;
+  Sidecar& operator=(const Sidecar&) = delete;
+
+  // Creates the stacks, binds every listener and the metrics endpoint (served on `main_loop`,
+  // the caller's thread), starts the workers. Returns an empty string on success, else why it
+  // could not start (nothing keeps running).
+  std::string start(EventLoop& main_loop);
+  // Stops the workers (closing every connection) and waits for them.
+  void stop();
+
+  const Config& config() const { return config_; }
+
+ private:
+  Config config_;
+  const stacks::StackRegistry& registry_;
+  std::vector<std::unique_ptr<stacks::Stack>> stacks_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<PeerTable> peers_;
+  std::unique_ptr<ReplayCache> replay_;
+  std::unique_ptr<SidecarContext> context_;
+  std::unique_ptr<MetricsServer> metrics_server_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+};
+
+}  // namespace dmm::proxy

@@ -1,0 +1,286 @@
+#include "proxy/worker.h"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/socket_util.h"
+#include "proxy/inbound_session.h"
+#include "proxy/outbound_session.h"
+
+namespace dmm::proxy {
+
+namespace {
+
+constexpr int kAcceptsPerWakeup = 64;
+constexpr timeval kAcceptRetry{0, 100'000};  // after EMFILE: let fds free up, don't spin
+constexpr std::size_t kIdlePipes = 256;
+constexpr std::size_t kIdleBuffers = 256;
+
+timeval toTimeval(std::chrono::milliseconds ms) {
+  return timeval{static_cast<time_t>(ms.count() / 1000),
+                 static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
+
+}  // namespace
+
+// ---- PipePool --------------------------------------------------------------------------------
+
+PipePool::PipePool(std::size_t pipe_size, std::size_t max_idle)
+    : pipe_size_(pipe_size), max_idle_(max_idle) {
+  // Learn the size the kernel really gives (it rounds up to a power of two pages, and caps
+  // unprivileged processes at fs.pipe-max-size).
+  int fds[2];
+  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == 0) {
+    ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe_size));
+    int actual = ::fcntl(fds[1], F_GETPIPE_SZ);
+    if (actual > 0) pipe_size_ = static_cast<std::size_t>(actual);
+    idle_.emplace_back(fds[0], fds[1]);
+  }
+}
+
+PipePool::~PipePool() {
+  for (auto [r, w] : idle_) {
+    ::close(r);
+    ::close(w);
+  }
+}
+
+bool PipePool::get(int& read_end, int& write_end) {
+  if (!idle_.empty()) {
+    std::tie(read_end, write_end) = idle_.back();
+    idle_.pop_back();
+    return true;
+  }
+  int fds[2];
+  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return false;
+  ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe_size_));
+  read_end = fds[0];
+  write_end = fds[1];
+  return true;
+}
+
+void PipePool::put(int read_end, int write_end) {
+  if (idle_.size() < max_idle_) {
+    idle_.emplace_back(read_end, write_end);
+    return;
+  }
+  ::close(read_end);
+  ::close(write_end);
+}
+
+// ---- BufferPool ------------------------------------------------------------------------------
+
+BufferPool::~BufferPool() {
+  for (auto* b : idle_) delete[] b;
+}
+
+std::byte* BufferPool::get() {
+  if (!idle_.empty()) {
+    auto* b = idle_.back();
+    idle_.pop_back();
+    return b;
+  }
+  return new (std::nothrow) std::byte[buffer_size_];
+}
+
+void BufferPool::put(std::byte* buffer) {
+  if (idle_.size() < max_idle_) {
+    idle_.push_back(buffer);
+  } else {
+    delete[] buffer;
+  }
+}
+
+// ---- Worker ----------------------------------------------------------------------------------
+
+Worker::Worker(SidecarContext& context, unsigned index)
+    : context_(context),
+      index_(index),
+      pipes_(context.config.buffer_size, kIdlePipes),
+      buffers_(context.config.buffer_size, kIdleBuffers) {
+  const auto& c = context.config;
+  // Timeouts are checked by a sweep; its period bounds how late one can fire.
+  auto shortest = std::min(c.idle_timeout, c.half_closed_timeout);
+  auto period = std::clamp(shortest / 4, std::chrono::milliseconds(100),
+                           std::chrono::milliseconds(1000));
+  tick_ = loop_.newEvent(-1, EV_PERSIST, &Worker::onTick, this);
+  auto tv = toTimeval(period);
+  event_add(tick_.get(), &tv);
+  resume_event_ = loop_.newEvent(-1, 0, &Worker::onResume, this);
+}
+
+Worker::~Worker() {
+  join();
+  // Anything still open (stop() not called) is ended here, before the pools it uses go away.
+  shutdownAll();
+  loop_.collectGarbage();
+}
+
+Result<bool> Worker::bindListeners() {
+  const auto& c = config();
+  auto add = [&](const SocketAddress& addr, Listener::Kind kind) -> Result<bool> {
+    auto fd = net::listenTcp(addr, net::ListenOptions{});
+    if (!fd) return fd.error();
+    auto l = std::make_unique<Listener>();
+    l->worker = this;
+    l->kind = kind;
+    l->address = addr;
+    l->fd = std::move(*fd);
+    l->event = loop_.newEvent(l->fd.get(), EV_READ | EV_PERSIST, &Worker::onAccept, l.get());
+    l->retry = loop_.newEvent(-1, 0, &Worker::onAcceptRetry, l.get());
+    event_add(l->event.get(), nullptr);
+    listeners_.push_back(std::move(l));
+    return true;
+  };
+  if (c.capture_enabled) {
+    for (const auto& a : c.capture_listen) {
+      if (auto r = add(a, Listener::Kind::kCapture); !r) {
+        return Error{r.error().code, "capture_listen"};
+      }
+    }
+  }
+  if (c.tunnel_enabled) {
+    for (const auto& a : c.tunnel_listen) {
+      if (auto r = add(a, Listener::Kind::kTunnel); !r) return Error{r.error().code, "tunnel_listen"};
+    }
+  }
+  return true;
+}
+
+void Worker::start() {
+  thread_ = std::thread([this] {
+    std::string name = "dmm-worker-" + std::to_string(index_);
+    pthread_setname_np(pthread_self(), name.c_str());
+    loop_.run();
+  });
+}
+
+void Worker::stop() {
+  loop_.post([this] {
+    stopping_ = true;
+    for (auto& l : listeners_) {
+      l->event.reset();
+      l->retry.reset();
+      l->fd.reset();
+    }
+    listeners_.clear();
+    shutdownAll();
+    loop_.exit();
+  });
+}
+
+void Worker::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void Worker::shutdownAll() {
+  while (Session* s = sessions_.front()) s->shutdown();
+  while (Relay* r = open_relays_.front()) r->shutdown();
+  while (Relay* r = half_closed_relays_.front()) r->shutdown();
+}
+
+void Worker::onAccept(evutil_socket_t fd, short, void* arg) {
+  auto* l = static_cast<Listener*>(arg);
+  Worker* self = l->worker;
+  for (int i = 0; i < kAcceptsPerWakeup; ++i) {
+    int conn = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (conn >= 0) {
+      self->accepted(*l, UniqueFd(conn));
+      continue;
+    }
+    int err = errno;
+    if (err == EAGAIN) return;
+    if (err == EINTR || err == ECONNABORTED) continue;
+    self->metrics().acceptError(l->kind == Listener::Kind::kTunnel);
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+      // The pending connection stays in the backlog; stop polling the listener for a moment
+      // instead of spinning on a readiness that cannot be served.
+      spdlog::warn("accept on {} failed: {}; pausing this listener for 100ms",
+                   l->address.toString(), std::strerror(err));
+      event_del(l->event.get());
+      event_add(l->retry.get(), &kAcceptRetry);
+    } else {
+      spdlog::warn("accept on {} failed: {}", l->address.toString(), std::strerror(err));
+    }
+    return;
+  }
+}
+
+void Worker::onAcceptRetry(evutil_socket_t, short, void* arg) {
+  auto* l = static_cast<Listener*>(arg);
+  if (l->event) event_add(l->event.get(), nullptr);
+}
+
+void Worker::accepted(Listener& listener, UniqueFd fd) {
+  if (stopping_) return;
+  if (listener.kind == Listener::Kind::kCapture) {
+    OutboundSession::start(*this, std::move(fd));
+  } else {
+    InboundSession::start(*this, std::move(fd));
+  }
+}
+
+void Worker::onTick(evutil_socket_t, short, void* arg) { static_cast<Worker*>(arg)->sweep(); }
+
+void Worker::sweep() {
+  auto now = Clock::now();
+  const auto& c = config();
+  while (Relay* r = open_relays_.front()) {
+    if (now - r->lastActive() < c.idle_timeout) break;
+    r->expire(Outcome::kIdleTimeout);
+  }
+  while (Relay* r = half_closed_relays_.front()) {
+    if (now - r->lastActive() < c.half_closed_timeout) break;
+    r->expire(Outcome::kHalfClosedTimeout);
+  }
+}
+
+void Worker::relayStarted(Relay& relay) {
+  ++relay_count_;
+  open_relays_.pushBack(relay);
+}
+
+void Worker::relayActive(Relay& relay) {
+  if (relay.halfClosed()) {
+    half_closed_relays_.pushBack(relay);
+  } else {
+    open_relays_.pushBack(relay);
+  }
+}
+
+void Worker::relayEnded(Relay& relay) {
+  --relay_count_;
+  IntrusiveList<Relay, TimeoutListTag>::remove(relay);
+  IntrusiveList<Relay, ResumeListTag>::remove(relay);
+}
+
+void Worker::scheduleResume(Relay& relay) {
+  if (resume_queue_.empty()) event_active(resume_event_.get(), 0, 0);
+  resume_queue_.pushBack(relay);
+}
+
+void Worker::onResume(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  // Only the relays queued so far: one that re-queues itself waits for the next round.
+  std::size_t n = self->resume_queue_.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    Relay* r = self->resume_queue_.front();
+    if (r == nullptr) break;
+    IntrusiveList<Relay, ResumeListTag>::remove(*r);
+    r->resume();
+  }
+}
+
+void Worker::sessionStarted(Session& session) { sessions_.pushBack(session); }
+
+void Worker::sessionEnded(Session& session) {
+  IntrusiveList<Session, SessionListTag>::remove(session);
+}
+
+}  // namespace dmm::proxy

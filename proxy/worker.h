@@ -1,0 +1,149 @@
+#pragma once
+// Worker: one thread, one event loop, its own SO_REUSEPORT listeners, and everything its
+// connections need without locks: pipe and buffer pools, timeout lists, a resume queue for
+// relays that used up their wake-up budget. A connection lives on one worker for its life.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/event_loop.h"
+#include "common/intrusive_list.h"
+#include "common/result.h"
+#include "common/unique_fd.h"
+#include "proxy/context.h"
+#include "proxy/local_addresses.h"
+#include "proxy/relay.h"
+
+namespace dmm::proxy {
+
+struct SessionListTag;
+
+// A connection still in its handshake or onward connect, before it becomes a Relay.
+class Session : public Deferrable, public ListHook<SessionListTag> {
+ public:
+  // Ends the session at once (the worker is stopping).
+  virtual void shutdown() = 0;
+};
+
+// Pipes for splice(), kept open between uses: creating a pipe costs two fds and a syscall.
+class PipePool {
+ public:
+  PipePool(std::size_t pipe_size, std::size_t max_idle);
+  ~PipePool();
+  PipePool(const PipePool&) = delete;
+  PipePool& operator=(const PipePool&) = delete;
+  // An empty pipe; false when none can be made (out of fds).
+  bool get(int& read_end, int& write_end);
+  // Returns an EMPTY pipe.
+  void put(int read_end, int write_end);
+  // Bytes a pipe of this pool holds.
+  std::size_t pipeSize() const { return pipe_size_; }
+
+ private:
+  std::size_t pipe_size_;
+  std::size_t max_idle_;
+  std::vector<std::pair<int, int>> idle_;
+};
+
+// Fixed-size copy buffers, kept between uses.
+class BufferPool {
+ public:
+  BufferPool(std::size_t buffer_size, std::size_t max_idle)
+      : buffer_size_(buffer_size), max_idle_(max_idle) {}
+  ~BufferPool();
+  BufferPool(const BufferPool&) = delete;
+  BufferPool& operator=(const BufferPool&) = delete;
+  std::byte* get();
+  void put(std::byte* buffer);
+  std::size_t bufferSize() const { return buffer_size_; }
+
+ private:
+  std::size_t buffer_size_;
+  std::size_t max_idle_;
+  std::vector<std::byte*> idle_;
+};
+
+class Worker {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  Worker(SidecarContext& context, unsigned index);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Opens this worker's listeners (main thread, before start()). Fails with a message.
+  Result<bool> bindListeners();
+  void start();
+  // Stops accepting, ends every connection, and leaves the loop. Any thread; then join().
+  void stop();
+  void join();
+
+  EventLoop& loop() { return loop_; }
+  SidecarContext& context() { return context_; }
+  const Config& config() const { return context_.config; }
+  Metrics& metrics() { return context_.metrics; }
+  unsigned index() const { return index_; }
+  std::uint64_t nextConnectionId() { return (std::uint64_t{index_} << 48) | ++next_id_; }
+  LocalAddresses& localAddresses() { return local_addresses_; }
+  PipePool& pipes() { return pipes_; }
+  BufferPool& buffers() { return buffers_; }
+  // False once splice() proved unusable here; relays then copy.
+  bool spliceUsable() const { return splice_usable_; }
+  void disableSplice() { splice_usable_ = false; }
+
+  // Relay bookkeeping (loop thread).
+  void relayStarted(Relay& relay);
+  void relayActive(Relay& relay);  // bytes moved: restart its inactivity clock
+  void relayEnded(Relay& relay);
+  void scheduleResume(Relay& relay);
+  // Session bookkeeping (loop thread).
+  void sessionStarted(Session& session);
+  void sessionEnded(Session& session);
+
+  std::size_t relayCount() const { return relay_count_; }
+
+ private:
+  struct Listener {
+    enum class Kind { kCapture, kTunnel };
+    Worker* worker = nullptr;
+    Kind kind = Kind::kCapture;
+    SocketAddress address;
+    UniqueFd fd;
+    EventPtr event;
+    EventPtr retry;  // re-enables accept after EMFILE/ENFILE
+  };
+
+  static void onAccept(evutil_socket_t fd, short what, void* arg);
+  static void onAcceptRetry(evutil_socket_t fd, short what, void* arg);
+  static void onTick(evutil_socket_t fd, short what, void* arg);
+  static void onResume(evutil_socket_t fd, short what, void* arg);
+  void accepted(Listener& listener, UniqueFd fd);
+  void sweep();
+  void shutdownAll();
+
+  SidecarContext& context_;
+  unsigned index_;
+  EventLoop loop_;
+  std::thread thread_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  EventPtr tick_;
+  EventPtr resume_event_;
+  IntrusiveList<Relay, TimeoutListTag> open_relays_;         // by last activity
+  IntrusiveList<Relay, TimeoutListTag> half_closed_relays_;  // by last activity
+  IntrusiveList<Relay, ResumeListTag> resume_queue_;
+  IntrusiveList<Session, SessionListTag> sessions_;
+  std::size_t relay_count_ = 0;
+  std::uint64_t next_id_ = 0;
+  LocalAddresses local_addresses_;
+  PipePool pipes_;
+  BufferPool buffers_;
+  bool splice_usable_ = true;
+  bool stopping_ = false;
+};
+
+}  // namespace dmm::proxy
