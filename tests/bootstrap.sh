@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine needs, builds, and runs the demo or the test suite.
+#
+#   tests/bootstrap.sh demo    the two-host demo (tests/demo/two-hosts.sh)
+#   tests/bootstrap.sh test    the whole test suite (ctest)
+#   tests/bootstrap.sh build   only install and build
+#
+# Runs as root (network namespaces and iptables need it). BUILD_DIR (default: build) and JOBS
+# (default: nproc) may be set. Set DMM_SKIP_APT=1 to skip the package installation.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+what=${1:-test}
+build=${BUILD_DIR:-build}
+jobs=${JOBS:-$(nproc)}
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bootstrap.sh: run as root (network namespaces, iptables, package installation)" >&2
+  exit 1
+fi
+
+# Build and test dependencies, all from Debian 12.
+build_deps=(build-essential cmake ninja-build pkg-config git
+  libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
+  libgtest-dev)
+run_deps=(iproute2 iptables curl python3 procps)
+if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
+  missing=()
+  for p in "${build_deps[@]}" "${run_deps[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+echo "== building in $build"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build "$build" -j "$jobs"
+
+case "$what" in
+  build) ;;
+  demo) exec "$here/tests/demo/two-hosts.sh" "$build/proxy/dmm-sidecar" ;;
+  test)
+    # Integration tests each make their own namespaces, so they can run side by side; two at a
+    # time keeps a 2-core machine responsive.
+    cd "$build"
+    exec ctest --output-on-failure -j 2 --timeout 300
+    ;;
+  *) echo "usage: $0 demo|test|build" >&2; exit 2 ;;
+esac

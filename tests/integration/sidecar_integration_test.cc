@@ -1,0 +1,520 @@
+// The sidecar core end to end: two hosts in network namespaces joined by a veth pair, real
+// iptables REDIRECT capture on host A, two real dmm-sidecar processes, real sockets.
+
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+
+#include <cstring>
+#include <iostream>
+#include <regex>
+#include <sstream>
+#include <thread>
+
+#include "proxy/handshake_codec.h"
+#include "testbed/servers.h"
+#include "testbed/testbed.h"
+
+namespace dmm::testbed {
+namespace {
+
+namespace handshake = dmm::proxy::handshake;
+
+constexpr std::uint64_t kBig = 256ull << 20;  // 256 MiB
+constexpr const char* kKey = "integration-test-key-0123456789";
+
+std::string securitySection(const std::string& key = kKey) {
+  return "[security]\npsk = \"" + key + "\"\n\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n\n";
+}
+
+SocketAddress at(const char* ip, std::uint16_t port) {
+  return SocketAddress(*IpAddress::parse(ip), port);
+}
+
+class SidecarPair : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    rlimit rl{};
+    ::getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+
+  // B first, so A's first connection finds it.
+  void startB(const std::string& extra = {}) {
+    b_ = std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(securitySection() + extra), "b");
+  }
+  void startA(const std::string& extra = {}, const std::string& key = kKey) {
+    a_ = std::make_unique<SidecarProcess>(hosts_.a(), sidecarConfig(securitySection(key) + extra),
+                                          "a");
+    a_->installCapture();
+  }
+  double metricA(const std::string& name, const std::map<std::string, std::string>& labels) {
+    return a_->metric(name, labels).value_or(-1);
+  }
+  double metricB(const std::string& name, const std::map<std::string, std::string>& labels) {
+    return b_->metric(name, labels).value_or(-1);
+  }
+  // Waits for a counter to reach `want` (metrics are updated when a connection closes).
+  bool waitMetric(SidecarProcess& s, const std::string& name,
+                  const std::map<std::string, std::string>& labels, double want) {
+    return eventually([&] { return s.metric(name, labels).value_or(-1) >= want; }, 5s);
+  }
+
+  void TearDown() override {
+    if (HasFailure()) {
+      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
+      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
+    }
+  }
+
+  TwoHosts hosts_;
+  std::unique_ptr<SidecarProcess> b_;
+  std::unique_ptr<SidecarProcess> a_;
+};
+
+// A request/response echo through both sidecars; returns what came back.
+std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload) {
+  UniqueFd fd = connectTcp(from, to);
+  if (!fd) return "<connect failed>";
+  if (!writeAll(fd.get(), payload.data(), payload.size())) return "<write failed>";
+  ::shutdown(fd.get(), SHUT_WR);
+  return readToEof(fd.get());
+}
+
+void echoHandler(UniqueFd conn) {
+  std::string data = readToEof(conn.get());
+  writeAll(conn.get(), data.data(), data.size());
+}
+
+TEST_F(SidecarPair, Transfers256MiBEachWayByteExact) {
+  startB();
+  startA();
+  StreamDigest server_got;
+  StreamDigest server_sent;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    server_got = receiveStream(conn.get());
+    server_sent = sendStream(conn.get(), kBig, 7);
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
+  ASSERT_TRUE(fd);
+  auto sent = sendStream(fd.get(), kBig, 3);
+  ::shutdown(fd.get(), SHUT_WR);
+  int err = 0;
+  auto got = receiveStream(fd.get(), &err);
+  fd.reset();
+  EXPECT_EQ(err, 0);
+  EXPECT_EQ(sent.bytes, kBig);
+  EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }));
+  server.stop();  // joins the handler: its digests are final
+  EXPECT_EQ(server_got.bytes, kBig);
+  EXPECT_EQ(server_got.sha256_hex, sent.sha256_hex);
+  EXPECT_EQ(got.bytes, kBig);
+  EXPECT_EQ(got.sha256_hex, server_sent.sha256_hex);
+  // Carried by the kernel stack through B's sidecar, not around it.
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+  EXPECT_GE(metricA("dmm_sidecar_relay_bytes_total",
+                    {{"role", "outbound"}, {"stack", "kernel"}, {"direction", "upstream"}}),
+            static_cast<double>(kBig));
+  EXPECT_GE(metricB("dmm_sidecar_relay_bytes_total",
+                    {{"role", "inbound"}, {"stack", "kernel"}, {"direction", "downstream"}}),
+            static_cast<double>(kBig));
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
+            0);
+}
+
+TEST_F(SidecarPair, ClientHalfCloseThenFullReply) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    std::string request = readToEof(conn.get());  // the client's half-close arrives as EOF
+    std::string reply = "got " + std::to_string(request.size()) + " bytes\n" +
+                        std::string(3 << 20, 'r');  // more than any one buffer
+    writeAll(conn.get(), reply.data(), reply.size());
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  std::string request(100000, 'q');
+  ASSERT_TRUE(writeAll(fd.get(), request.data(), request.size()));
+  ASSERT_EQ(::shutdown(fd.get(), SHUT_WR), 0);
+  int err = 0;
+  std::string reply = readToEof(fd.get(), &err);
+  EXPECT_EQ(err, 0);
+  EXPECT_EQ(reply.size(), std::string("got 100000 bytes\n").size() + (3u << 20));
+  EXPECT_EQ(reply.rfind("got 100000 bytes\n", 0), 0u);
+}
+
+TEST_F(SidecarPair, ServerSpeaksFirstAndHalfClosesFirst) {
+  startB();
+  startA();
+  std::string server_got;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    std::string banner = "220 hello from the server\r\n";
+    writeAll(conn.get(), banner.data(), banner.size());
+    ::shutdown(conn.get(), SHUT_WR);          // the server is done talking...
+    server_got = readToEof(conn.get());       // ...but still listens to the client
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  // Read the banner without having sent anything, then the server's EOF.
+  EXPECT_EQ(readToEof(fd.get()), "220 hello from the server\r\n");
+  // Our direction is still open: send after the server's half-close.
+  std::string late(200000, 'l');
+  ASSERT_TRUE(writeAll(fd.get(), late.data(), late.size()));
+  ::shutdown(fd.get(), SHUT_WR);
+  ASSERT_TRUE(eventually([&] { return server_got.size() == late.size(); }));
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+}
+
+TEST_F(SidecarPair, ServerResetReachesClientAsReset) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    readExactly(conn.get(), 5);
+    linger l{1, 0};
+    ::setsockopt(conn.get(), SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    conn.reset();  // RST
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "hello", 5));
+  int err = 0;
+  std::string rest = readToEof(fd.get(), &err);
+  EXPECT_TRUE(rest.empty());
+  EXPECT_EQ(err, ECONNRESET) << "a reset must arrive as a reset, not as a clean end of stream";
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "reset"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "reset"}}, 1));
+}
+
+TEST_F(SidecarPair, PeerSidecarKilledMidTransferFailsTheClientPromptly) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    receiveStream(conn.get());  // a slow-enough sink: it reads everything until the end
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  std::atomic<bool> done{false};
+  std::atomic<int> send_errno{0};
+  std::chrono::steady_clock::time_point failed_at;
+  std::thread sender([&] {
+    std::vector<char> block(1 << 16, 'x');
+    while (!done) {
+      ssize_t n = ::send(fd.get(), block.data(), block.size(), MSG_NOSIGNAL);
+      if (n < 0) {
+        send_errno = errno;
+        failed_at = std::chrono::steady_clock::now();
+        return;
+      }
+    }
+  });
+  std::this_thread::sleep_for(500ms);  // data is flowing
+  auto killed_at = std::chrono::steady_clock::now();
+  b_->process().signal(SIGKILL);
+  bool failed = eventually([&] { return send_errno.load() != 0; }, 5s);
+  done = true;
+  sender.join();
+  ASSERT_TRUE(failed) << "the client kept sending into a dead path";
+  EXPECT_TRUE(send_errno == ECONNRESET || send_errno == EPIPE) << std::strerror(send_errno);
+  EXPECT_LT(failed_at - killed_at, 3s);
+}
+
+TEST_F(SidecarPair, NoPeerSidecarFallsBackDirectAndRemembers) {
+  // B runs no sidecar at all.
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "first"), "first");
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
+            1);
+  // The second connection does not probe again.
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "second"), "second");
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total",
+                    {{"reason", "cached_no_sidecar"}, {"action", "direct"}}),
+            1);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "direct"}, {"outcome", "closed"}}, 2));
+}
+
+TEST_F(SidecarPair, FallbackRefuseModeRefuses) {
+  startA("[fallback]\nmode = \"refuse\"\n");
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  EXPECT_EQ(server.accepted(), 0);
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "refuse"}}),
+            1);
+}
+
+TEST_F(SidecarPair, WrongKeyIsRejectedAndNeverReachesTheServer) {
+  startB();
+  startA({}, "a-different-key-0123456789abcdef");
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  writeAll(fd.get(), "secret", 6);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(server.accepted(), 0);
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "inbound"}, {"reason", "auth_failed"}}),
+            1);
+  EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "outbound"}, {"reason", "auth_failed"}}),
+            1);
+  // An authentication failure is never worked around by a direct connection.
+  for (const char* reason : {"peer_refused", "peer_closed", "peer_protocol_error"}) {
+    EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", reason}, {"action", "direct"}}), 0);
+  }
+}
+
+TEST_F(SidecarPair, SlowHeaderTimesOut) {
+  startB();
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
+  ASSERT_TRUE(fd);
+  // A valid prefix, one byte per second: the 2 s handshake timeout must end it.
+  const unsigned char prefix[] = {'D', 'M', 'M', 'H', 1, 1, 0, 0, 0, 0, 0, 64};
+  auto start = std::chrono::steady_clock::now();
+  bool closed = false;
+  for (unsigned char c : prefix) {
+    if (::send(fd.get(), &c, 1, MSG_NOSIGNAL) != 1) {
+      closed = true;
+      break;
+    }
+    pollfd p{fd.get(), POLLIN, 0};
+    if (::poll(&p, 1, 1000) == 1) {
+      char buf[64];
+      if (::recv(fd.get(), buf, sizeof buf, 0) <= 0) {
+        closed = true;
+        break;
+      }
+    }
+  }
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_TRUE(closed);
+  EXPECT_LT(elapsed, 4s);
+  EXPECT_GE(elapsed, 1500ms);
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "inbound"}, {"reason", "timeout"}}),
+            1);
+}
+
+TEST_F(SidecarPair, GarbageHeadersAreRejectedAndCounted) {
+  startB();
+  {
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
+    ASSERT_TRUE(fd);
+    std::string http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    writeAll(fd.get(), http.data(), http.size());
+    int err = 0;
+    EXPECT_EQ(readToEof(fd.get(), &err), "");
+  }
+  {
+    // Right magic and version, garbage body: answered with a "malformed" reject.
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
+    ASSERT_TRUE(fd);
+    std::string frame = {'D', 'M', 'M', 'H', 1, 1, 0, 0, 0, 0, 0, 20};
+    frame += std::string(20, '\x7f');
+    writeAll(fd.get(), frame.data(), frame.size());
+    std::string reply = readToEof(fd.get());
+    ASSERT_GE(reply.size(), handshake::kPrefixSize);
+    EXPECT_EQ(reply.substr(0, 4), "DMMH");
+  }
+  {
+    // A body larger than max_header_bytes is refused before it is read.
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
+    ASSERT_TRUE(fd);
+    std::string frame = {'D', 'M', 'M', 'H', 1, 1, 0, 0, 0, 0x10, 0, 0};
+    writeAll(fd.get(), frame.data(), frame.size());
+    readToEof(fd.get());
+  }
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_handshake_rejections_total",
+                         {{"role", "inbound"}, {"reason", "bad_magic"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_handshake_rejections_total",
+                         {{"role", "inbound"}, {"reason", "malformed"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_handshake_rejections_total",
+                         {{"role", "inbound"}, {"reason", "too_large"}}, 1));
+}
+
+TEST_F(SidecarPair, ReplayedAndStaleHelloAreRejected) {
+  startB();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  std::string key = kKey;
+  std::vector<std::uint8_t> psk(key.begin(), key.end());
+  handshake::Hello hello;
+  for (std::size_t i = 0; i < hello.nonce.size(); ++i) hello.nonce[i] = static_cast<std::uint8_t>(i * 7 + 1);
+  hello.timestamp_ms = static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::system_clock::now().time_since_epoch())
+          .count());
+  hello.original_dst = at(TwoHosts::kIp4B, 9000);
+  hello.offers.push_back({handshake::StackKind::kKernel, "kernel", {}});
+  auto frame = handshake::encodeHello(hello, psk);
+  auto send_hello = [&](const std::vector<std::uint8_t>& bytes) {
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
+    writeAll(fd.get(), bytes.data(), bytes.size());
+    std::string head = readExactly(fd.get(), handshake::kPrefixSize);
+    if (head.size() < handshake::kPrefixSize) return handshake::ReplyResult{};
+    std::size_t body = (std::size_t(std::uint8_t(head[8])) << 24) |
+                       (std::size_t(std::uint8_t(head[9])) << 16) |
+                       (std::size_t(std::uint8_t(head[10])) << 8) | std::uint8_t(head[11]);
+    std::string rest = readExactly(fd.get(), body);
+    std::string all = head + rest;
+    std::vector<std::uint8_t> reply(all.begin(), all.end());
+    return handshake::decodeReply(reply, psk, hello.nonce, 4096);
+  };
+  auto first = send_hello(frame);
+  ASSERT_EQ(first.error, handshake::RejectReason::kNone);
+  EXPECT_TRUE(first.reply.accepted);
+  auto again = send_hello(frame);
+  ASSERT_EQ(again.error, handshake::RejectReason::kNone);
+  EXPECT_FALSE(again.reply.accepted);
+  EXPECT_EQ(again.reply.reason, handshake::RejectReason::kReplayed);
+
+  hello.nonce[0] ^= 0xff;
+  hello.timestamp_ms -= 10 * 60 * 1000;  // ten minutes old
+  auto stale = send_hello(handshake::encodeHello(hello, psk));
+  ASSERT_EQ(stale.error, handshake::RejectReason::kNone);
+  EXPECT_FALSE(stale.reply.accepted);
+  EXPECT_EQ(stale.reply.reason, handshake::RejectReason::kStale);
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "inbound"}, {"reason", "replayed"}}),
+            1);
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total", {{"role", "inbound"}, {"reason", "stale"}}),
+            1);
+}
+
+TEST_F(SidecarPair, DestinationOutsideInboundAllowlistIsRefused) {
+  startB("[inbound]\nallow_local = false\n[[inbound.allow]]\ncidr = \"10.201.0.2/32\"\nports = \"9000\"\n");
+  startA();
+  ThreadServer allowed(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  ThreadServer forbidden(hosts_.b(), at(TwoHosts::kIp4B, 9001), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "ok"), "ok");
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9001));
+  ASSERT_TRUE(fd);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  EXPECT_EQ(forbidden.accepted(), 0);
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "inbound"}, {"reason", "destination_not_allowed"}}),
+            1);
+  // Not worked around by a direct connection either.
+  EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "outbound"}, {"reason", "destination_not_allowed"}}),
+            1);
+}
+
+TEST_F(SidecarPair, Ipv6EndToEnd) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp6B, 9000), echoHandler);
+  std::string payload(1 << 20, 'v');
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp6B, 9000), payload), payload);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+}
+
+TEST_F(SidecarPair, ThousandConcurrentConnectionsByteExact) {
+  startB();
+  startA();
+  EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000));
+  constexpr int kConns = 1000;
+  std::vector<UniqueFd> fds;
+  fds.reserve(kConns);
+  for (int i = 0; i < kConns; ++i) {
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
+    ASSERT_TRUE(fd) << "connection " << i << ": " << std::strerror(errno);
+    fds.push_back(std::move(fd));
+  }
+  // All open at once; now each sends its own payload and reads it back.
+  auto payload = [](int i) {
+    std::string p = "conn-" + std::to_string(i) + ":";
+    p.resize(1000 + static_cast<std::size_t>(i % 7) * 500, static_cast<char>('a' + i % 26));
+    return p;
+  };
+  for (int i = 0; i < kConns; ++i) {
+    auto p = payload(i);
+    ASSERT_TRUE(writeAll(fds[static_cast<std::size_t>(i)].get(), p.data(), p.size()));
+  }
+  EXPECT_TRUE(eventually([&] { return server.accepted() == kConns; }, 20s)) << server.accepted();
+  for (int i = 0; i < kConns; ++i) ::shutdown(fds[static_cast<std::size_t>(i)].get(), SHUT_WR);
+  int mismatches = 0;
+  for (int i = 0; i < kConns; ++i) {
+    if (readToEof(fds[static_cast<std::size_t>(i)].get()) != payload(i)) ++mismatches;
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, kConns));
+}
+
+TEST_F(SidecarPair, DirectConnectionToCaptureListenerIsRefusedAsLoop) {
+  startA();
+  UniqueFd fd = connectTcp(hosts_.a(), at("127.0.0.1", 17001));
+  ASSERT_TRUE(fd);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  EXPECT_EQ(metricA("dmm_sidecar_capture_refusals_total", {{"reason", "loop"}}), 1);
+}
+
+TEST_F(SidecarPair, CaptureRulesInstallAndRemoveIdempotently) {
+  startA();  // installs once
+  a_->installCapture();
+  auto count_jumps = [&](const char* tool) {
+    auto out = hosts_.a().exec({tool, "-w", "-t", "nat", "-S", "OUTPUT"}).output;
+    std::size_t n = 0;
+    for (std::size_t pos = 0; (pos = out.find("-j DMM_SIDECAR", pos)) != std::string::npos; ++pos) ++n;
+    return n;
+  };
+  EXPECT_EQ(count_jumps("iptables"), 1u);
+  EXPECT_EQ(count_jumps("ip6tables"), 1u);
+  auto chain = hosts_.a().exec({"iptables", "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).output;
+  EXPECT_NE(chain.find("--mark 0x444d"), std::string::npos) << chain;
+  EXPECT_NE(chain.find("REDIRECT --to-ports 17001"), std::string::npos) << chain;
+  a_->removeCapture();
+  a_->removeCapture();
+  EXPECT_EQ(count_jumps("iptables"), 0u);
+  EXPECT_EQ(count_jumps("ip6tables"), 0u);
+  EXPECT_NE(hosts_.a().exec({"iptables", "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).status, 0);
+}
+
+TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
+  TempDir dir;
+  std::string path = dir.write("bad.toml", "[sidecar]\nworkers = -1\nfoo = 1\n[timeouts]\nidle = \"forever\"\n");
+  auto r = run({sidecarBinary(), "--mode", "validate", "-c", path});
+  EXPECT_EQ(r.status, 2) << r.output;
+  std::regex line_re("^" + path + ":[0-9]+:[0-9]+: error: .+$");
+  int lines = 0;
+  std::istringstream in(r.output);
+  for (std::string line; std::getline(in, line);) {
+    EXPECT_TRUE(std::regex_match(line, line_re)) << line;
+    ++lines;
+  }
+  EXPECT_EQ(lines, 4) << r.output;  // workers, foo, idle, and the missing key
+  std::string good = dir.write("good.toml", "[security]\npsk = \"0123456789abcdef\"\n");
+  auto ok = run({sidecarBinary(), "--mode", "validate", "-c", good});
+  EXPECT_EQ(ok.status, 0) << ok.output;
+  auto version = run({sidecarBinary(), "--version"});
+  EXPECT_EQ(version.status, 0);
+  EXPECT_EQ(version.output.rfind("dmm-sidecar ", 0), 0u) << version.output;
+}
+
+}  // namespace
+}  // namespace dmm::testbed

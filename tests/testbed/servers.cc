@@ -1,0 +1,128 @@
+#include "testbed/servers.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <map>
+#include <string>
+
+namespace dmm::testbed {
+
+ThreadServer::ThreadServer(const Netns& ns, const SocketAddress& at, Handler handler)
+    : listen_(listenTcp(ns, at)), handler_(std::move(handler)) {
+  acceptor_ = std::thread([this] {
+    while (!stop_) {
+      pollfd p{listen_.get(), POLLIN, 0};
+      if (::poll(&p, 1, 50) != 1) continue;
+      UniqueFd conn(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (!conn) continue;
+      setTimeouts(conn.get(), 20s);
+      ++accepted_;
+      std::lock_guard lock(mutex_);
+      handlers_.emplace_back([this, c = std::move(conn)]() mutable { handler_(std::move(c)); });
+    }
+  });
+}
+
+ThreadServer::~ThreadServer() { stop(); }
+
+void ThreadServer::stop() {
+  stop_ = true;
+  if (acceptor_.joinable()) acceptor_.join();
+  std::lock_guard lock(mutex_);
+  for (auto& t : handlers_) {
+    if (t.joinable()) t.join();
+  }
+}
+
+EchoServer::EchoServer(const Netns& ns, const SocketAddress& at)
+    : listen_(listenTcp(ns, at)), wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+EchoServer::~EchoServer() {
+  stop_ = true;
+  std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(wake_.get(), &one, sizeof one);
+  thread_.join();
+}
+
+void EchoServer::loop() {
+  struct Conn {
+    UniqueFd fd;
+    std::string pending;
+    bool eof = false;
+  };
+  UniqueFd ep(::epoll_create1(EPOLL_CLOEXEC));
+  ::fcntl(listen_.get(), F_SETFL, O_NONBLOCK);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = listen_.get();
+  ::epoll_ctl(ep.get(), EPOLL_CTL_ADD, listen_.get(), &ev);
+  ev.data.fd = wake_.get();
+  ::epoll_ctl(ep.get(), EPOLL_CTL_ADD, wake_.get(), &ev);
+  std::map<int, Conn> conns;
+  std::vector<epoll_event> events(256);
+  char buf[65536];
+  while (!stop_) {
+    int n = ::epoll_wait(ep.get(), events.data(), static_cast<int>(events.size()), 100);
+    for (int i = 0; i < n; ++i) {
+      int fd = events[static_cast<std::size_t>(i)].data.fd;
+      if (fd == wake_.get()) continue;
+      if (fd == listen_.get()) {
+        for (;;) {
+          int c = ::accept4(listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+          if (c < 0) break;
+          ++accepted_;
+          epoll_event cev{};
+          cev.events = EPOLLIN | EPOLLOUT | EPOLLET;
+          cev.data.fd = c;
+          ::epoll_ctl(ep.get(), EPOLL_CTL_ADD, c, &cev);
+          conns[c].fd.reset(c);
+        }
+        continue;
+      }
+      auto it = conns.find(fd);
+      if (it == conns.end()) continue;
+      Conn& c = it->second;
+      bool dead = false;
+      for (;;) {
+        if (!c.pending.empty()) {
+          ssize_t w = ::send(fd, c.pending.data(), c.pending.size(), MSG_NOSIGNAL);
+          if (w > 0) {
+            c.pending.erase(0, static_cast<std::size_t>(w));
+            continue;
+          }
+          if (w < 0 && errno == EAGAIN) break;
+          dead = true;
+          break;
+        }
+        if (c.eof) break;
+        ssize_t r = ::recv(fd, buf, sizeof buf, 0);
+        if (r > 0) {
+          c.pending.append(buf, static_cast<std::size_t>(r));
+        } else if (r == 0) {
+          c.eof = true;
+        } else if (errno == EAGAIN) {
+          break;
+        } else {
+          dead = true;
+          break;
+        }
+      }
+      if (dead) {
+        conns.erase(it);
+      } else if (c.eof && c.pending.empty()) {
+        ::shutdown(fd, SHUT_WR);
+        conns.erase(it);  // closing after our FIN: the client has already sent its own
+      }
+    }
+  }
+}
+
+}  // namespace dmm::testbed

@@ -1,0 +1,114 @@
+// Addresses, CIDRs, port ranges, durations and the intrusive list.
+
+#include <gtest/gtest.h>
+
+#include "common/duration.h"
+#include "common/intrusive_list.h"
+#include "common/socket_address.h"
+
+namespace dmm {
+namespace {
+
+TEST(SocketAddress, ParsesAndFormatsBothFamilies) {
+  auto v4 = SocketAddress::parse("10.1.2.3:80");
+  ASSERT_TRUE(v4);
+  EXPECT_TRUE(v4->ip().isV4());
+  EXPECT_EQ(v4->port(), 80);
+  EXPECT_EQ(v4->toString(), "10.1.2.3:80");
+  auto v6 = SocketAddress::parse("[fd00::1]:443");
+  ASSERT_TRUE(v6);
+  EXPECT_TRUE(v6->ip().isV6());
+  EXPECT_EQ(v6->toString(), "[fd00::1]:443");
+  sockaddr_storage ss{};
+  socklen_t len = v6->toSockaddr(ss);
+  EXPECT_EQ(SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&ss), len), v6);
+}
+
+TEST(SocketAddress, RejectsBadText) {
+  for (const char* bad : {"", "10.1.2.3", "10.1.2.3:", "10.1.2.3:65536", "10.1.2.3:0",
+                          "fd00::1:80", "[fd00::1]80", "[10.0.0.1]:80", "host:80", "1.2.3:4"}) {
+    EXPECT_FALSE(SocketAddress::parse(bad)) << bad;
+  }
+  EXPECT_TRUE(SocketAddress::parse("0.0.0.0:0", true));
+}
+
+TEST(Cidr, ContainsByPrefix) {
+  auto c = Cidr::parse("10.1.2.3/8");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->toString(), "10.0.0.0/8");
+  EXPECT_TRUE(c->contains(*IpAddress::parse("10.255.0.1")));
+  EXPECT_FALSE(c->contains(*IpAddress::parse("11.0.0.1")));
+  EXPECT_FALSE(c->contains(*IpAddress::parse("::ffff:10.0.0.1")));
+  auto odd = Cidr::parse("192.168.1.128/25");
+  ASSERT_TRUE(odd);
+  EXPECT_TRUE(odd->contains(*IpAddress::parse("192.168.1.200")));
+  EXPECT_FALSE(odd->contains(*IpAddress::parse("192.168.1.127")));
+  auto v6 = Cidr::parse("fd00::/8");
+  ASSERT_TRUE(v6);
+  EXPECT_TRUE(v6->contains(*IpAddress::parse("fd12::1")));
+  EXPECT_FALSE(v6->contains(*IpAddress::parse("fe80::1")));
+  auto host = Cidr::parse("fd00::1");
+  ASSERT_TRUE(host);
+  EXPECT_EQ(host->prefixLength(), 128);
+  auto all = Cidr::parse("0.0.0.0/0");
+  ASSERT_TRUE(all);
+  EXPECT_TRUE(all->contains(*IpAddress::parse("1.2.3.4")));
+  EXPECT_FALSE(Cidr::parse("10.0.0.0/33"));
+  EXPECT_FALSE(Cidr::parse("10.0.0.0/"));
+}
+
+TEST(PortRange, Parses) {
+  auto r = PortRange::parse("8000-8080");
+  ASSERT_TRUE(r);
+  EXPECT_TRUE(r->contains(8000));
+  EXPECT_TRUE(r->contains(8080));
+  EXPECT_FALSE(r->contains(8081));
+  EXPECT_EQ(PortRange::parse("22")->toString(), "22");
+  EXPECT_FALSE(PortRange::parse("0"));
+  EXPECT_FALSE(PortRange::parse("90-80"));
+  EXPECT_FALSE(PortRange::parse("1-70000"));
+}
+
+TEST(Duration, ParsesUnitsAndCompounds) {
+  EXPECT_EQ(parseDuration("250ms"), Millis(250));
+  EXPECT_EQ(parseDuration("5s"), Millis(5000));
+  EXPECT_EQ(parseDuration("1m30s"), Millis(90000));
+  EXPECT_EQ(parseDuration("2h"), Millis(7'200'000));
+  EXPECT_FALSE(parseDuration("5"));
+  EXPECT_FALSE(parseDuration("s"));
+  EXPECT_FALSE(parseDuration("5 s"));
+  EXPECT_FALSE(parseDuration("5d"));
+  EXPECT_EQ(formatDuration(Millis(90000)), "90s");
+  EXPECT_EQ(formatDuration(Millis(120000)), "2m");
+}
+
+struct Tag;
+struct Item : ListHook<Tag> {
+  int v = 0;
+};
+
+TEST(IntrusiveList, MovesAndUnlinksOnDestruction) {
+  IntrusiveList<Item, Tag> a;
+  IntrusiveList<Item, Tag> b;
+  Item x;
+  x.v = 1;
+  Item y;
+  y.v = 2;
+  a.pushBack(x);
+  a.pushBack(y);
+  EXPECT_EQ(a.front()->v, 1);
+  a.pushBack(x);  // move to back
+  EXPECT_EQ(a.front()->v, 2);
+  b.pushBack(y);  // move to the other list
+  EXPECT_EQ(a.size(), 1u);
+  EXPECT_EQ(b.front()->v, 2);
+  {
+    Item z;
+    b.pushBack(z);
+    EXPECT_EQ(b.size(), 2u);
+  }
+  EXPECT_EQ(b.size(), 1u);
+}
+
+}  // namespace
+}  // namespace dmm

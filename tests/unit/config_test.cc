@@ -1,0 +1,232 @@
+// Config loading and validation: defaults, every section, and errors as file:line:col lines,
+// all of them in one pass.
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <string>
+
+#include "proxy/config.h"
+#include "stacks/kernel/kernel_stack.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+namespace {
+
+class ConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override { stacks::registerBuiltinStacks(registry_); }
+
+  std::optional<Config> load(const std::string& text) {
+    diags_ = Diagnostics();
+    return loadConfigString(text, "sidecar.toml", registry_, diags_);
+  }
+  std::string errors() const { return diags_.formatAll(); }
+
+  stacks::StackRegistry registry_;
+  Diagnostics diags_;
+};
+
+constexpr const char* kKey = "[security]\npsk = \"0123456789abcdef0123\"\n";
+
+TEST_F(ConfigTest, MinimalConfigGetsDefaults) {
+  auto c = load(kKey);
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->tunnel_port, 17002);
+  ASSERT_EQ(c->capture_listen.size(), 2u);
+  EXPECT_EQ(c->capture_listen[0].toString(), "127.0.0.1:17001");
+  EXPECT_EQ(c->capture_listen[1].toString(), "[::1]:17001");
+  ASSERT_EQ(c->tunnel_listen.size(), 2u);
+  EXPECT_EQ(c->tunnel_listen[0].toString(), "0.0.0.0:17002");
+  EXPECT_EQ(c->metrics_listen.toString(), "127.0.0.1:17090");
+  ASSERT_EQ(c->stacks.size(), 1u);
+  EXPECT_EQ(c->stacks[0].name, "kernel");
+  EXPECT_EQ(c->fallback, FallbackMode::kDirect);
+  EXPECT_EQ(c->handshake_timeout, Millis(5000));
+  EXPECT_EQ(c->psk.size(), 20u);
+}
+
+TEST_F(ConfigTest, FullConfigIsRead) {
+  auto c = load(R"(
+[sidecar]
+workers = 3
+mark = 0x1234
+[log]
+level = "debug"
+format = "journal"
+[capture]
+listen = ["127.0.0.1:15001"]
+exclude = ["10.9.0.0/16"]
+exclude_ports = ["22", "8000-8080"]
+ipv6 = false
+chain = "MYCHAIN"
+[tunnel]
+listen = "0.0.0.0:15002"
+port = 15002
+max_header_bytes = 1024
+[fallback]
+mode = "refuse"
+no_sidecar_ttl = "2m"
+[inbound]
+allow_local = false
+[[inbound.allow]]
+cidr = "10.1.0.0/16"
+ports = ["80", "443"]
+[timeouts]
+connect = "1s"
+handshake = "250ms"
+idle = "10m"
+half_closed = "30s"
+[relay]
+buffer_size = 131072
+low_watermark = 32768
+splice = false
+[security]
+psk = "0123456789abcdef0123"
+key_id = "k2"
+max_clock_skew = "10s"
+[metrics]
+listen = "[::1]:9100"
+[[stack]]
+name = "fast"
+kind = "kernel"
+nodelay = true
+send_buffer = 4194304
+[[stack]]
+name = "bulk"
+kind = "kernel"
+nodelay = false
+)");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->workers, 3u);
+  EXPECT_EQ(c->mark, 0x1234u);
+  EXPECT_EQ(c->log_level, spdlog::level::debug);
+  EXPECT_EQ(c->capture_listen.size(), 1u);
+  EXPECT_EQ(c->capture_exclude_ports.size(), 2u);
+  EXPECT_EQ(c->capture_exclude_ports[1].last, 8080);
+  EXPECT_EQ(c->capture_chain, "MYCHAIN");
+  EXPECT_EQ(c->tunnel_listen.size(), 1u);
+  EXPECT_EQ(c->fallback, FallbackMode::kRefuse);
+  EXPECT_EQ(c->no_sidecar_ttl, Millis(120000));
+  ASSERT_EQ(c->inbound_allow.size(), 1u);
+  EXPECT_TRUE(c->inbound_allow[0].matches(*SocketAddress::parse("10.1.2.3:443")));
+  EXPECT_FALSE(c->inbound_allow[0].matches(*SocketAddress::parse("10.1.2.3:444")));
+  EXPECT_FALSE(c->inbound_allow[0].matches(*SocketAddress::parse("10.2.2.3:443")));
+  EXPECT_EQ(c->handshake_timeout, Millis(250));
+  EXPECT_FALSE(c->splice);
+  EXPECT_EQ(c->key_id, "k2");
+  EXPECT_EQ(c->metrics_listen.toString(), "[::1]:9100");
+  ASSERT_EQ(c->stacks.size(), 2u);
+  EXPECT_EQ(c->stacks[1].name, "bulk");
+  auto* fast = dynamic_cast<const stacks::kernel::KernelOptions*>(c->stacks[0].options.get());
+  ASSERT_NE(fast, nullptr);
+  EXPECT_EQ(fast->send_buffer, 4194304);
+}
+
+TEST_F(ConfigTest, EveryErrorInOnePassWithPositions) {
+  auto c = load(R"([sidecar]
+workers = "two"
+colour = "blue"
+[timeouts]
+connect = "5 parsecs"
+[capture]
+exclude = ["10.0.0.0/33"]
+[[stack]]
+name = "k"
+kind = "warp"
+[security]
+psk = "short"
+)");
+  EXPECT_FALSE(c);
+  std::string e = errors();
+  EXPECT_NE(e.find("sidecar.toml:2:11: error: 'workers' in [sidecar]: expected an integer"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:3:1: error: unknown key 'colour' in [sidecar]"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:5:11: error: 'connect' in [timeouts]"), std::string::npos) << e;
+  EXPECT_NE(e.find("sidecar.toml:7:12: error: 'exclude' in [capture]: \"10.0.0.0/33\" is not a CIDR"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:10:8: error: 'kind' in [[stack]] #1: unknown stack kind \"warp\""),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:12:7: error: 'psk' in [security]: must be at least 16 bytes"),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(diags_.errorCount(), 6u) << e;
+  // Sorted by position.
+  EXPECT_LT(e.find(":2:11:"), e.find(":3:1:"));
+  EXPECT_LT(e.find(":3:1:"), e.find(":12:7:"));
+}
+
+TEST_F(ConfigTest, SyntaxErrorHasItsColumn) {
+  EXPECT_FALSE(load("[sidecar]\nworkers = = 2\n"));
+  std::string e = errors();
+  EXPECT_EQ(e.rfind("sidecar.toml:2:11: error: TOML syntax error:", 0), 0u) << e;
+}
+
+TEST_F(ConfigTest, UnknownTopLevelTableAndStackKeys) {
+  EXPECT_FALSE(load(std::string(kKey) +
+                    "[tunel]\nport = 1\n[[stack]]\nname = \"a\"\nkind = \"kernel\"\nnodelai = true\n"));
+  std::string e = errors();
+  EXPECT_NE(e.find("sidecar.toml:3:1: error: unknown key 'tunel' in the top level"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:8:1: error: unknown key 'nodelai' in [[stack]] #1"),
+            std::string::npos)
+      << e;
+}
+
+TEST_F(ConfigTest, StackNamesAreUniqueAndDirectIsReserved) {
+  EXPECT_FALSE(load(std::string(kKey) +
+                    "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
+                    "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
+                    "[[stack]]\nname = \"direct\"\nkind = \"kernel\"\n"));
+  std::string e = errors();
+  EXPECT_NE(e.find("a stack named \"a\" is already defined"), std::string::npos) << e;
+  EXPECT_NE(e.find("\"direct\" is reserved"), std::string::npos) << e;
+}
+
+TEST_F(ConfigTest, KeyIsRequired) {
+  EXPECT_FALSE(load("[sidecar]\nworkers = 1\n"));
+  EXPECT_NE(errors().find("sidecar.toml:1:1: error: [security] psk_file (or psk) is required"),
+            std::string::npos)
+      << errors();
+  EXPECT_TRUE(load("[capture]\nenabled = false\n[tunnel]\nenabled = false\n"));
+}
+
+TEST_F(ConfigTest, KeyFileIsReadAndTrimmed) {
+  std::string path = ::testing::TempDir() + "/dmm_psk_test";
+  {
+    std::ofstream out(path);
+    out << "a-secret-of-enough-length\n";
+  }
+  auto c = load("[security]\npsk_file = \"" + path + "\"\n");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(std::string(c->psk.begin(), c->psk.end()), "a-secret-of-enough-length");
+  EXPECT_FALSE(load("[security]\npsk_file = \"/nonexistent/key\"\n"));
+  EXPECT_NE(errors().find("sidecar.toml:2:12: error: 'psk_file' in [security]: cannot read"),
+            std::string::npos)
+      << errors();
+}
+
+TEST_F(ConfigTest, WatermarksMustBeOrdered) {
+  EXPECT_FALSE(load(std::string(kKey) + "[relay]\nbuffer_size = 8192\nlow_watermark = 8192\n"));
+  EXPECT_NE(errors().find("must be below buffer_size"), std::string::npos) << errors();
+}
+
+TEST_F(ConfigTest, CaptureNeedsAMark) {
+  EXPECT_FALSE(load(std::string(kKey) + "[sidecar]\nmark = 0\n"));
+  EXPECT_NE(errors().find("mark must not be 0"), std::string::npos) << errors();
+}
+
+TEST_F(ConfigTest, MissingFileIsAnError) {
+  Diagnostics diags;
+  EXPECT_FALSE(loadConfig("/nonexistent/sidecar.toml", registry_, diags));
+  EXPECT_EQ(diags.formatAll(), "/nonexistent/sidecar.toml: error: cannot open file\n");
+}
+
+}  // namespace
+}  // namespace dmm::proxy
