@@ -379,6 +379,12 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
     result.error = RejectReason::kMalformed;
     return result;
   }
+  // The key id selects the key, so it is checked as structure: a garbled id is malformed, not
+  // an authentication failure.
+  if (key_id != nullptr && !printable(key_id->value)) {
+    result.error = RejectReason::kMalformed;
+    return result;
+  }
   // Authenticity, before any value is believed.
   std::string key_name = key_id != nullptr ? str(key_id->value) : std::string("default");
   if (!macMatches(keys(key_name), frame, auth_at, {}, mac)) {
@@ -405,13 +411,7 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
     h.original_dst = SocketAddress(IpAddress::v6(a), port);
   }
   if (qos != nullptr) h.qos = qos->value[0];
-  if (key_id != nullptr) {
-    if (!printable(key_id->value)) {
-      result.error = RejectReason::kMalformed;
-      return result;
-    }
-    h.key_id = key_name;
-  }
+  if (key_id != nullptr) h.key_id = key_name;
   if (conn_id != nullptr) h.connection_id = be64(conn_id->value.data());
   for (const auto& t : tlvs) {
     if (t.type != kTlvStackOffer) continue;
