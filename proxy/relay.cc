@@ -28,6 +28,7 @@ void Relay::start(Worker& worker, const Info& info,
   // The relay owns itself from here: it hands itself to deferDelete() when it finishes.
   auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
   worker.relayStarted(*relay);
+  worker.metrics().connectionOpened(info.role);  // finish() closes it in the same place
   // Readiness edges may have fired during the handshake: assume both sides are ready.
   if (!relay->pump(relay->flows_[0])) return;
   if (!relay->pump(relay->flows_[1])) return;

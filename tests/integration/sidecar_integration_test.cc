@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <regex>
 #include <sstream>
@@ -27,8 +28,10 @@ namespace handshake = dmm::proxy::handshake;
 constexpr std::uint64_t kBig = 256ull << 20;  // 256 MiB
 constexpr const char* kKey = "integration-test-key-0123456789";
 
-std::string securitySection(const std::string& key = kKey) {
-  return "[security]\npsk = \"" + key + "\"\n\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n\n";
+// `timeouts` adds keys to the [timeouts] table (TOML does not allow defining it twice).
+std::string securitySection(const std::string& key = kKey, const std::string& timeouts = {}) {
+  return "[security]\npsk = \"" + key + "\"\n\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n" +
+         timeouts + "\n";
 }
 
 SocketAddress at(const char* ip, std::uint16_t port) {
@@ -45,12 +48,14 @@ class SidecarPair : public ::testing::Test {
   }
 
   // B first, so A's first connection finds it.
-  void startB(const std::string& extra = {}) {
-    b_ = std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(securitySection() + extra), "b");
+  void startB(const std::string& extra = {}, const std::string& timeouts = {}) {
+    b_ = std::make_unique<SidecarProcess>(
+        hosts_.b(), sidecarConfig(securitySection(kKey, timeouts) + extra), "b");
   }
-  void startA(const std::string& extra = {}, const std::string& key = kKey) {
-    a_ = std::make_unique<SidecarProcess>(hosts_.a(), sidecarConfig(securitySection(key) + extra),
-                                          "a");
+  void startA(const std::string& extra = {}, const std::string& key = kKey,
+              const std::string& timeouts = {}) {
+    a_ = std::make_unique<SidecarProcess>(
+        hosts_.a(), sidecarConfig(securitySection(key, timeouts) + extra), "a");
     a_->installCapture();
   }
   double metricA(const std::string& name, const std::map<std::string, std::string>& labels) {
@@ -64,6 +69,9 @@ class SidecarPair : public ::testing::Test {
                   const std::map<std::string, std::string>& labels, double want) {
     return eventually([&] { return s.metric(name, labels).value_or(-1) >= want; }, 5s);
   }
+
+  // 256 MiB client -> server, then 256 MiB back, checksummed, through both running sidecars.
+  void transferBothWays();
 
   void TearDown() override {
     if (HasFailure()) {
@@ -94,6 +102,18 @@ void echoHandler(UniqueFd conn) {
 TEST_F(SidecarPair, Transfers256MiBEachWayByteExact) {
   startB();
   startA();
+  transferBothWays();
+  EXPECT_EQ(metricA("dmm_sidecar_splice_disabled_total", {}), 0);
+}
+
+TEST_F(SidecarPair, Transfers256MiBEachWayByteExactWithCopies) {
+  // The read/write path that non-kernel stacks and splice-less kernels use.
+  startB("[relay]\nsplice = false\n");
+  startA("[relay]\nsplice = false\n");
+  transferBothWays();
+}
+
+void SidecarPair::transferBothWays() {
   StreamDigest server_got;
   StreamDigest server_sent;
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
@@ -493,6 +513,158 @@ TEST_F(SidecarPair, CaptureRulesInstallAndRemoveIdempotently) {
   EXPECT_EQ(count_jumps("iptables"), 0u);
   EXPECT_EQ(count_jumps("ip6tables"), 0u);
   EXPECT_NE(hosts_.a().exec({"iptables", "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).status, 0);
+}
+
+// Resident memory of a process, in KiB (0 if unreadable).
+std::uint64_t rssKiB(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6));
+  }
+  return 0;
+}
+
+TEST_F(SidecarPair, ActiveConnectionsGaugeFollowsRelays) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  const std::map<std::string, std::string> out{{"role", "outbound"}};
+  const std::map<std::string, std::string> in{{"role", "inbound"}};
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "ping", 4));
+  EXPECT_TRUE(eventually([&] { return metricA("dmm_sidecar_active_connections", out) == 1; }));
+  EXPECT_TRUE(eventually([&] { return metricB("dmm_sidecar_active_connections", in) == 1; }));
+  ::shutdown(fd.get(), SHUT_WR);
+  EXPECT_EQ(readToEof(fd.get()), "ping");
+  EXPECT_TRUE(eventually([&] { return metricA("dmm_sidecar_active_connections", out) == 0; }));
+  EXPECT_TRUE(eventually([&] { return metricB("dmm_sidecar_active_connections", in) == 0; }));
+}
+
+TEST_F(SidecarPair, SlowReaderPausesItsWriterAndMemoryStaysBounded) {
+  // Copy mode, so that every byte a sidecar holds would show in its resident memory.
+  startB("[relay]\nsplice = false\n");
+  startA("[relay]\nsplice = false\n");
+  std::atomic<bool> drain{false};
+  StreamDigest server_got;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    while (!drain) std::this_thread::sleep_for(10ms);  // a reader that stalls...
+    server_got = receiveStream(conn.get());            // ...then takes everything
+  });
+  const std::uint64_t rss_a0 = rssKiB(a_->process().pid());
+  const std::uint64_t rss_b0 = rssKiB(b_->process().pid());
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
+  ASSERT_TRUE(fd);
+  StreamDigest sent;
+  std::thread sender([&] {
+    sent = sendStream(fd.get(), kBig, 11);
+    ::shutdown(fd.get(), SHUT_WR);
+  });
+  // Both relays stop reading when the stalled side backs up.
+  const std::map<std::string, std::string> up{{"direction", "upstream"}};
+  EXPECT_TRUE(eventually([&] { return metricB("dmm_sidecar_relay_pauses_total", up) >= 1; }));
+  EXPECT_TRUE(eventually([&] { return metricA("dmm_sidecar_relay_pauses_total", up) >= 1; }));
+  std::this_thread::sleep_for(1s);  // the client keeps pushing against the stall
+  const std::uint64_t rss_a1 = rssKiB(a_->process().pid());
+  const std::uint64_t rss_b1 = rssKiB(b_->process().pid());
+  drain = true;
+  sender.join();
+  server.stop();
+  EXPECT_EQ(sent.bytes, kBig);
+  EXPECT_EQ(server_got.bytes, kBig);
+  EXPECT_EQ(server_got.sha256_hex, sent.sha256_hex);
+  // One connection in flight: what a sidecar may hold is its 64 KiB per-direction buffers, not
+  // the megabytes the client pushed.
+  EXPECT_LT(rss_a1 - std::min(rss_a1, rss_a0), 4096u) << rss_a0 << " -> " << rss_a1 << " KiB";
+  EXPECT_LT(rss_b1 - std::min(rss_b1, rss_b0), 4096u) << rss_b0 << " -> " << rss_b1 << " KiB";
+}
+
+TEST_F(SidecarPair, IdleConnectionIsClosedAfterTheIdleTimeout) {
+  startB();
+  startA({}, kKey, "idle = \"1s\"\n");
+  std::string server_got;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000),
+                      [&](UniqueFd conn) { server_got = readToEof(conn.get()); });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "hi", 2));
+  auto start = std::chrono::steady_clock::now();
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");  // the sidecar ends the silent connection
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(err, 0);
+  EXPECT_GE(elapsed, 800ms);
+  EXPECT_LT(elapsed, 4s);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}}, 1));
+  server.stop();
+  EXPECT_EQ(server_got, "hi");  // the server saw the data, then a clean end
+}
+
+TEST_F(SidecarPair, HalfClosedConnectionIsClosedAfterItsTimeout) {
+  startB();
+  startA({}, kKey, "half_closed = \"1s\"\n");
+  std::atomic<bool> release{false};
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    readToEof(conn.get());
+    // Never answers and never closes: the client's half-closed connection would hang forever.
+    while (!release) std::this_thread::sleep_for(10ms);
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "request", 7));
+  ::shutdown(fd.get(), SHUT_WR);
+  auto start = std::chrono::steady_clock::now();
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  release = true;
+  EXPECT_GE(elapsed, 800ms);
+  EXPECT_LT(elapsed, 4s);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "half_closed_timeout"}},
+                         1));
+}
+
+TEST_F(SidecarPair, SilentPeerTunnelPortFallsBackAfterTheConnectTimeout) {
+  // B's firewall drops everything to the tunnel port: A's connect can only time out.
+  hosts_.b().mustExec({"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "17002", "-j", "DROP"});
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "late"), "late");
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(elapsed, 1800ms);  // timeouts.connect = 2s
+  EXPECT_LT(elapsed, 5s);
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
+            1);
+  // The next connection does not wait again.
+  start = std::chrono::steady_clock::now();
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "fast"), "fast");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total",
+                    {{"reason", "cached_no_sidecar"}, {"action", "direct"}}),
+            1);
+}
+
+TEST_F(SidecarPair, UnreachableDestinationIsRefusedNotWorkedAround) {
+  startB();
+  startA();
+  // Nothing listens on B:9002.
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9002));
+  ASSERT_TRUE(fd);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_handshake_rejections_total",
+                         {{"role", "inbound"}, {"reason", "destination_unreachable"}}, 1));
+  EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "outbound"}, {"reason", "destination_unreachable"}}),
+            1);
+  EXPECT_EQ(metricA("dmm_sidecar_connections_total",
+                    {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "connect_failed"}}),
+            1);
 }
 
 TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
