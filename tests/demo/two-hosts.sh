@@ -59,7 +59,7 @@ done
 
 step "host B: an ordinary HTTP server (python3 -m http.server) on 10.88.0.2:8080"
 mkdir -p "$work/www"
-echo "hello from host B, carried by dmm-sidecar" > "$work/www/hello.txt"
+echo "hello from host B" > "$work/www/hello.txt"
 ip netns exec "$ns_b" python3 -m http.server 8080 --bind 10.88.0.2 --directory "$work/www" \
   >"$work/http.log" 2>&1 &
 pids+=($!)
