@@ -255,8 +255,8 @@ void InboundSession::startRelay() {
   if (!adopted) {
     spdlog::warn("conn {:x}: stack {} cannot carry the session: {}", id_,
                  ctx.stacks[chosen_stack_]->name(), adopted.error().reason);
-    if (server_) server_->close(CloseType::kAbort);
     worker_.metrics().connectionFailed(Role::kInbound, chosen_stack_, Outcome::kError);
+    if (server_) server_->close(CloseType::kAbort);
     end();
     return;
   }
@@ -293,6 +293,7 @@ void InboundSession::end() {
 }
 
 void InboundSession::shutdown() {
+  worker_.metrics().connectionFailed(Role::kInbound, chosen_stack_, Outcome::kShutdown);
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
   end();

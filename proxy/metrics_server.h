@@ -3,9 +3,10 @@
 // main thread's event loop with libevent's evhttp.
 //
 // Why not prometheus-cpp's Exposer: it runs civetweb, whose master thread polls with a fixed
-// 2-second quantum, so every stop (and so every restart) of the daemon took two seconds, and it
-// adds three threads. evhttp is part of the event library we already use; prometheus-cpp still
-// keeps the registry and writes the text format.
+// 2-second quantum, so every stop (and so every restart) of the daemon took two seconds
+// (measured with Debian's prometheus-cpp 1.0.1: destroying an idle Exposer took 1.91 s in each
+// of three runs), and it adds three threads. evhttp is part of the event library we already
+// use; prometheus-cpp still keeps the registry and writes the text format.
 
 #include <event2/http.h>
 #include <prometheus/registry.h>

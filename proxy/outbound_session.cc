@@ -310,11 +310,12 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
 }
 
 void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why) {
+  // Counted before the client can see the reset, so that whoever observes it finds it counted.
+  worker_.metrics().connectionFailed(Role::kOutbound, stack, outcome);
   // The client's connect() already succeeded (to us): a reset is the closest we can come to
   // the refusal it would have seen.
   if (client_) client_->close(CloseType::kAbort);
   retireUpstream();
-  worker_.metrics().connectionFailed(Role::kOutbound, stack, outcome);
   spdlog::info("conn {:x} role=outbound dst={} end={} reason=\"{}\"", id_,
                destination_.toString(), outcomeName(outcome), why);
   end();
@@ -329,10 +330,10 @@ void OutboundSession::end() {
 }
 
 void OutboundSession::shutdown() {
-  if (client_) client_->close(CloseType::kAbort);
-  retireUpstream();
   worker_.metrics().connectionFailed(Role::kOutbound, worker_.metrics().directStack(),
                                      Outcome::kShutdown);
+  if (client_) client_->close(CloseType::kAbort);
+  retireUpstream();
   end();
 }
 

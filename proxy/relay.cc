@@ -254,11 +254,12 @@ void Relay::shutdown() { finish(Outcome::kShutdown, CloseType::kAbort); }
 void Relay::finish(Outcome outcome, CloseType close, int err) {
   if (finished_) return;
   finished_ = true;
+  // Counted before either side can see the close, so that whoever observes it finds it counted.
+  worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
   downstream_->close(close);
   upstream_->close(close);
   for (auto& f : flows_) releaseSpace(f);
   worker_.relayEnded(*this);
-  worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
   auto duration = std::chrono::duration<double>(nowTime() - info_.started).count();
   const auto& stacks = worker_.context().stacks;
   const char* stack =
