@@ -143,7 +143,9 @@ void OutboundSession::sendHello() {
   out_ = handshake::encodeHello(hello, ctx.config.psk);
   out_done_ = 0;
   state_ = State::kHandshaking;
-  armTimer(ctx.config.handshake_timeout);
+  // The peer answers only once it has reached the destination, which may take it up to its
+  // own timeouts.connect; waiting less would mistake a slow destination for a missing sidecar.
+  armTimer(ctx.config.handshake_timeout + ctx.config.connect_timeout);
   flushHello();
 }
 

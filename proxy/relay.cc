@@ -236,6 +236,9 @@ void Relay::settle() {
   }
   if (!half_closed_ && (flows_[0].done() || flows_[1].done())) {
     half_closed_ = true;
+    // timeouts.half_closed counts from the half-close, not from the last byte before it; and
+    // the half-closed list stays ordered by this time, which the sweep relies on.
+    last_active_ = nowTime();
     worker_.relayActive(*this);  // moves it to the half-closed list
   }
 }
@@ -247,7 +250,12 @@ void Relay::fail(const Step& step) {
   finish(outcome, CloseType::kAbort, step.err);
 }
 
-void Relay::expire(Outcome why) { finish(why, CloseType::kGraceful); }
+void Relay::expire(Outcome why) {
+  // A clean end is honest only when nothing read is left undelivered. With bytes still held,
+  // a FIN would tell the receiver that a truncated stream arrived whole: reset instead.
+  bool undelivered = flows_[0].pending > 0 || flows_[1].pending > 0;
+  finish(why, undelivered ? CloseType::kAbort : CloseType::kGraceful);
+}
 
 void Relay::shutdown() { finish(Outcome::kShutdown, CloseType::kAbort); }
 

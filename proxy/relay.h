@@ -53,7 +53,8 @@ class Relay final : public Deferrable,
 
   ~Relay() override;
 
-  // Called by the worker's timeout sweep.
+  // Called by the worker's timeout sweep: ends the connection, with a reset if bytes are still
+  // held undelivered (a clean end would claim a truncated stream was whole).
   void expire(Outcome why);
   // Called by the worker when this relay asked to continue after its wake-up budget.
   void resume();

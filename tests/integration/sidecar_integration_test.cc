@@ -667,6 +667,74 @@ TEST_F(SidecarPair, UnreachableDestinationIsRefusedNotWorkedAround) {
             1);
 }
 
+TEST_F(SidecarPair, SlowDestinationBehindThePeerIsRefusedNotMistakenForNoSidecar) {
+  // B's firewall drops SYNs to port 9003: B's connect to the destination can only time out.
+  // A must wait for B's verdict instead of deciding that B runs no sidecar.
+  hosts_.b().mustExec({"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9003", "-j", "DROP"});
+  startB();
+  startA();
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9003));
+  ASSERT_TRUE(fd);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "");
+  EXPECT_EQ(err, ECONNRESET);
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_handshake_rejections_total",
+                         {{"role", "inbound"}, {"reason", "destination_unreachable"}}, 1));
+  EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "outbound"}, {"reason", "destination_unreachable"}}),
+            1);
+  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
+            0);
+  // B is still known to run a sidecar: the next connection is carried, not sent around it.
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "still carried"), "still carried");
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+}
+
+TEST_F(SidecarPair, HalfClosedTimeoutCountsFromTheHalfClose) {
+  startB();
+  startA({}, kKey, "half_closed = \"1s\"\n");
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    std::string request = readToEof(conn.get());
+    std::this_thread::sleep_for(500ms);  // well within the half-closed timeout
+    writeAll(conn.get(), request.data(), request.size());
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "request", 7));
+  std::this_thread::sleep_for(1500ms);  // quiet for longer than the half-closed timeout...
+  ::shutdown(fd.get(), SHUT_WR);        // ...then the client half-closes
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), "request");
+  EXPECT_EQ(err, 0);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+}
+
+TEST_F(SidecarPair, TimeoutWithUndeliveredBytesEndsInAResetNotAFalseEnd) {
+  // The server streams to a client that stops reading: A holds bytes it can never deliver.
+  // When A's idle timeout ends the connection, a FIN after the bytes already in the client's
+  // socket would tell the client that the stream arrived whole.
+  startB();
+  startA({}, kKey, "idle = \"1s\"\n");
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    std::vector<char> block(1 << 16, 'z');
+    while (::send(conn.get(), block.data(), block.size(), MSG_NOSIGNAL) > 0) {
+    }
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  std::this_thread::sleep_for(2500ms);  // not reading, past A's idle timeout
+  int err = 0;
+  std::string got = readToEof(fd.get(), &err);
+  EXPECT_GT(got.size(), 0u);
+  EXPECT_EQ(err, ECONNRESET) << "the client was told a truncated stream (" << got.size()
+                             << " bytes) ended normally";
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}}, 1));
+}
+
 TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
   TempDir dir;
   std::string path = dir.write("bad.toml", "[sidecar]\nworkers = -1\nfoo = 1\n[timeouts]\nidle = \"forever\"\n");
