@@ -239,8 +239,12 @@ void loadStacks(TomlTable& root, const stacks::StackRegistry& registry, Config& 
       t.error("name", "must be 1-64 characters of [A-Za-z0-9_.-]");
       name.reset();
     }
-    if (name && *name == "direct") {
-      t.error("name", "\"direct\" is reserved for connections that bypass the peer sidecar");
+    if (name && (*name == "direct" || *name == "none")) {
+      // Metric label values of their own: fallback connections, and connections no stack carried.
+      t.error("name", "\"" + *name + "\" is reserved (a metric label for " +
+                          (*name == "direct" ? "connections that bypass the peer sidecar"
+                                             : "connections no stack carried") +
+                          ")");
       name.reset();
     }
     if (name && !names.insert(*name).second) {

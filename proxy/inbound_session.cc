@@ -163,6 +163,7 @@ void InboundSession::onHello() {
       if (stack.kind() == handshake::stackKindName(hello_.offers[i].kind) && stack.healthy()) {
         chosen_offer_ = static_cast<std::uint8_t>(i);
         chosen_stack_ = j;
+        stack_chosen_ = true;
         found = true;
         break;
       }
@@ -207,14 +208,14 @@ void InboundSession::reject(handshake::RejectReason reason) {
   const auto& config = worker_.config();
   worker_.metrics().rejection(Role::kInbound, rejectionLabel(reason));
   worker_.metrics().connectionFailed(
-      Role::kInbound, hello_valid_ ? chosen_stack_ : 0,
+      Role::kInbound, stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
       reason == handshake::RejectReason::kDestinationUnreachable ? Outcome::kConnectFailed
                                                                  : Outcome::kRefused);
   auto peer = control_->peerAddress();
-  spdlog::info("conn {:x} role=inbound peer={} dst={} end=refused reason={}", id_,
+  spdlog::info("conn {:x} role=inbound peer={} dst={} end=refused reason={} peer_conn={:x}", id_,
                peer ? peer->toString() : "-",
                hello_valid_ ? hello_.original_dst.toString() : std::string("-"),
-               handshake::reasonName(reason));
+               handshake::reasonName(reason), hello_valid_ ? hello_.connection_id : 0);
   if (server_) server_->close(CloseType::kAbort);
   handshake::Reply reply;
   reply.accepted = false;
@@ -260,10 +261,12 @@ void InboundSession::startRelay() {
     end();
     return;
   }
+  (void)net::setNoDelay(server_->fd(), true);  // see OutboundSession::startRelay
   worker_.metrics().handshakeDone(
       Role::kInbound, std::chrono::duration<double>(Clock::now() - started_).count());
   Relay::Info info;
   info.id = id_;
+  info.peer_id = hello_.connection_id;
   info.role = Role::kInbound;
   info.stack = chosen_stack_;
   info.destination = hello_.original_dst;
@@ -293,7 +296,9 @@ void InboundSession::end() {
 }
 
 void InboundSession::shutdown() {
-  worker_.metrics().connectionFailed(Role::kInbound, chosen_stack_, Outcome::kShutdown);
+  worker_.metrics().connectionFailed(
+      Role::kInbound, stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
+      Outcome::kShutdown);
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
   end();
@@ -309,8 +314,11 @@ void InboundSession::onTimer(evutil_socket_t, short, void* arg) {
       self->reject(handshake::RejectReason::kDestinationUnreachable);
       break;
     case State::kAccepting:
-    case State::kRejecting:
       self->drop(RejectionLabel::kTimeout, true);
+      break;
+    case State::kRejecting:
+      // Already counted with its reason; the reply just could not be written in time.
+      self->drop(RejectionLabel::kTimeout, false);
       break;
     case State::kDone:
       break;

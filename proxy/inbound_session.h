@@ -61,6 +61,7 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   handshake::Hello hello_;
   bool hello_valid_ = false;
   std::size_t chosen_stack_ = 0;
+  bool stack_chosen_ = false;  // chosen_stack_ is meaningful
   std::uint8_t chosen_offer_ = 0;
   std::vector<std::uint8_t> out_;
   std::size_t out_done_ = 0;

@@ -100,6 +100,7 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
   using prometheus::BuildHistogram;
   std::vector<std::string> stacks = stack_names;
   stacks.emplace_back("direct");
+  stacks.emplace_back("none");  // last: it has connection counts but never bytes
   constexpr auto kRoles = static_cast<std::size_t>(Role::kCount);
 
   BuildGauge()
@@ -120,11 +121,13 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                     .Register(*registry_);
   for (std::size_t r = 0; r < kRoles; ++r) {
     const char* role = roleName(static_cast<Role>(r));
-    for (const auto& stack : stacks) {
+    for (std::size_t i = 0; i < stacks.size(); ++i) {
+      const std::string& stack = stacks[i];
       for (std::size_t o = 0; o < kOutcomes; ++o) {
         connections_.push_back(&connections.Add(
             {{"role", role}, {"stack", stack}, {"outcome", outcomeName(static_cast<Outcome>(o))}}));
       }
+      if (i == noStack()) continue;
       bytes_.push_back(&bytes.Add({{"role", role}, {"stack", stack}, {"direction", "upstream"}}));
       bytes_.push_back(&bytes.Add({{"role", role}, {"stack", stack}, {"direction", "downstream"}}));
     }

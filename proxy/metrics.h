@@ -92,24 +92,28 @@ const char* rejectionLabelName(RejectionLabel r);
 
 class Metrics {
  public:
-  // `stack_names` are the configured instances; the label "direct" is added for fallbacks.
+  // `stack_names` are the configured instances. Two stack label values are added: "direct"
+  // (a fallback connection that bypassed the peer sidecar) and "none" (a connection refused
+  // or ended before any stack carried it).
   Metrics(const std::vector<std::string>& stack_names, const std::string& version,
           const std::string& commit);
 
   std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
 
-  // Index of "direct" among the stack labels.
+  // Indexes of "direct" and "none" among the stack labels.
   std::size_t directStack() const { return stack_count_; }
+  std::size_t noStack() const { return stack_count_ + 1; }
 
   void connectionOpened(Role role) { active_[idx(role)]->Increment(); }
   void connectionClosed(Role role, std::size_t stack, Outcome outcome) {
     active_[idx(role)]->Decrement();
-    connections_[(idx(role) * (stack_count_ + 1) + stack) * kOutcomes + idx(outcome)]->Increment();
+    connectionFailed(role, stack, outcome);
   }
   // A connection that never became a relay (refused, onward connect failed).
   void connectionFailed(Role role, std::size_t stack, Outcome outcome) {
-    connections_[(idx(role) * (stack_count_ + 1) + stack) * kOutcomes + idx(outcome)]->Increment();
+    connections_[(idx(role) * (stack_count_ + 2) + stack) * kOutcomes + idx(outcome)]->Increment();
   }
+  // Bytes are carried by a configured stack or "direct", never by "none".
   prometheus::Counter& bytes(Role role, std::size_t stack, Direction d) {
     return *bytes_[(idx(role) * (stack_count_ + 1) + stack) * 2 + idx(d)];
   }

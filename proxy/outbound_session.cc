@@ -212,7 +212,7 @@ void OutboundSession::readReply() {
       // The peer could not prove it holds our key (or says we could not): never fall back
       // around an authentication failure, or anyone could force the downgrade.
       worker_.metrics().rejection(Role::kOutbound, RejectionLabel::kAuthFailed);
-      refuse(Outcome::kRefused, offered_stacks_.front(), "peer authentication failed");
+      refuse(Outcome::kRefused, worker_.metrics().noStack(), "peer authentication failed");
       return;
     }
     if (result.error != handshake::RejectReason::kNone) {
@@ -253,10 +253,11 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
       fallBack(FallbackReason::kPeerOverloaded, false);
       return;
     case handshake::RejectReason::kDestinationUnreachable:
-      refuse(Outcome::kConnectFailed, offered_stacks_.front(), "peer could not reach destination");
+      refuse(Outcome::kConnectFailed, worker_.metrics().noStack(),
+             "peer could not reach destination");
       return;
     default:
-      refuse(Outcome::kRefused, offered_stacks_.front(), handshake::reasonName(reply.reason));
+      refuse(Outcome::kRefused, worker_.metrics().noStack(), handshake::reasonName(reply.reason));
       return;
   }
 }
@@ -277,7 +278,7 @@ void OutboundSession::fallBack(FallbackReason reason, bool no_sidecar) {
   bool direct = config.fallback == FallbackMode::kDirect;
   worker_.metrics().fallback(reason, direct);
   if (!direct) {
-    refuse(Outcome::kRefused, worker_.metrics().directStack(), fallbackReasonName(reason));
+    refuse(Outcome::kRefused, worker_.metrics().noStack(), fallbackReasonName(reason));
     return;
   }
   connectDirect();
@@ -298,9 +299,16 @@ void OutboundSession::connectDirect() {
 
 void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstream,
                                  std::size_t stack) {
+  // The relay forwards what it reads as soon as it reads it; Nagle on a leg would hold a small
+  // segment behind an unacknowledged one and add the peer's delayed ACK (~40 ms) to every
+  // request/response round. The tunnel leg follows its stack instance's own `nodelay`.
   (void)net::setNoDelay(client_->fd(), true);
-  worker_.metrics().handshakeDone(
-      Role::kOutbound, std::chrono::duration<double>(Clock::now() - started_).count());
+  if (stack == worker_.metrics().directStack()) (void)net::setNoDelay(upstream->fd(), true);
+  if (stack != worker_.metrics().directStack()) {
+    // Only connections the peer sidecar carries had a handshake to time.
+    worker_.metrics().handshakeDone(
+        Role::kOutbound, std::chrono::duration<double>(Clock::now() - started_).count());
+  }
   Relay::Info info;
   info.id = id_;
   info.role = Role::kOutbound;
@@ -332,8 +340,11 @@ void OutboundSession::end() {
 }
 
 void OutboundSession::shutdown() {
-  worker_.metrics().connectionFailed(Role::kOutbound, worker_.metrics().directStack(),
-                                     Outcome::kShutdown);
+  auto& metrics = worker_.metrics();
+  metrics.connectionFailed(
+      Role::kOutbound,
+      state_ == State::kConnectingDirect ? metrics.directStack() : metrics.noStack(),
+      Outcome::kShutdown);
   if (client_) client_->close(CloseType::kAbort);
   retireUpstream();
   end();

@@ -1,6 +1,7 @@
 #include "proxy/relay.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -272,15 +273,18 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   const auto& stacks = worker_.context().stacks;
   const char* stack =
       info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
+  // The one line per connection: id, role, carrying stack, bytes each way, duration, cause.
+  std::string line =
+      fmt::format("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={}",
+                  info_.id, roleName(info_.role), stack, info_.destination.toString(),
+                  flows_[0].bytes, flows_[1].bytes, duration, outcomeName(outcome));
+  // The initiator's id for the same connection, to find its line in the other host's log.
+  if (info_.peer_id != 0) line += fmt::format(" peer_conn={:x}", info_.peer_id);
   if (outcome == Outcome::kError) {
-    spdlog::warn("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={} error={}",
-                 info_.id, roleName(info_.role), stack, info_.destination.toString(),
-                 flows_[0].bytes, flows_[1].bytes, duration, outcomeName(outcome),
-                 std::strerror(err));
+    line += fmt::format(" error=\"{}\"", std::strerror(err));
+    spdlog::warn("{}", line);
   } else {
-    spdlog::info("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={}",
-                 info_.id, roleName(info_.role), stack, info_.destination.toString(),
-                 flows_[0].bytes, flows_[1].bytes, duration, outcomeName(outcome));
+    spdlog::info("{}", line);
   }
   worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
 }

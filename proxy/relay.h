@@ -39,6 +39,7 @@ class Relay final : public Deferrable,
 
   struct Info {
     std::uint64_t id = 0;
+    std::uint64_t peer_id = 0;  // inbound: the initiator's id for this connection (0: unknown)
     Role role = Role::kOutbound;
     std::size_t stack = 0;  // index of the carrying stack's metric label
     SocketAddress destination;

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/socket_util.h"
 #include "proxy/handshake_codec.h"
 #include "testbed/servers.h"
 #include "testbed/testbed.h"
@@ -263,6 +264,8 @@ TEST_F(SidecarPair, NoPeerSidecarFallsBackDirectAndRemembers) {
             1);
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "direct"}, {"outcome", "closed"}}, 2));
+  // No handshake took place, so none was timed.
+  EXPECT_EQ(metricA("dmm_sidecar_handshake_duration_seconds_count", {{"role", "outbound"}}), 0);
 }
 
 TEST_F(SidecarPair, FallbackRefuseModeRefuses) {
@@ -275,6 +278,9 @@ TEST_F(SidecarPair, FallbackRefuseModeRefuses) {
   EXPECT_EQ(err, ECONNRESET);
   EXPECT_EQ(server.accepted(), 0);
   EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "refuse"}}),
+            1);
+  EXPECT_EQ(metricA("dmm_sidecar_connections_total",
+                    {{"role", "outbound"}, {"stack", "none"}, {"outcome", "refused"}}),
             1);
 }
 
@@ -295,6 +301,12 @@ TEST_F(SidecarPair, WrongKeyIsRejectedAndNeverReachesTheServer) {
             1);
   EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
                     {{"role", "outbound"}, {"reason", "auth_failed"}}),
+            1);
+  EXPECT_EQ(metricA("dmm_sidecar_connections_total",
+                    {{"role", "outbound"}, {"stack", "none"}, {"outcome", "refused"}}),
+            1);
+  EXPECT_EQ(metricB("dmm_sidecar_connections_total",
+                    {{"role", "inbound"}, {"stack", "none"}, {"outcome", "refused"}}),
             1);
   // An authentication failure is never worked around by a direct connection.
   for (const char* reason : {"peer_refused", "peer_closed", "peer_protocol_error"}) {
@@ -662,8 +674,12 @@ TEST_F(SidecarPair, UnreachableDestinationIsRefusedNotWorkedAround) {
   EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
                     {{"role", "outbound"}, {"reason", "destination_unreachable"}}),
             1);
+  // A never learned which stack B would have used; B had chosen one.
   EXPECT_EQ(metricA("dmm_sidecar_connections_total",
-                    {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "connect_failed"}}),
+                    {{"role", "outbound"}, {"stack", "none"}, {"outcome", "connect_failed"}}),
+            1);
+  EXPECT_EQ(metricB("dmm_sidecar_connections_total",
+                    {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "connect_failed"}}),
             1);
 }
 
@@ -733,6 +749,48 @@ TEST_F(SidecarPair, TimeoutWithUndeliveredBytesEndsInAResetNotAFalseEnd) {
                              << " bytes) ended normally";
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}}, 1));
+}
+
+// Write-write-read rounds: two small writes, then a one-byte answer once both arrived. A relay
+// leg with Nagle on holds the second write until the first is acknowledged, and the server's
+// delayed ACK makes that ~40 ms a round. The test's own sockets have TCP_NODELAY, so any stall
+// is the sidecars'.
+std::chrono::milliseconds writeWriteReadRounds(const Netns& from, const SocketAddress& to,
+                                               int rounds) {
+  UniqueFd fd = connectTcp(from, to);
+  if (!fd) return std::chrono::hours(1);
+  (void)net::setNoDelay(fd.get(), true);
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < rounds; ++i) {
+    char answer = 0;
+    if (!writeAll(fd.get(), "a", 1)) return std::chrono::hours(1);
+    std::this_thread::sleep_for(1ms);  // two segments, not one
+    if (!writeAll(fd.get(), "b", 1) || ::recv(fd.get(), &answer, 1, 0) != 1) {
+      return std::chrono::hours(1);
+    }
+  }
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                               start);
+}
+
+void pairThenAnswer(UniqueFd conn) {
+  (void)net::setNoDelay(conn.get(), true);
+  for (;;) {
+    std::string two = readExactly(conn.get(), 2);
+    if (two.size() != 2 || !writeAll(conn.get(), "!", 1)) return;
+  }
+}
+
+TEST_F(SidecarPair, SmallWritesAreNotDelayedByNagleOnAnyLeg) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), pairThenAnswer);
+  // Carried: client -> A -> tunnel -> B -> server.
+  auto carried = writeWriteReadRounds(hosts_.a(), at(TwoHosts::kIp4B, 9000), 50);
+  EXPECT_LT(carried, 1000ms) << "50 rounds through both sidecars";
+  b_.reset();  // no sidecar on B: the direct fallback leg
+  auto direct = writeWriteReadRounds(hosts_.a(), at(TwoHosts::kIp4B, 9000), 50);
+  EXPECT_LT(direct, 1000ms) << "50 rounds over the direct fallback";
 }
 
 TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {

@@ -179,14 +179,16 @@ TEST_F(ConfigTest, UnknownTopLevelTableAndStackKeys) {
       << e;
 }
 
-TEST_F(ConfigTest, StackNamesAreUniqueAndDirectIsReserved) {
+TEST_F(ConfigTest, StackNamesAreUniqueAndLabelNamesAreReserved) {
   EXPECT_FALSE(load(std::string(kKey) +
                     "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
                     "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
-                    "[[stack]]\nname = \"direct\"\nkind = \"kernel\"\n"));
+                    "[[stack]]\nname = \"direct\"\nkind = \"kernel\"\n"
+                    "[[stack]]\nname = \"none\"\nkind = \"kernel\"\n"));
   std::string e = errors();
   EXPECT_NE(e.find("a stack named \"a\" is already defined"), std::string::npos) << e;
   EXPECT_NE(e.find("\"direct\" is reserved"), std::string::npos) << e;
+  EXPECT_NE(e.find("\"none\" is reserved"), std::string::npos) << e;
 }
 
 TEST_F(ConfigTest, KeyIsRequired) {
