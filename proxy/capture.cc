@@ -154,6 +154,11 @@ std::string captureRuleset(const Config& c, int family) {
 }
 
 std::string installCaptureRules(const Config& c) {
+  if (!c.capture_enabled) {
+    // Rules pointing at a listener that will not be opened would black-hole every outgoing
+    // TCP connection of this host.
+    return "capture is disabled in the config ([capture] enabled = false); no rules installed";
+  }
   for (int family : families(c)) {
     if (captureAddress(c, family) == nullptr) {
       return std::string("capture.listen has no ") + (family == AF_INET ? "IPv4" : "IPv6") +
@@ -175,18 +180,23 @@ std::string installCaptureRules(const Config& c) {
 }
 
 std::string removeCaptureRules(const Config& c) {
-  for (int family : families(c)) {
+  // Both families whatever the config says now: capture.ipv6 may have been turned off since
+  // the rules went in. A family the config does not capture is cleaned up best-effort, so a
+  // host without ip6tables can still remove its IPv4 rules.
+  for (int family : {AF_INET, AF_INET6}) {
+    const bool required = family == AF_INET || c.capture_ipv6;
     std::vector<std::string> del{tool(family, false), "-w", "-t", "nat", "-D", "OUTPUT",
                                  "-p", "tcp", "-j", c.capture_chain};
-    // Delete every copy of the jump (an older install might have added it twice).
-    for (int i = 0; i < 16 && run(del).status == 0; ++i) {
+    // Every copy of the jump (a hand-made or older install may have added several); the bound
+    // only guards against a tool that keeps succeeding.
+    for (int i = 0; i < 1024 && run(del).status == 0; ++i) {
     }
     std::vector<std::string> exists{tool(family, false), "-w", "-t", "nat", "-S", c.capture_chain};
-    if (run(exists).status != 0) continue;  // already gone
+    if (run(exists).status != 0) continue;  // already gone (or no such tool)
     for (const char* op : {"-F", "-X"}) {
       std::vector<std::string> cmd{tool(family, false), "-w", "-t", "nat", op, c.capture_chain};
       auto r = run(cmd);
-      if (r.status != 0) return describe(cmd, r);
+      if (r.status != 0 && required) return describe(cmd, r);
     }
   }
   return {};

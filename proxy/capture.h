@@ -8,7 +8,8 @@
 // destinations (loopback and this host's addresses), excluded CIDRs and ports; then it redirects
 // TCP to the included CIDRs (default: all) to the capture port. Installing flushes and refills
 // the chain atomically (iptables-restore --noflush) and adds the OUTPUT jump once, so it is
-// idempotent; removing deletes the jump and the chain and succeeds if they are already gone.
+// idempotent; removing deletes every jump and the chain, for IPv4 and IPv6 whatever the config
+// says now, and succeeds if they are already gone. Installing refuses while capture is disabled.
 
 #include <optional>
 #include <string>

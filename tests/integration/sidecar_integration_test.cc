@@ -793,6 +793,46 @@ TEST_F(SidecarPair, SmallWritesAreNotDelayedByNagleOnAnyLeg) {
   EXPECT_LT(direct, 1000ms) << "50 rounds over the direct fallback";
 }
 
+TEST(SidecarCapture, InstallRefusesWhenCaptureIsDisabled) {
+  // Rules redirecting to a listener that the config says not to open would black-hole every
+  // outgoing TCP connection of the host.
+  Netns ns(uniqueName("cap"));
+  TempDir dir;
+  std::string path = dir.write("off.toml", "[capture]\nenabled = false\n[security]\npsk = \"0123456789abcdef\"\n");
+  auto r = ns.exec({sidecarBinary(), "capture", "install", "-c", path});
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("capture is disabled"), std::string::npos) << r.output;
+  EXPECT_NE(ns.exec({"iptables", "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).status, 0);
+  EXPECT_EQ(ns.exec({"iptables", "-w", "-t", "nat", "-S", "OUTPUT"}).output.find("DMM_SIDECAR"),
+            std::string::npos);
+}
+
+TEST(SidecarCapture, RemoveClearsBothFamiliesWhateverTheConfigSaysNow) {
+  // Installed with IPv6 on; the operator then turns capture.ipv6 off and removes the rules.
+  Netns ns(uniqueName("cap"));
+  TempDir dir;
+  const std::string key = "[security]\npsk = \"0123456789abcdef\"\n";
+  std::string with_v6 = dir.write("v6.toml", key);
+  std::string without_v6 = dir.write("v4.toml", "[capture]\nipv6 = false\n" + key);
+  ns.mustExec({sidecarBinary(), "capture", "install", "-c", with_v6});
+  ns.mustExec({sidecarBinary(), "capture", "install", "-c", with_v6});
+  ASSERT_EQ(ns.exec({"ip6tables", "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).status, 0);
+  // Two stray jumps left by hand: removal takes every copy.
+  for (const char* tool : {"iptables", "ip6tables"}) {
+    for (int i = 0; i < 2; ++i) {
+      ns.mustExec({tool, "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "DMM_SIDECAR"});
+    }
+  }
+  ns.mustExec({sidecarBinary(), "capture", "remove", "-c", without_v6});
+  for (const char* tool : {"iptables", "ip6tables"}) {
+    EXPECT_NE(ns.exec({tool, "-w", "-t", "nat", "-S", "DMM_SIDECAR"}).status, 0) << tool;
+    EXPECT_EQ(ns.exec({tool, "-w", "-t", "nat", "-S", "OUTPUT"}).output.find("DMM_SIDECAR"),
+              std::string::npos)
+        << tool;
+  }
+  ns.mustExec({sidecarBinary(), "capture", "remove", "-c", without_v6});  // nothing left: fine
+}
+
 TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
   TempDir dir;
   std::string path = dir.write("bad.toml", "[sidecar]\nworkers = -1\nfoo = 1\n[timeouts]\nidle = \"forever\"\n");
