@@ -849,9 +849,18 @@ TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
   std::string good = dir.write("good.toml", "[security]\npsk = \"0123456789abcdef\"\n");
   auto ok = run({sidecarBinary(), "--mode", "validate", "-c", good});
   EXPECT_EQ(ok.status, 0) << ok.output;
+}
+
+TEST(SidecarCli, VersionNamesTheCommitItWasBuiltFrom) {
   auto version = run({sidecarBinary(), "--version"});
   EXPECT_EQ(version.status, 0);
   EXPECT_EQ(version.output.rfind("dmm-sidecar ", 0), 0u) << version.output;
+  auto head = run({"git", "-C", DMM_SOURCE_DIR, "rev-parse", "--short=12", "HEAD"});
+  if (head.status != 0) GTEST_SKIP() << "sources are not a git checkout";
+  head.output.resize(12);
+  // Read at build time, not configure time: a rebuild after a commit must not report the old one.
+  EXPECT_NE(version.output.find("(" + head.output), std::string::npos)
+      << version.output << " vs HEAD " << head.output;
 }
 
 }  // namespace
