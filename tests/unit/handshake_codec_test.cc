@@ -420,6 +420,45 @@ TEST(HandshakeReply, AReasonThisVersionDoesNotKnowIsPassedThrough) {
   EXPECT_STREQ(reasonName(r.reply.reason), "unknown");
 }
 
+// The worked example of docs/handshake.md, byte for byte: the documentation is a test vector.
+Bytes fromHex(const std::string& hex) {
+  Bytes out;
+  for (std::size_t i = 0; i + 1 < hex.size(); i += 2) {
+    out.push_back(static_cast<std::uint8_t>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  }
+  return out;
+}
+
+TEST(HandshakeWorkedExample, MatchesTheDocumentation) {
+  const Bytes doc_key = key("0123456789abcdef");
+  Hello h;
+  for (std::size_t i = 0; i < h.nonce.size(); ++i) h.nonce[i] = static_cast<std::uint8_t>(i);
+  h.timestamp_ms = 1'700'000'000'000;
+  h.original_dst = *SocketAddress::parse("10.0.0.2:80");
+  h.offers.push_back({StackKind::kKernel, "kernel", {}});
+  h.connection_id = 1;
+  EXPECT_EQ(encodeHello(h, doc_key),
+            fromHex("444d4d4801010000000000720001001000010203040506070809"
+                    "0a0b0c0d0e0f00020008000001"
+                    "8bcfe56800000300070400500a00000200040008"
+                    "01066b65726e656c00060007"
+                    "64656661756c7400070008000000000000000100ff0020e7eb7c45e542d9f5fab40799"
+                    "fc54c04e65bc21ad9f9f39e39b88c82a486fbfc5"));
+  Reply accept;
+  accept.accepted = true;
+  accept.chosen_name = "kernel";
+  EXPECT_EQ(encodeReply(accept, doc_key, h.nonce),
+            fromHex("444d4d4801020000000000370010000300000000110008"
+                    "00066b65726e656c00ff0020a04d3ad997ddf2a72bf8121c"
+                    "bb4dd488a2178da65fb102bd0d4011549ff34f55"));
+  Reply reject;
+  reject.reason = RejectReason::kDestinationNotAllowed;
+  EXPECT_EQ(encodeReply(reject, doc_key, h.nonce),
+            fromHex("444d4d48010200000000002b00100003010006"
+                    "00ff00201e210f3db5041381e2a40307"
+                    "22050901169f712f66805e4b06e1ed0464f98acb"));
+}
+
 TEST(HandshakeNames, AreStable) {
   // These are metric label values and documented codes: changing one is a breaking change.
   EXPECT_STREQ(reasonName(RejectReason::kMalformed), "malformed");
