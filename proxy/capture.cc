@@ -1,19 +1,12 @@
 #include "proxy/capture.h"
 
-#include <fcntl.h>
 #include <linux/netfilter_ipv4.h>
 #include <netinet/in.h>
-#include <poll.h>
-#include <spawn.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
 #include <sstream>
 
-extern char** environ;
+#include "common/command.h"
 
 namespace dmm::proxy {
 
@@ -21,68 +14,6 @@ namespace {
 
 // <linux/netfilter_ipv6/ip6_tables.h> clashes with glibc's headers; the value is ABI.
 constexpr int kIp6tSoOriginalDst = 80;
-
-struct CommandResult {
-  int status = -1;  // exit status, or -1 if it could not run
-  std::string output;
-};
-
-// Runs argv (no shell) with `input` on stdin; collects stdout and stderr together.
-CommandResult run(const std::vector<std::string>& argv, const std::string& input = {}) {
-  CommandResult result;
-  int in_pipe[2];
-  int out_pipe[2];
-  if (::pipe2(in_pipe, O_CLOEXEC) != 0) return result;
-  if (::pipe2(out_pipe, O_CLOEXEC) != 0) {
-    ::close(in_pipe[0]);
-    ::close(in_pipe[1]);
-    return result;
-  }
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, in_pipe[0], 0);
-  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 1);
-  posix_spawn_file_actions_adddup2(&actions, out_pipe[1], 2);
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = -1;
-  int rc = ::posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  ::close(in_pipe[0]);
-  ::close(out_pipe[1]);
-  if (rc != 0) {
-    ::close(in_pipe[1]);
-    ::close(out_pipe[0]);
-    result.output = argv[0] + ": " + std::strerror(rc);
-    return result;
-  }
-  // The rulesets are a few KB: the pipe takes them whole, so write, then read to EOF.
-  std::size_t off = 0;
-  while (off < input.size()) {
-    ssize_t n = ::write(in_pipe[1], input.data() + off, input.size() - off);
-    if (n <= 0) break;
-    off += static_cast<std::size_t>(n);
-  }
-  ::close(in_pipe[1]);
-  char buf[4096];
-  for (;;) {
-    ssize_t n = ::read(out_pipe[0], buf, sizeof buf);
-    if (n > 0) {
-      result.output.append(buf, static_cast<std::size_t>(n));
-    } else if (n < 0 && errno == EINTR) {
-      continue;
-    } else {
-      break;
-    }
-  }
-  ::close(out_pipe[0]);
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
 
 std::string describe(const std::vector<std::string>& argv, const CommandResult& r) {
   std::string cmd;
@@ -165,14 +96,14 @@ std::string installCaptureRules(const Config& c) {
              " address to redirect to (set capture.ipv6 = false to capture IPv4 only)";
     }
     std::vector<std::string> restore{tool(family, true), "-w", "--noflush"};
-    auto r = run(restore, captureRuleset(c, family));
+    auto r = runCommand(restore, captureRuleset(c, family));
     if (r.status != 0) return describe(restore, r);
     std::vector<std::string> check{tool(family, false), "-w", "-t", "nat", "-C", "OUTPUT",
                                    "-p", "tcp", "-j", c.capture_chain};
-    if (run(check).status != 0) {
+    if (runCommand(check).status != 0) {
       std::vector<std::string> add{tool(family, false), "-w", "-t", "nat", "-A", "OUTPUT",
                                    "-p", "tcp", "-j", c.capture_chain};
-      auto a = run(add);
+      auto a = runCommand(add);
       if (a.status != 0) return describe(add, a);
     }
   }
@@ -189,13 +120,13 @@ std::string removeCaptureRules(const Config& c) {
                                  "-p", "tcp", "-j", c.capture_chain};
     // Every copy of the jump (a hand-made or older install may have added several); the bound
     // only guards against a tool that keeps succeeding.
-    for (int i = 0; i < 1024 && run(del).status == 0; ++i) {
+    for (int i = 0; i < 1024 && runCommand(del).status == 0; ++i) {
     }
     std::vector<std::string> exists{tool(family, false), "-w", "-t", "nat", "-S", c.capture_chain};
-    if (run(exists).status != 0) continue;  // already gone (or no such tool)
+    if (runCommand(exists).status != 0) continue;  // already gone (or no such tool)
     for (const char* op : {"-F", "-X"}) {
       std::vector<std::string> cmd{tool(family, false), "-w", "-t", "nat", op, c.capture_chain};
-      auto r = run(cmd);
+      auto r = runCommand(cmd);
       if (r.status != 0 && required) return describe(cmd, r);
     }
   }

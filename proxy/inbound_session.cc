@@ -18,24 +18,17 @@ using stacks::kernel::KernelConnection;
 
 void InboundSession::start(Worker& worker, UniqueFd control) {
   auto* session = new InboundSession(worker, std::move(control));
-  worker.sessionStarted(*session);
   session->armTimer(worker.config().handshake_timeout);
 }
 
 InboundSession::InboundSession(Worker& worker, UniqueFd control)
-    : worker_(worker), id_(worker.nextConnectionId()), started_(Clock::now()) {
-  timer_ = worker.loop().newEvent(-1, 0, &InboundSession::onTimer, this);
+    : Session(worker),
+      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
   // Registering the socket reports bytes that already arrived as a first readable edge.
   control_ = std::make_unique<KernelConnection>(worker.loop(), std::move(control), *this, false);
 }
 
 InboundSession::~InboundSession() = default;
-
-void InboundSession::armTimer(std::chrono::milliseconds timeout) {
-  timeval tv{static_cast<time_t>(timeout.count() / 1000),
-             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
-  event_add(timer_.get(), &tv);
-}
 
 void InboundSession::onReadable(stacks::StackConnection& conn) {
   if (&conn == control_.get() && state_ == State::kReadingHello) readHello();
@@ -47,38 +40,20 @@ void InboundSession::onWritable(stacks::StackConnection& conn) {
 }
 
 void InboundSession::readHello() {
-  const auto& config = worker_.config();
-  for (;;) {
-    if (in_.size() < in_need_) {
-      std::size_t have = in_.size();
-      in_.resize(in_need_);
-      // Read exactly the frame: bytes after it are the session's data.
-      auto r = control_->read(std::as_writable_bytes(std::span(in_).subspan(have)));
-      if (r.status != IoResult::Status::kOk) in_.resize(have);
-      if (r.status == IoResult::Status::kWouldBlock) return;
-      if (r.status == IoResult::Status::kEof) {
-        // A connection that closes having sent nothing is a probe, not a handshake.
-        drop(RejectionLabel::kMalformed, !in_.empty());
-        return;
-      }
-      if (r.status != IoResult::Status::kOk) {
-        drop(RejectionLabel::kMalformed, false);
-        return;
-      }
-      in_.resize(have + r.bytes);
-      if (in_.size() < in_need_) continue;
-    }
-    if (!prefix_checked_) {
-      handshake::Prefix prefix{};
-      auto err = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
-                                            in_.data(), handshake::kPrefixSize),
-                                        handshake::MessageType::kHello, config.max_header_bytes,
-                                        prefix);
-      switch (err) {
-        case handshake::PrefixError::kNone:
-          break;
+  switch (reader_.read(*control_)) {
+    case FrameReader::Step::kWouldBlock:
+      return;
+    case FrameReader::Step::kEof:
+      // A connection that closes having sent nothing is a probe, not a handshake.
+      drop(RejectionLabel::kMalformed, !reader_.empty());
+      return;
+    case FrameReader::Step::kError:
+      drop(RejectionLabel::kMalformed, false);
+      return;
+    case FrameReader::Step::kBadPrefix:
+      switch (reader_.prefixError()) {
         case handshake::PrefixError::kBadMagic:
-          drop(RejectionLabel::kBadMagic, true);
+          drop(RejectionLabel::kBadMagic, true);  // not our protocol: no answer
           return;
         case handshake::PrefixError::kUnsupportedVersion:
           reject(handshake::RejectReason::kUnsupportedVersion);
@@ -90,12 +65,9 @@ void InboundSession::readHello() {
           reject(handshake::RejectReason::kMalformed);
           return;
       }
-      prefix_checked_ = true;
-      in_need_ = handshake::kPrefixSize + prefix.body_length;
-      continue;
-    }
-    onHello();
-    return;
+    case FrameReader::Step::kDone:
+      onHello();
+      return;
   }
 }
 
@@ -126,7 +98,7 @@ void InboundSession::onHello() {
     if (key_id == config.key_id) return config.psk;
     return {};
   };
-  auto result = handshake::decodeHello(in_, keys, config.max_header_bytes);
+  auto result = handshake::decodeHello(reader_.frame(), keys, config.max_header_bytes);
   if (result.error != handshake::RejectReason::kNone) {
     reject(result.error);
     return;
@@ -190,8 +162,7 @@ void InboundSession::onConnected(stacks::StackConnection& conn) {
   reply.accepted = true;
   reply.chosen_index = chosen_offer_;
   reply.chosen_name = worker_.context().stacks[chosen_stack_]->name();
-  out_ = handshake::encodeReply(reply, config.psk, hello_.nonce);
-  out_done_ = 0;
+  writer_.set(handshake::encodeReply(reply, config.psk, hello_.nonce));
   state_ = State::kAccepting;
   armTimer(config.handshake_timeout);
   flushReply();
@@ -223,24 +194,21 @@ void InboundSession::reject(handshake::RejectReason reason) {
   // Without an authenticated HELLO there is no nonce to bind the reply to; a zero nonce makes
   // the reply unverifiable for the initiator, which then refuses rather than falls back.
   handshake::Nonce nonce = hello_valid_ ? hello_.nonce : handshake::Nonce{};
-  out_ = handshake::encodeReply(reply, config.psk, nonce);
-  out_done_ = 0;
+  writer_.set(handshake::encodeReply(reply, config.psk, nonce));
   state_ = State::kRejecting;
   armTimer(config.handshake_timeout);
   flushReply();
 }
 
 void InboundSession::flushReply() {
-  while (out_done_ < out_.size()) {
-    auto r = control_->write(std::as_bytes(std::span(out_).subspan(out_done_)));
-    if (r.status == IoResult::Status::kOk) {
-      out_done_ += r.bytes;
-    } else if (r.status == IoResult::Status::kWouldBlock) {
+  switch (writer_.write(*control_)) {
+    case FrameWriter::Step::kWouldBlock:
       return;
-    } else {
+    case FrameWriter::Step::kError:
       drop(RejectionLabel::kMalformed, false);
       return;
-    }
+    case FrameWriter::Step::kDone:
+      break;
   }
   if (state_ == State::kAccepting) {
     startRelay();
@@ -287,14 +255,6 @@ void InboundSession::drop(RejectionLabel label, bool count) {
   end();
 }
 
-void InboundSession::end() {
-  if (state_ == State::kDone) return;
-  state_ = State::kDone;
-  timer_.reset();
-  worker_.sessionEnded(*this);
-  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
-}
-
 void InboundSession::shutdown() {
   worker_.metrics().connectionFailed(
       Role::kInbound, stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
@@ -304,23 +264,20 @@ void InboundSession::shutdown() {
   end();
 }
 
-void InboundSession::onTimer(evutil_socket_t, short, void* arg) {
-  auto* self = static_cast<InboundSession*>(arg);
-  switch (self->state_) {
+void InboundSession::onTimeout() {
+  switch (state_) {
     case State::kReadingHello:
-      self->drop(RejectionLabel::kTimeout, true);
+      drop(RejectionLabel::kTimeout, true);
       break;
     case State::kConnecting:
-      self->reject(handshake::RejectReason::kDestinationUnreachable);
+      reject(handshake::RejectReason::kDestinationUnreachable);
       break;
     case State::kAccepting:
-      self->drop(RejectionLabel::kTimeout, true);
+      drop(RejectionLabel::kTimeout, true);
       break;
     case State::kRejecting:
       // Already counted with its reason; the reply just could not be written in time.
-      self->drop(RejectionLabel::kTimeout, false);
-      break;
-    case State::kDone:
+      drop(RejectionLabel::kTimeout, false);
       break;
   }
 }

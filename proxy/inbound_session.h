@@ -12,6 +12,7 @@
 
 #include "common/event_loop.h"
 #include "common/unique_fd.h"
+#include "proxy/frame_io.h"
 #include "proxy/handshake_codec.h"
 #include "proxy/metrics.h"
 #include "proxy/worker.h"
@@ -32,8 +33,7 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   void onWritable(stacks::StackConnection& conn) override;
 
  private:
-  using Clock = std::chrono::steady_clock;
-  enum class State { kReadingHello, kConnecting, kAccepting, kRejecting, kDone };
+  enum class State { kReadingHello, kConnecting, kAccepting, kRejecting };
 
   InboundSession(Worker& worker, UniqueFd control);
   void readHello();
@@ -44,27 +44,18 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   void startRelay();
   // Ends without a reply (not our protocol, timeout, peer gone).
   void drop(RejectionLabel label, bool count);
-  void end();
-  void armTimer(std::chrono::milliseconds timeout);
-  static void onTimer(evutil_socket_t fd, short what, void* arg);
+  void onTimeout() override;
 
-  Worker& worker_;
-  std::uint64_t id_;
-  Clock::time_point started_;
   State state_ = State::kReadingHello;
   std::unique_ptr<stacks::StackConnection> control_;
   std::unique_ptr<stacks::StackConnection> server_;
-  EventPtr timer_;
-  std::vector<std::uint8_t> in_;
-  std::size_t in_need_ = handshake::kPrefixSize;
-  bool prefix_checked_ = false;
+  FrameReader reader_;
   handshake::Hello hello_;
   bool hello_valid_ = false;
   std::size_t chosen_stack_ = 0;
   bool stack_chosen_ = false;  // chosen_stack_ is meaningful
   std::uint8_t chosen_offer_ = 0;
-  std::vector<std::uint8_t> out_;
-  std::size_t out_done_ = 0;
+  FrameWriter writer_;
 };
 
 }  // namespace dmm::proxy

@@ -52,27 +52,18 @@ void OutboundSession::start(Worker& worker, UniqueFd client) {
     return;
   }
   auto* session = new OutboundSession(worker, std::move(client), *destination);
-  worker.sessionStarted(*session);
   session->begin();
 }
 
 OutboundSession::OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination)
-    : worker_(worker),
-      id_(worker.nextConnectionId()),
-      started_(Clock::now()),
+    : Session(worker),
       destination_(destination),
-      peer_(destination.ip(), worker.config().tunnel_port) {
+      peer_(destination.ip(), worker.config().tunnel_port),
+      reader_(handshake::MessageType::kReply, worker.config().max_header_bytes) {
   client_ = std::make_unique<KernelConnection>(worker.loop(), std::move(client), *this, false);
-  timer_ = worker.loop().newEvent(-1, 0, &OutboundSession::onTimer, this);
 }
 
 OutboundSession::~OutboundSession() = default;
-
-void OutboundSession::armTimer(std::chrono::milliseconds timeout) {
-  timeval tv{static_cast<time_t>(timeout.count() / 1000),
-             static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
-  event_add(timer_.get(), &tv);
-}
 
 void OutboundSession::retireUpstream() {
   if (!upstream_) return;
@@ -140,8 +131,7 @@ void OutboundSession::sendHello() {
     fallBack(FallbackReason::kPeerNoCommonStack, false);
     return;
   }
-  out_ = handshake::encodeHello(hello, ctx.config.psk);
-  out_done_ = 0;
+  writer_.set(handshake::encodeHello(hello, ctx.config.psk));
   state_ = State::kHandshaking;
   // The peer answers only once it has reached the destination, which may take it up to its
   // own timeouts.connect; waiting less would mistake a slow destination for a missing sidecar.
@@ -150,16 +140,8 @@ void OutboundSession::sendHello() {
 }
 
 void OutboundSession::flushHello() {
-  while (out_done_ < out_.size()) {
-    auto r = upstream_->write(std::as_bytes(std::span(out_).subspan(out_done_)));
-    if (r.status == IoResult::Status::kOk) {
-      out_done_ += r.bytes;
-    } else if (r.status == IoResult::Status::kWouldBlock) {
-      return;
-    } else {
-      fallBack(FallbackReason::kPeerClosed, true);
-      return;
-    }
+  if (writer_.write(*upstream_) == FrameWriter::Step::kError) {
+    fallBack(FallbackReason::kPeerClosed, true);
   }
 }
 
@@ -174,54 +156,36 @@ void OutboundSession::onReadable(stacks::StackConnection& conn) {
 
 void OutboundSession::readReply() {
   const auto& config = worker_.config();
-  for (;;) {
-    if (in_.size() < in_need_) {
-      std::size_t have = in_.size();
-      in_.resize(in_need_);
-      // Read exactly what the frame needs: bytes after it belong to the relay.
-      auto r = upstream_->read(std::as_writable_bytes(std::span(in_).subspan(have)));
-      if (r.status != IoResult::Status::kOk) in_.resize(have);
-      if (r.status == IoResult::Status::kWouldBlock) return;
-      if (r.status != IoResult::Status::kOk) {
-        fallBack(FallbackReason::kPeerClosed, true);
-        return;
-      }
-      in_.resize(have + r.bytes);
-      if (in_.size() < in_need_) continue;
-    }
-    if (!prefix_checked_) {
-      handshake::Prefix prefix{};
-      auto err = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
-                                            in_.data(), handshake::kPrefixSize),
-                                        handshake::MessageType::kReply, config.max_header_bytes,
-                                        prefix);
-      if (err == handshake::PrefixError::kUnsupportedVersion) {
+  switch (reader_.read(*upstream_)) {
+    case FrameReader::Step::kWouldBlock:
+      return;
+    case FrameReader::Step::kEof:
+    case FrameReader::Step::kError:
+      fallBack(FallbackReason::kPeerClosed, true);
+      return;
+    case FrameReader::Step::kBadPrefix:
+      if (reader_.prefixError() == handshake::PrefixError::kUnsupportedVersion) {
         fallBack(FallbackReason::kPeerUnsupportedVersion, false);
-        return;
-      }
-      if (err != handshake::PrefixError::kNone) {
+      } else {
         fallBack(FallbackReason::kPeerProtocolError, true);
-        return;
       }
-      prefix_checked_ = true;
-      in_need_ = handshake::kPrefixSize + prefix.body_length;
-      continue;
-    }
-    auto result = handshake::decodeReply(in_, config.psk, nonce_, config.max_header_bytes);
-    if (result.error == handshake::RejectReason::kAuthFailed) {
-      // The peer could not prove it holds our key (or says we could not): never fall back
-      // around an authentication failure, or anyone could force the downgrade.
-      worker_.metrics().rejection(Role::kOutbound, RejectionLabel::kAuthFailed);
-      refuse(Outcome::kRefused, worker_.metrics().noStack(), "peer authentication failed");
       return;
-    }
-    if (result.error != handshake::RejectReason::kNone) {
-      fallBack(FallbackReason::kPeerProtocolError, true);
-      return;
-    }
-    onReply(result.reply);
+    case FrameReader::Step::kDone:
+      break;
+  }
+  auto result = handshake::decodeReply(reader_.frame(), config.psk, nonce_, config.max_header_bytes);
+  if (result.error == handshake::RejectReason::kAuthFailed) {
+    // The peer could not prove it holds our key (or says we could not): never fall back
+    // around an authentication failure, or anyone could force the downgrade.
+    worker_.metrics().rejection(Role::kOutbound, RejectionLabel::kAuthFailed);
+    refuse(Outcome::kRefused, worker_.metrics().noStack(), "peer authentication failed");
     return;
   }
+  if (result.error != handshake::RejectReason::kNone) {
+    fallBack(FallbackReason::kPeerProtocolError, true);
+    return;
+  }
+  onReply(result.reply);
 }
 
 void OutboundSession::onReply(const handshake::Reply& reply) {
@@ -331,14 +295,6 @@ void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why
   end();
 }
 
-void OutboundSession::end() {
-  if (state_ == State::kDone) return;
-  state_ = State::kDone;
-  timer_.reset();
-  worker_.sessionEnded(*this);
-  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
-}
-
 void OutboundSession::shutdown() {
   auto& metrics = worker_.metrics();
   metrics.connectionFailed(
@@ -350,18 +306,15 @@ void OutboundSession::shutdown() {
   end();
 }
 
-void OutboundSession::onTimer(evutil_socket_t, short, void* arg) {
-  auto* self = static_cast<OutboundSession*>(arg);
-  switch (self->state_) {
+void OutboundSession::onTimeout() {
+  switch (state_) {
     case State::kConnectingPeer:
     case State::kHandshaking:
-      self->fallBack(FallbackReason::kPeerTimeout, true);
+      fallBack(FallbackReason::kPeerTimeout, true);
       break;
     case State::kConnectingDirect:
-      self->refuse(Outcome::kConnectFailed, self->worker_.metrics().directStack(),
+      refuse(Outcome::kConnectFailed, worker_.metrics().directStack(),
                    "connect timed out");
-      break;
-    case State::kDone:
       break;
   }
 }

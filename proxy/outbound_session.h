@@ -19,6 +19,7 @@
 #include "common/event_loop.h"
 #include "common/socket_address.h"
 #include "common/unique_fd.h"
+#include "proxy/frame_io.h"
 #include "proxy/handshake_codec.h"
 #include "proxy/metrics.h"
 #include "proxy/worker.h"
@@ -39,8 +40,7 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   void onWritable(stacks::StackConnection& conn) override;
 
  private:
-  using Clock = std::chrono::steady_clock;
-  enum class State { kConnectingPeer, kHandshaking, kConnectingDirect, kDone };
+  enum class State { kConnectingPeer, kHandshaking, kConnectingDirect };
 
   OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination);
   void begin();
@@ -53,14 +53,9 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   void connectDirect();
   void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack);
   void refuse(Outcome outcome, std::size_t stack, const char* why);
-  void end();
-  void armTimer(std::chrono::milliseconds timeout);
   void retireUpstream();
-  static void onTimer(evutil_socket_t fd, short what, void* arg);
+  void onTimeout() override;
 
-  Worker& worker_;
-  std::uint64_t id_;
-  Clock::time_point started_;
   SocketAddress destination_;
   SocketAddress peer_;
   State state_ = State::kConnectingPeer;
@@ -68,14 +63,10 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   std::unique_ptr<stacks::StackConnection> upstream_;
   // Connections closed inside their own callbacks wait here until the session is destroyed.
   std::vector<std::unique_ptr<stacks::StackConnection>> retired_;
-  EventPtr timer_;
   handshake::Nonce nonce_{};
   std::vector<std::size_t> offered_stacks_;  // offer index -> index in context().stacks
-  std::vector<std::uint8_t> out_;            // HELLO bytes not yet written
-  std::size_t out_done_ = 0;
-  std::vector<std::uint8_t> in_;  // REPLY bytes so far
-  std::size_t in_need_ = handshake::kPrefixSize;
-  bool prefix_checked_ = false;
+  FrameWriter writer_;
+  FrameReader reader_;  // the REPLY
 };
 
 }  // namespace dmm::proxy

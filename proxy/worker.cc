@@ -29,6 +29,31 @@ timeval toTimeval(std::chrono::milliseconds ms) {
 
 }  // namespace
 
+// ---- Session ---------------------------------------------------------------------------------
+
+Session::Session(Worker& worker)
+    : worker_(worker), id_(worker.nextConnectionId()), started_(Clock::now()) {
+  timer_ = worker.loop().newEvent(-1, 0, &Session::onTimer, this);
+  worker.sessionStarted(*this);
+}
+
+void Session::armTimer(std::chrono::milliseconds timeout) {
+  auto tv = toTimeval(timeout);
+  event_add(timer_.get(), &tv);
+}
+
+void Session::onTimer(evutil_socket_t, short, void* arg) {
+  static_cast<Session*>(arg)->onTimeout();
+}
+
+void Session::end() {
+  if (ended_) return;
+  ended_ = true;
+  timer_.reset();
+  worker_.sessionEnded(*this);
+  worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
+}
+
 // ---- PipePool --------------------------------------------------------------------------------
 
 PipePool::PipePool(std::size_t pipe_size, std::size_t max_idle)

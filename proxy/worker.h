@@ -21,12 +21,34 @@
 namespace dmm::proxy {
 
 struct SessionListTag;
+class Worker;
 
-// A connection still in its handshake or onward connect, before it becomes a Relay.
+// A connection still in its handshake or onward connect, before it becomes a Relay. It is
+// listed with its worker from construction to end(), and has one timer for its current phase.
+// Sessions own themselves: end() hands them to the loop's deferred deletion.
 class Session : public Deferrable, public ListHook<SessionListTag> {
  public:
+  using Clock = std::chrono::steady_clock;
   // Ends the session at once (the worker is stopping).
   virtual void shutdown() = 0;
+
+ protected:
+  explicit Session(Worker& worker);
+  // (Re)arms the phase timer; onTimeout() runs if it expires first.
+  void armTimer(std::chrono::milliseconds timeout);
+  virtual void onTimeout() = 0;
+  // Leaves the worker and deletes this once the running callback has returned. No timeout
+  // fires after it. Idempotent.
+  void end();
+
+  Worker& worker_;
+  const std::uint64_t id_;              // the connection id on every log line
+  const Clock::time_point started_;     // when the connection was accepted
+
+ private:
+  static void onTimer(evutil_socket_t fd, short what, void* arg);
+  EventPtr timer_;
+  bool ended_ = false;
 };
 
 // Pipes for splice(), kept open between uses: creating a pipe costs two fds and a syscall.

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/command.h"
 #include "common/socket_address.h"
 #include "common/unique_fd.h"
 
@@ -23,12 +24,9 @@ namespace dmm::testbed {
 
 using namespace std::chrono_literals;
 
-struct CommandResult {
-  int status = -1;  // exit status; -1 when it could not run or was killed
-  std::string output;
-};
-// Runs argv (no shell), collecting stdout+stderr.
-CommandResult run(const std::vector<std::string>& argv);
+using ::dmm::CommandResult;
+// Runs argv (no shell), collecting stdout+stderr (common/command.h).
+inline CommandResult run(const std::vector<std::string>& argv) { return runCommand(argv); }
 // Runs argv and fails the current test (with the output) when it exits non-zero.
 void mustRun(const std::vector<std::string>& argv);
 

@@ -1,7 +1,8 @@
-// Addresses, CIDRs, port ranges, durations and the intrusive list.
+// Addresses, CIDRs, port ranges, durations, the intrusive list and runCommand().
 
 #include <gtest/gtest.h>
 
+#include "common/command.h"
 #include "common/duration.h"
 #include "common/intrusive_list.h"
 #include "common/socket_address.h"
@@ -108,6 +109,34 @@ TEST(IntrusiveList, MovesAndUnlinksOnDestruction) {
     EXPECT_EQ(b.size(), 2u);
   }
   EXPECT_EQ(b.size(), 1u);
+}
+
+TEST(RunCommand, PassesInputAndCollectsBothOutputs) {
+  auto r = runCommand({"sh", "-c", "cat; echo oops >&2; exit 3"}, "hello\n");
+  EXPECT_EQ(r.status, 3);
+  EXPECT_EQ(r.output, "hello\noops\n");
+}
+
+TEST(RunCommand, MovesLargeInputAndOutputWithoutStalling) {
+  // More than a pipe holds both ways: writing all input before reading output would deadlock.
+  std::string big(1 << 20, 'x');
+  for (std::size_t i = 0; i < big.size(); i += 4096) big[i] = static_cast<char>('a' + i % 26);
+  auto r = runCommand({"cat"}, big);
+  EXPECT_EQ(r.status, 0);
+  EXPECT_EQ(r.output, big);
+}
+
+TEST(RunCommand, AChildThatIgnoresItsInputIsNotAnError) {
+  // It exits without reading: no SIGPIPE for us (this process does not ignore it).
+  auto r = runCommand({"true"}, std::string(1 << 20, 'y'));
+  EXPECT_EQ(r.status, 0);
+}
+
+TEST(RunCommand, ReportsWhatCannotStart) {
+  auto r = runCommand({"/nonexistent/dmm-no-such-tool"});
+  EXPECT_EQ(r.status, -1);
+  EXPECT_NE(r.output.find("No such file"), std::string::npos) << r.output;
+  EXPECT_EQ(runCommand({"sh", "-c", "kill -9 $$"}).status, -1);
 }
 
 }  // namespace

@@ -1,0 +1,47 @@
+#include "proxy/frame_io.h"
+
+namespace dmm::proxy {
+
+using stacks::IoResult;
+
+FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
+  for (;;) {
+    if (bytes_.size() < need_) {
+      std::size_t have = bytes_.size();
+      bytes_.resize(need_);
+      auto r = conn.read(std::as_writable_bytes(std::span(bytes_).subspan(have)));
+      bytes_.resize(have + (r.status == IoResult::Status::kOk ? r.bytes : 0));
+      switch (r.status) {
+        case IoResult::Status::kOk:
+          break;
+        case IoResult::Status::kWouldBlock:
+          return Step::kWouldBlock;
+        case IoResult::Status::kEof:
+          return Step::kEof;
+        default:
+          return Step::kError;
+      }
+      if (bytes_.size() < need_) continue;
+    }
+    if (prefix_checked_) return Step::kDone;
+    handshake::Prefix prefix{};
+    prefix_error_ = handshake::parsePrefix(
+        std::span<const std::uint8_t, handshake::kPrefixSize>(bytes_.data(), handshake::kPrefixSize),
+        type_, max_body_, prefix);
+    if (prefix_error_ != handshake::PrefixError::kNone) return Step::kBadPrefix;
+    prefix_checked_ = true;
+    need_ = handshake::kPrefixSize + prefix.body_length;
+  }
+}
+
+FrameWriter::Step FrameWriter::write(stacks::StackConnection& conn) {
+  while (done_ < bytes_.size()) {
+    auto r = conn.write(std::as_bytes(std::span(bytes_).subspan(done_)));
+    if (r.status == IoResult::Status::kWouldBlock) return Step::kWouldBlock;
+    if (r.status != IoResult::Status::kOk) return Step::kError;
+    done_ += r.bytes;
+  }
+  return Step::kDone;
+}
+
+}  // namespace dmm::proxy

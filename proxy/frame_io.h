@@ -1,0 +1,63 @@
+#pragma once
+// Moving one handshake frame over a non-blocking connection, for both session kinds (HELLO and
+// REPLY each way); what to do with each outcome is the session's.
+//
+// FrameReader reads exactly one frame: the 12-byte prefix, then the body the prefix announces,
+// and not one byte more, because what follows belongs to the session.
+// FrameWriter writes one encoded frame, across as many writable edges as it takes.
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "proxy/handshake_codec.h"
+#include "stacks/stack.h"
+
+namespace dmm::proxy {
+
+class FrameReader {
+ public:
+  enum class Step {
+    kWouldBlock,  // nothing more now; call again on the next readable edge
+    kEof,         // the peer ended the stream before the frame was whole
+    kError,       // a read failed (reset, ...)
+    kBadPrefix,   // the prefix is wrong: see prefixError(); the body was not read
+    kDone,        // frame() holds the whole frame
+  };
+
+  FrameReader(handshake::MessageType type, std::size_t max_body) : type_(type), max_body_(max_body) {}
+
+  // Reads what is available, up to the end of the frame.
+  Step read(stacks::StackConnection& conn);
+
+  handshake::PrefixError prefixError() const { return prefix_error_; }
+  const std::vector<std::uint8_t>& frame() const { return bytes_; }
+  bool empty() const { return bytes_.empty(); }
+
+ private:
+  handshake::MessageType type_;
+  std::size_t max_body_;
+  std::vector<std::uint8_t> bytes_;
+  std::size_t need_ = handshake::kPrefixSize;
+  bool prefix_checked_ = false;
+  handshake::PrefixError prefix_error_ = handshake::PrefixError::kNone;
+};
+
+class FrameWriter {
+ public:
+  enum class Step { kWouldBlock, kError, kDone };
+
+  // Starts writing `frame` (replacing anything not yet written).
+  void set(std::vector<std::uint8_t> frame) {
+    bytes_ = std::move(frame);
+    done_ = 0;
+  }
+  // Writes what the connection takes now.
+  Step write(stacks::StackConnection& conn);
+
+ private:
+  std::vector<std::uint8_t> bytes_;
+  std::size_t done_ = 0;
+};
+
+}  // namespace dmm::proxy
