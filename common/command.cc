@@ -43,7 +43,8 @@ CommandResult runCommand(const std::vector<std::string>& argv, const std::string
   posix_spawn_file_actions_adddup2(&actions, out_write.get(), 2);
   std::vector<char*> args;
   args.reserve(argv.size() + 1);
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  for (const auto& a : argv)
+    args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   pid_t pid = -1;
   int rc = ::posix_spawnp(&pid, args[0], &actions, nullptr, args.data(), environ);
@@ -71,7 +72,7 @@ CommandResult runCommand(const std::vector<std::string>& argv, const std::string
                          MSG_NOSIGNAL | MSG_DONTWAIT);
       if (w > 0) written += static_cast<std::size_t>(w);
       if (w < 0 && errno != EAGAIN && errno != EINTR) in_write.reset();  // the child is gone
-      if (written == input.size()) in_write.reset();  // EOF on its stdin
+      if (written == input.size()) in_write.reset();                     // EOF on its stdin
     }
     if ((fds[0].revents & (POLLIN | POLLERR | POLLHUP)) != 0) {
       ssize_t r = ::read(out_read.get(), buf, sizeof buf);

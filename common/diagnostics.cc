@@ -35,7 +35,8 @@ std::vector<Diagnostic> Diagnostics::sorted() const {
 
 std::string Diagnostics::formatAll() const {
   std::string out;
-  for (const auto& d : sorted()) out += d.format() + "\n";
+  for (const auto& d : sorted())
+    out += d.format() + "\n";
   return out;
 }
 

@@ -20,7 +20,8 @@ std::optional<Millis> parseDuration(std::string_view text) {
     }
     if (digits == 0) return std::nullopt;
     std::size_t unit_start = i;
-    while (i < text.size() && std::isalpha(static_cast<unsigned char>(text[i]))) ++i;
+    while (i < text.size() && std::isalpha(static_cast<unsigned char>(text[i])))
+      ++i;
     std::string_view unit = text.substr(unit_start, i - unit_start);
     std::int64_t scale = 0;
     if (unit == "ms") {

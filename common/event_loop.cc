@@ -38,7 +38,9 @@ EventPtr EventLoop::newEvent(evutil_socket_t fd, short what, event_callback_fn c
   return ev;
 }
 
-void EventLoop::run() { event_base_dispatch(base_.get()); }
+void EventLoop::run() {
+  event_base_dispatch(base_.get());
+}
 
 void EventLoop::exit() {
   post([this] { event_base_loopbreak(base_.get()); });
@@ -62,7 +64,8 @@ void EventLoop::onWake(evutil_socket_t fd, short, void* arg) {
     std::lock_guard lock(self->mutex_);
     work.swap(self->posted_);
   }
-  for (auto& fn : work) fn();
+  for (auto& fn : work)
+    fn();
 }
 
 void EventLoop::deferDelete(std::unique_ptr<Deferrable> obj) {

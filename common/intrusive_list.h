@@ -40,7 +40,8 @@ class IntrusiveList {
   IntrusiveList(const IntrusiveList&) = delete;
   IntrusiveList& operator=(const IntrusiveList&) = delete;
   ~IntrusiveList() {
-    while (!empty()) remove(*front());
+    while (!empty())
+      remove(*front());
     head_.prev_ = head_.next_ = nullptr;
   }
 
@@ -58,7 +59,8 @@ class IntrusiveList {
   static void remove(T& item) { static_cast<Hook&>(item).unlinkFromList(); }
   std::size_t size() const {
     std::size_t n = 0;
-    for (const Hook* h = head_.next_; h != &head_; h = h->next_) ++n;
+    for (const Hook* h = head_.next_; h != &head_; h = h->next_)
+      ++n;
     return n;
   }
 

@@ -15,8 +15,7 @@ class PriorityFlag : public spdlog::custom_flag_formatter {
  public:
   void format(const spdlog::details::log_msg& msg, const std::tm&,
               spdlog::memory_buf_t& dest) override {
-    static constexpr std::string_view kPrefix[] = {"<7>", "<7>", "<6>", "<4>",
-                                                   "<3>", "<2>", "<6>"};
+    static constexpr std::string_view kPrefix[] = {"<7>", "<7>", "<6>", "<4>", "<3>", "<2>", "<6>"};
     auto index = static_cast<std::size_t>(msg.level);
     auto prefix = index < std::size(kPrefix) ? kPrefix[index] : kPrefix[2];
     dest.append(prefix.data(), prefix.data() + prefix.size());
@@ -46,7 +45,9 @@ void init(Format format, spdlog::level::level_enum level) {
   spdlog::set_default_logger(std::move(logger));
 }
 
-void setLevel(spdlog::level::level_enum level) { spdlog::set_level(level); }
+void setLevel(spdlog::level::level_enum level) {
+  spdlog::set_level(level);
+}
 
 std::optional<spdlog::level::level_enum> parseLevel(std::string_view text) {
   using spdlog::level::level_enum;

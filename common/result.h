@@ -9,7 +9,7 @@
 namespace dmm {
 
 struct Error {
-  int code = 0;            // errno value, or 0 when the reason alone says it
+  int code = 0;             // errno value, or 0 when the reason alone says it
   const char* reason = "";  // static string, lowercase_with_underscores
 };
 

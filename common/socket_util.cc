@@ -28,8 +28,7 @@ Result<UniqueFd> listenTcp(const SocketAddress& addr, const ListenOptions& optio
       return s.error();
   }
   if (addr.family() == AF_INET6) {
-    if (auto s = setInt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, options.v6_only ? 1 : 0, "v6only");
-        !s)
+    if (auto s = setInt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, options.v6_only ? 1 : 0, "v6only"); !s)
       return s.error();
   }
   sockaddr_storage ss{};

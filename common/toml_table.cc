@@ -141,7 +141,9 @@ const toml::value* TomlTable::find(std::string_view key) {
   return it == t.end() ? nullptr : &it->second;
 }
 
-const toml::value* TomlTable::getRaw(std::string_view key) { return find(key); }
+const toml::value* TomlTable::getRaw(std::string_view key) {
+  return find(key);
+}
 
 void TomlTable::typeError(std::string_view key, std::string_view expected) {
   const toml::value* v = find(key);
@@ -209,7 +211,8 @@ std::optional<SocketAddress> TomlTable::getSocketAddress(std::string_view key,
   auto text = getString(key);
   if (!text) return std::nullopt;
   auto addr = SocketAddress::parse(*text, allow_zero_port);
-  if (!addr) error(key, "\"" + *text + "\" is not an address such as \"10.0.0.1:80\" or \"[::1]:80\"");
+  if (!addr)
+    error(key, "\"" + *text + "\" is not an address such as \"10.0.0.1:80\" or \"[::1]:80\"");
   return addr;
 }
 

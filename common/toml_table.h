@@ -43,8 +43,9 @@ class TomlTable {
   // A string or an array of strings, each checked by `parse`, which reports nothing itself:
   // returning nullopt makes the element an error described by `what` ("a CIDR such as ...").
   template <class T>
-  std::optional<std::vector<T>> getList(std::string_view key, std::string_view what,
-                                        const std::function<std::optional<T>(std::string_view)>& parse);
+  std::optional<std::vector<T>> getList(
+      std::string_view key, std::string_view what,
+      const std::function<std::optional<T>(std::string_view)>& parse);
   // A sub-table (nullptr when absent or not a table).
   const toml::value* getTable(std::string_view key);
   // An array of tables (empty when absent).
@@ -85,7 +86,8 @@ std::optional<std::vector<T>> TomlTable::getList(
   if (v->is_string()) {
     elements.push_back(v);
   } else if (v->is_array()) {
-    for (const auto& e : v->as_array()) elements.push_back(&e);
+    for (const auto& e : v->as_array())
+      elements.push_back(&e);
   } else {
     typeError(key, "a string or an array of strings");
     return std::nullopt;

@@ -17,9 +17,11 @@ constexpr int kIp6tSoOriginalDst = 80;
 
 std::string describe(const std::vector<std::string>& argv, const CommandResult& r) {
   std::string cmd;
-  for (const auto& a : argv) cmd += (cmd.empty() ? "" : " ") + a;
+  for (const auto& a : argv)
+    cmd += (cmd.empty() ? "" : " ") + a;
   std::string out = r.output;
-  while (!out.empty() && out.back() == '\n') out.pop_back();
+  while (!out.empty() && out.back() == '\n')
+    out.pop_back();
   return "`" + cmd + "` failed (exit " + std::to_string(r.status) + "): " + out;
 }
 
@@ -46,9 +48,8 @@ std::string tool(int family, bool restore) {
 std::optional<SocketAddress> originalDestination(int fd, int family) {
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
-  int rc = family == AF_INET6
-               ? ::getsockopt(fd, SOL_IPV6, kIp6tSoOriginalDst, &ss, &len)
-               : ::getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &ss, &len);
+  int rc = family == AF_INET6 ? ::getsockopt(fd, SOL_IPV6, kIp6tSoOriginalDst, &ss, &len)
+                              : ::getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &ss, &len);
   if (rc != 0) return std::nullopt;
   return SocketAddress::fromSockaddr(reinterpret_cast<sockaddr*>(&ss), len);
 }
@@ -59,8 +60,7 @@ std::string captureRuleset(const Config& c, int family) {
   const std::string chain = c.capture_chain;
   r << "*nat\n";
   r << ":" << chain << " - [0:0]\n";  // declares, and with --noflush empties, the chain
-  r << "-A " << chain << " -m mark --mark 0x" << std::hex << c.mark << std::dec
-    << " -j RETURN\n";
+  r << "-A " << chain << " -m mark --mark 0x" << std::hex << c.mark << std::dec << " -j RETURN\n";
   r << "-A " << chain << " -m addrtype --dst-type LOCAL -j RETURN\n";
   for (const auto& cidr : c.capture_exclude) {
     if (cidr.family() == family) r << "-A " << chain << " -d " << cidr.toString() << " -j RETURN\n";
@@ -98,11 +98,12 @@ std::string installCaptureRules(const Config& c) {
     std::vector<std::string> restore{tool(family, true), "-w", "--noflush"};
     auto r = runCommand(restore, captureRuleset(c, family));
     if (r.status != 0) return describe(restore, r);
-    std::vector<std::string> check{tool(family, false), "-w", "-t", "nat", "-C", "OUTPUT",
-                                   "-p", "tcp", "-j", c.capture_chain};
+    std::vector<std::string> check{
+        tool(family, false), "-w", "-t", "nat", "-C", "OUTPUT", "-p", "tcp", "-j", c.capture_chain};
     if (runCommand(check).status != 0) {
-      std::vector<std::string> add{tool(family, false), "-w", "-t", "nat", "-A", "OUTPUT",
-                                   "-p", "tcp", "-j", c.capture_chain};
+      std::vector<std::string> add{
+          tool(family, false), "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j",
+          c.capture_chain};
       auto a = runCommand(add);
       if (a.status != 0) return describe(add, a);
     }
@@ -116,8 +117,8 @@ std::string removeCaptureRules(const Config& c) {
   // host without ip6tables can still remove its IPv4 rules.
   for (int family : {AF_INET, AF_INET6}) {
     const bool required = family == AF_INET || c.capture_ipv6;
-    std::vector<std::string> del{tool(family, false), "-w", "-t", "nat", "-D", "OUTPUT",
-                                 "-p", "tcp", "-j", c.capture_chain};
+    std::vector<std::string> del{
+        tool(family, false), "-w", "-t", "nat", "-D", "OUTPUT", "-p", "tcp", "-j", c.capture_chain};
     // Every copy of the jump (a hand-made or older install may have added several); the bound
     // only guards against a tool that keeps succeeding.
     for (int i = 0; i < 1024 && runCommand(del).status == 0; ++i) {

@@ -20,7 +20,9 @@ constexpr std::uint16_t kDefaultTunnelPort = 17002;
 constexpr std::uint16_t kDefaultMetricsPort = 17090;
 constexpr std::size_t kMinKeyBytes = 16;
 
-SocketAddress addr(const char* text) { return *SocketAddress::parse(text); }
+SocketAddress addr(const char* text) {
+  return *SocketAddress::parse(text);
+}
 
 const std::function<std::optional<Cidr>(std::string_view)> kParseCidr = [](std::string_view s) {
   return Cidr::parse(s);
@@ -41,7 +43,8 @@ bool validName(const std::string& name) {
 }
 
 std::string trimRight(std::string s) {
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
+  while (!s.empty() &&
+         (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
     s.pop_back();
   return s;
 }
@@ -57,7 +60,8 @@ void loadLog(TomlTable t, Config& c) {
     if (auto level = log::parseLevel(*v)) {
       c.log_level = *level;
     } else {
-      t.error("level", "\"" + *v + "\" is not one of trace, debug, info, warning, error, critical, off");
+      t.error("level",
+              "\"" + *v + "\" is not one of trace, debug, info, warning, error, critical, off");
     }
   }
   if (auto v = t.getString("format")) {
@@ -81,8 +85,8 @@ void loadCapture(TomlTable t, Config& c) {
     c.capture_include = *v;
   if (auto v = t.getList<Cidr>("exclude", "a CIDR such as \"10.0.0.0/8\"", kParseCidr))
     c.capture_exclude = *v;
-  if (auto v = t.getList<PortRange>("exclude_ports", "a port or range such as \"22\" or \"8000-8080\"",
-                                    kParsePorts))
+  if (auto v = t.getList<PortRange>("exclude_ports",
+                                    "a port or range such as \"22\" or \"8000-8080\"", kParsePorts))
     c.capture_exclude_ports = *v;
   if (auto v = t.getBool("ipv6")) c.capture_ipv6 = *v;
   if (auto v = t.getString("chain")) {
@@ -141,8 +145,8 @@ void loadInbound(TomlTable t, Config& c) {
       e.requireKey("cidr");
       ok = false;
     }
-    if (auto ports = e.getList<PortRange>("ports", "a port or range such as \"80\" or \"8000-8080\"",
-                                          kParsePorts)) {
+    if (auto ports = e.getList<PortRange>(
+            "ports", "a port or range such as \"80\" or \"8000-8080\"", kParsePorts)) {
       allow.ports = *ports;
     }
     e.rejectUnknown();
@@ -170,8 +174,10 @@ void loadTimeouts(TomlTable t, Config& c) {
 }
 
 void loadRelay(TomlTable t, Config& c) {
-  if (auto v = t.getInt("buffer_size", 4096, 16 << 20)) c.buffer_size = static_cast<std::uint32_t>(*v);
-  if (auto v = t.getInt("low_watermark", 0, 16 << 20)) c.low_watermark = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getInt("buffer_size", 4096, 16 << 20))
+    c.buffer_size = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getInt("low_watermark", 0, 16 << 20))
+    c.low_watermark = static_cast<std::uint32_t>(*v);
   if (c.low_watermark >= c.buffer_size) {
     t.error("low_watermark", "must be below buffer_size (" + std::to_string(c.buffer_size) + ")");
   }
@@ -256,7 +262,8 @@ void loadStacks(TomlTable& root, const stacks::StackRegistry& registry, Config& 
       factory = registry.find(*kind);
       if (factory == nullptr) {
         std::string known;
-        for (const auto& k : registry.kinds()) known += (known.empty() ? "" : ", ") + k;
+        for (const auto& k : registry.kinds())
+          known += (known.empty() ? "" : ", ") + k;
         t.error("kind", "unknown stack kind \"" + *kind + "\" (this build has: " + known + ")");
       }
     }
@@ -273,7 +280,8 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
   c.path = path;
   TomlTable root(doc, "the top level", diags);
   auto section = [&](const char* key, void (*load)(TomlTable, Config&)) {
-    if (const toml::value* t = root.getTable(key)) load(TomlTable(*t, std::string("[") + key + "]", diags), c);
+    if (const toml::value* t = root.getTable(key))
+      load(TomlTable(*t, std::string("[") + key + "]", diags), c);
   };
   section("sidecar", loadSidecar);
   section("log", loadLog);
@@ -290,7 +298,8 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
 
   if (c.capture_listen.empty()) {
     c.capture_listen = {SocketAddress(*IpAddress::parse("127.0.0.1"), kDefaultCapturePort)};
-    if (c.capture_ipv6) c.capture_listen.emplace_back(*IpAddress::parse("::1"), kDefaultCapturePort);
+    if (c.capture_ipv6)
+      c.capture_listen.emplace_back(*IpAddress::parse("::1"), kDefaultCapturePort);
   }
   if (c.tunnel_listen.empty()) {
     c.tunnel_listen = {SocketAddress(*IpAddress::parse("0.0.0.0"), kDefaultTunnelPort),
@@ -314,8 +323,9 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
     }
   }
   if (c.capture_enabled && c.mark == 0) {
-    diags.error({path, 1, 1}, "[sidecar] mark must not be 0 while capture is enabled: the capture "
-                              "rules skip the sidecar's own connections by this mark");
+    diags.error({path, 1, 1},
+                "[sidecar] mark must not be 0 while capture is enabled: the capture "
+                "rules skip the sidecar's own connections by this mark");
   }
   if (!c.capture_enabled && !c.tunnel_enabled) {
     diags.warning({path, 1, 1}, "both [capture] and [tunnel] are disabled: nothing to serve");

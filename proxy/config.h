@@ -37,8 +37,8 @@ struct Config {
   std::string path;
 
   // [sidecar]
-  unsigned workers = 0;          // 0: one per online CPU
-  std::uint32_t mark = 0x444d;   // SO_MARK on every socket the sidecar opens
+  unsigned workers = 0;         // 0: one per online CPU
+  std::uint32_t mark = 0x444d;  // SO_MARK on every socket the sidecar opens
 
   // [log]
   spdlog::level::level_enum log_level = spdlog::level::info;

@@ -25,9 +25,9 @@ FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
     }
     if (prefix_checked_) return Step::kDone;
     handshake::Prefix prefix{};
-    prefix_error_ = handshake::parsePrefix(
-        std::span<const std::uint8_t, handshake::kPrefixSize>(bytes_.data(), handshake::kPrefixSize),
-        type_, max_body_, prefix);
+    prefix_error_ = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
+                                               bytes_.data(), handshake::kPrefixSize),
+                                           type_, max_body_, prefix);
     if (prefix_error_ != handshake::PrefixError::kNone) return Step::kBadPrefix;
     prefix_checked_ = true;
     need_ = handshake::kPrefixSize + prefix.body_length;

@@ -25,7 +25,8 @@ class FrameReader {
     kDone,        // frame() holds the whole frame
   };
 
-  FrameReader(handshake::MessageType type, std::size_t max_body) : type_(type), max_body_(max_body) {}
+  FrameReader(handshake::MessageType type, std::size_t max_body)
+      : type_(type), max_body_(max_body) {}
 
   // Reads what is available, up to the end of the frame.
   Step read(stacks::StackConnection& conn);

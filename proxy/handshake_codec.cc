@@ -147,7 +147,8 @@ bool splitTlvs(std::span<const std::uint8_t> frame, const std::uint16_t* known,
       mac = value;
     } else {
       bool is_known = false;
-      for (std::size_t i = 0; i < known_count; ++i) is_known = is_known || known[i] == type;
+      for (std::size_t i = 0; i < known_count; ++i)
+        is_known = is_known || known[i] == type;
       if (is_known) {
         out.push_back({type, value});
       } else if ((type & kCritical) != 0) {
@@ -318,8 +319,8 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
     result.error = e;
     return result;
   }
-  static constexpr std::uint16_t kKnown[] = {kTlvNonce, kTlvTimestamp, kTlvOriginalDst,
-                                             kTlvStackOffer, kTlvQos, kTlvKeyId,
+  static constexpr std::uint16_t kKnown[] = {kTlvNonce,       kTlvTimestamp, kTlvOriginalDst,
+                                             kTlvStackOffer,  kTlvQos,       kTlvKeyId,
                                              kTlvConnectionId};
   std::vector<TlvView> tlvs;
   tlvs.reserve(8);
@@ -355,8 +356,8 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
         ok = once(dst, t, 0) && (t.value.size() == 7 || t.value.size() == 19);
         break;
       case kTlvStackOffer:
-        ok = ++offers <= kMaxOffers && t.value.size() >= 2 &&
-             t.value.size() >= 2u + t.value[1] && t.value.size() - 2u - t.value[1] <= kMaxParamsSize;
+        ok = ++offers <= kMaxOffers && t.value.size() >= 2 && t.value.size() >= 2u + t.value[1] &&
+             t.value.size() - 2u - t.value[1] <= kMaxParamsSize;
         break;
       case kTlvQos:
         ok = once(qos, t, 1);
@@ -397,7 +398,8 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
   h.timestamp_ms = be64(timestamp->value.data());
   const std::uint8_t* d = dst->value.data();
   std::uint16_t port = be16(d + 1);
-  if (port == 0 || !((d[0] == 4 && dst->value.size() == 7) || (d[0] == 6 && dst->value.size() == 19))) {
+  if (port == 0 ||
+      !((d[0] == 4 && dst->value.size() == 7) || (d[0] == 6 && dst->value.size() == 19))) {
     result.error = RejectReason::kMalformed;
     return result;
   }

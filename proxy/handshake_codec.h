@@ -53,14 +53,14 @@ enum class RejectReason : std::uint16_t {
 const char* reasonName(RejectReason r);
 
 std::optional<StackKind> stackKindFromName(std::string_view kind);  // "kernel" -> kKernel
-const char* stackKindName(StackKind k);                            // "unknown" for others
+const char* stackKindName(StackKind k);                             // "unknown" for others
 
 using Nonce = std::array<std::uint8_t, kNonceSize>;
 using Token = std::array<std::uint8_t, kTokenSize>;
 
 struct StackOffer {
   StackKind kind = StackKind::kKernel;
-  std::string name;                 // the initiator's instance name
+  std::string name;                  // the initiator's instance name
   std::vector<std::uint8_t> params;  // opaque connect parameters of that kind
 };
 

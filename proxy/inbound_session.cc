@@ -22,8 +22,7 @@ void InboundSession::start(Worker& worker, UniqueFd control) {
 }
 
 InboundSession::InboundSession(Worker& worker, UniqueFd control)
-    : Session(worker),
-      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
+    : Session(worker), reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
   // Registering the socket reports bytes that already arrived as a first readable edge.
   control_ = std::make_unique<KernelConnection>(worker.loop(), std::move(control), *this, false);
 }
@@ -230,8 +229,8 @@ void InboundSession::startRelay() {
     return;
   }
   (void)net::setNoDelay(server_->fd(), true);  // see OutboundSession::startRelay
-  worker_.metrics().handshakeDone(
-      Role::kInbound, std::chrono::duration<double>(Clock::now() - started_).count());
+  worker_.metrics().handshakeDone(Role::kInbound,
+                                  std::chrono::duration<double>(Clock::now() - started_).count());
   Relay::Info info;
   info.id = id_;
   info.peer_id = hello_.connection_id;
@@ -256,9 +255,9 @@ void InboundSession::drop(RejectionLabel label, bool count) {
 }
 
 void InboundSession::shutdown() {
-  worker_.metrics().connectionFailed(
-      Role::kInbound, stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
-      Outcome::kShutdown);
+  worker_.metrics().connectionFailed(Role::kInbound,
+                                     stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
+                                     Outcome::kShutdown);
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
   end();

@@ -22,8 +22,10 @@ void LocalAddresses::reload() {
   if (getifaddrs(&list) != 0) return;
   for (ifaddrs* it = list; it != nullptr; it = it->ifa_next) {
     if (it->ifa_addr == nullptr) continue;
-    socklen_t len = it->ifa_addr->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
-    if (auto addr = SocketAddress::fromSockaddr(it->ifa_addr, len)) addresses_.push_back(addr->ip());
+    socklen_t len =
+        it->ifa_addr->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+    if (auto addr = SocketAddress::fromSockaddr(it->ifa_addr, len))
+      addresses_.push_back(addr->ip());
   }
   freeifaddrs(list);
 }

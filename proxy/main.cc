@@ -57,8 +57,8 @@ void onHangup(evutil_socket_t, short, void* arg) {
   dmm::Diagnostics diags;
   auto config = dmm::proxy::loadConfig(ctx->config_path, *ctx->registry, diags);
   if (!config) {
-    spdlog::error("reload: {} is invalid, keeping the running configuration:\n{}",
-                  ctx->config_path, diags.formatAll());
+    spdlog::error("reload: {} is invalid, keeping the running configuration:\n{}", ctx->config_path,
+                  diags.formatAll());
     return;
   }
   dmm::log::setLevel(config->log_level);
@@ -77,7 +77,8 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
   dmm::EventPtr sigterm(evsignal_new(main_loop.base(), SIGTERM, onStopSignal, &sctx));
   dmm::EventPtr sigint(evsignal_new(main_loop.base(), SIGINT, onStopSignal, &sctx));
   dmm::EventPtr sighup(evsignal_new(main_loop.base(), SIGHUP, onHangup, &sctx));
-  for (auto* ev : {sigterm.get(), sigint.get(), sighup.get()}) evsignal_add(ev, nullptr);
+  for (auto* ev : {sigterm.get(), sigint.get(), sighup.get()})
+    evsignal_add(ev, nullptr);
 
   dmm::proxy::Sidecar sidecar(std::move(config), registry);
   if (auto err = sidecar.start(main_loop); !err.empty()) {
@@ -93,16 +94,17 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"dmm-sidecar: carries captured TCP connections to the peer host's sidecar over "
-               "the stack its policy picks"};
+  CLI::App app{
+      "dmm-sidecar: carries captured TCP connections to the peer host's sidecar over "
+      "the stack its policy picks"};
   std::string config_path = "/etc/dmm-sidecar/sidecar.toml";
   std::string mode = "serve";
   app.add_option("-c,--config", config_path, "configuration file")->capture_default_str();
   app.add_option("--mode", mode, "serve, or validate: check the configuration and exit")
       ->check(CLI::IsMember({"serve", "validate"}))
       ->capture_default_str();
-  app.set_version_flag("--version", std::string("dmm-sidecar ") + DMM_VERSION + " (" +
-                                        DMM_GIT_COMMIT + ")");
+  app.set_version_flag("--version",
+                       std::string("dmm-sidecar ") + DMM_VERSION + " (" + DMM_GIT_COMMIT + ")");
 
   auto* capture = app.add_subcommand("capture", "install or remove the iptables capture rules");
   std::string action;

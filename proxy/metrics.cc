@@ -116,8 +116,9 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                           .Register(*registry_);
   auto& bytes = BuildCounter()
                     .Name("dmm_sidecar_relay_bytes_total")
-                    .Help("Bytes relayed, by role, carrying stack and direction "
-                          "(upstream: client to server).")
+                    .Help(
+                        "Bytes relayed, by role, carrying stack and direction "
+                        "(upstream: client to server).")
                     .Register(*registry_);
   for (std::size_t r = 0; r < kRoles; ++r) {
     const char* role = roleName(static_cast<Role>(r));
@@ -139,16 +140,18 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                      .Register(*registry_);
   auto& handshake = BuildHistogram()
                         .Name("dmm_sidecar_handshake_duration_seconds")
-                        .Help("Time from accepting a connection to the start of its relay "
-                              "(outbound: includes the onward connect; inbound: includes "
-                              "delivering to the local server).")
+                        .Help(
+                            "Time from accepting a connection to the start of its relay "
+                            "(outbound: includes the onward connect; inbound: includes "
+                            "delivering to the local server).")
                         .Register(*registry_);
   const prometheus::Histogram::BucketBoundaries buckets = {
       0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
   auto& rejections = BuildCounter()
                          .Name("dmm_sidecar_handshake_rejections_total")
-                         .Help("Handshakes rejected: inbound ones this sidecar refused, outbound "
-                               "ones a peer refused, by reason.")
+                         .Help(
+                             "Handshakes rejected: inbound ones this sidecar refused, outbound "
+                             "ones a peer refused, by reason.")
                          .Register(*registry_);
   for (std::size_t r = 0; r < kRoles; ++r) {
     const char* role = roleName(static_cast<Role>(r));
@@ -162,16 +165,18 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
 
   auto& pauses = BuildCounter()
                      .Name("dmm_sidecar_relay_pauses_total")
-                     .Help("Times a relay direction stopped reading because its buffer reached "
-                           "the high watermark.")
+                     .Help(
+                         "Times a relay direction stopped reading because its buffer reached "
+                         "the high watermark.")
                      .Register(*registry_);
   pauses_[0] = &pauses.Add({{"direction", "upstream"}});
   pauses_[1] = &pauses.Add({{"direction", "downstream"}});
 
   auto& fallbacks = BuildCounter()
                         .Name("dmm_sidecar_fallbacks_total")
-                        .Help("Captured connections that could not use the peer sidecar, by "
-                              "reason and what was done (direct connection or refusal).")
+                        .Help(
+                            "Captured connections that could not use the peer sidecar, by "
+                            "reason and what was done (direct connection or refusal).")
                         .Register(*registry_);
   for (std::size_t r = 0; r < static_cast<std::size_t>(FallbackReason::kCount); ++r) {
     const char* reason = fallbackReasonName(static_cast<FallbackReason>(r));

@@ -173,7 +173,8 @@ void OutboundSession::readReply() {
     case FrameReader::Step::kDone:
       break;
   }
-  auto result = handshake::decodeReply(reader_.frame(), config.psk, nonce_, config.max_header_bytes);
+  auto result =
+      handshake::decodeReply(reader_.frame(), config.psk, nonce_, config.max_header_bytes);
   if (result.error == handshake::RejectReason::kAuthFailed) {
     // The peer could not prove it holds our key (or says we could not): never fall back
     // around an authentication failure, or anyone could force the downgrade.
@@ -233,11 +234,10 @@ void OutboundSession::fallBack(FallbackReason reason, bool no_sidecar) {
   if (no_sidecar) {
     ctx.peers.markNoSidecar(destination_.ip(), config.no_sidecar_ttl, Clock::now());
     // Logged once per peer per no_sidecar_ttl: later connections hit the cache quietly.
-    spdlog::warn("no usable sidecar at {} ({}); {} for {}", peer_.toString(),
-                 fallbackReasonName(reason),
-                 config.fallback == FallbackMode::kDirect ? "connecting directly"
-                                                          : "refusing connections",
-                 formatDuration(config.no_sidecar_ttl));
+    spdlog::warn(
+        "no usable sidecar at {} ({}); {} for {}", peer_.toString(), fallbackReasonName(reason),
+        config.fallback == FallbackMode::kDirect ? "connecting directly" : "refusing connections",
+        formatDuration(config.no_sidecar_ttl));
   }
   bool direct = config.fallback == FallbackMode::kDirect;
   worker_.metrics().fallback(reason, direct);
@@ -270,8 +270,8 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   if (stack == worker_.metrics().directStack()) (void)net::setNoDelay(upstream->fd(), true);
   if (stack != worker_.metrics().directStack()) {
     // Only connections the peer sidecar carries had a handshake to time.
-    worker_.metrics().handshakeDone(
-        Role::kOutbound, std::chrono::duration<double>(Clock::now() - started_).count());
+    worker_.metrics().handshakeDone(Role::kOutbound,
+                                    std::chrono::duration<double>(Clock::now() - started_).count());
   }
   Relay::Info info;
   info.id = id_;
@@ -290,8 +290,8 @@ void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why
   // the refusal it would have seen.
   if (client_) client_->close(CloseType::kAbort);
   retireUpstream();
-  spdlog::info("conn {:x} role=outbound dst={} end={} reason=\"{}\"", id_,
-               destination_.toString(), outcomeName(outcome), why);
+  spdlog::info("conn {:x} role=outbound dst={} end={} reason=\"{}\"", id_, destination_.toString(),
+               outcomeName(outcome), why);
   end();
 }
 
@@ -313,8 +313,7 @@ void OutboundSession::onTimeout() {
       fallBack(FallbackReason::kPeerTimeout, true);
       break;
     case State::kConnectingDirect:
-      refuse(Outcome::kConnectFailed, worker_.metrics().directStack(),
-                   "connect timed out");
+      refuse(Outcome::kConnectFailed, worker_.metrics().directStack(), "connect timed out");
       break;
   }
 }

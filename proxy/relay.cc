@@ -19,7 +19,9 @@ using Status = stacks::IoResult::Status;
 
 namespace {
 
-Relay::Clock::time_point nowTime() { return Relay::Clock::now(); }
+Relay::Clock::time_point nowTime() {
+  return Relay::Clock::now();
+}
 
 }  // namespace
 
@@ -36,8 +38,7 @@ void Relay::start(Worker& worker, const Info& info,
   relay->settle();
 }
 
-Relay::Relay(Worker& worker, const Info& info,
-             std::unique_ptr<stacks::StackConnection> downstream,
+Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConnection> downstream,
              std::unique_ptr<stacks::StackConnection> upstream)
     : worker_(worker),
       info_(info),
@@ -52,11 +53,13 @@ Relay::Relay(Worker& worker, const Info& info,
   flows_[0].dst = upstream_.get();
   flows_[1].src = upstream_.get();
   flows_[1].dst = downstream_.get();
-  for (auto& f : flows_) f.splice = splice;
+  for (auto& f : flows_)
+    f.splice = splice;
 }
 
 Relay::~Relay() {
-  for (auto& f : flows_) releaseSpace(f);
+  for (auto& f : flows_)
+    releaseSpace(f);
 }
 
 void Relay::onReadable(stacks::StackConnection& conn) {
@@ -147,8 +150,7 @@ Relay::Step Relay::spliceOut(Flow& f) {
 bool Relay::pump(Flow& f) {
   if (finished_) return false;
   const auto& config = worker_.config();
-  const std::size_t high =
-      f.splice ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
+  const std::size_t high = f.splice ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
   const std::size_t low = config.low_watermark;
   std::size_t moved = 0;
   for (;;) {
@@ -218,7 +220,9 @@ bool Relay::pump(Flow& f) {
   }
   if (moved > 0) {
     f.bytes += moved;
-    worker_.metrics().bytes(info_.role, info_.stack, direction(f)).Increment(static_cast<double>(moved));
+    worker_.metrics()
+        .bytes(info_.role, info_.stack, direction(f))
+        .Increment(static_cast<double>(moved));
     last_active_ = nowTime();
     worker_.relayActive(*this);
   }
@@ -258,7 +262,9 @@ void Relay::expire(Outcome why) {
   finish(why, undelivered ? CloseType::kAbort : CloseType::kGraceful);
 }
 
-void Relay::shutdown() { finish(Outcome::kShutdown, CloseType::kAbort); }
+void Relay::shutdown() {
+  finish(Outcome::kShutdown, CloseType::kAbort);
+}
 
 void Relay::finish(Outcome outcome, CloseType close, int err) {
   if (finished_) return;
@@ -267,12 +273,12 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
   downstream_->close(close);
   upstream_->close(close);
-  for (auto& f : flows_) releaseSpace(f);
+  for (auto& f : flows_)
+    releaseSpace(f);
   worker_.relayEnded(*this);
   auto duration = std::chrono::duration<double>(nowTime() - info_.started).count();
   const auto& stacks = worker_.context().stacks;
-  const char* stack =
-      info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
+  const char* stack = info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
   // The one line per connection: id, role, carrying stack, bytes each way, duration, cause.
   std::string line =
       fmt::format("conn {:x} role={} stack={} dst={} up={} down={} duration={:.3f}s end={}",

@@ -12,7 +12,9 @@ namespace dmm::proxy {
 Sidecar::Sidecar(Config config, const stacks::StackRegistry& registry)
     : config_(std::move(config)), registry_(registry) {}
 
-Sidecar::~Sidecar() { stop(); }
+Sidecar::~Sidecar() {
+  stop();
+}
 
 std::string Sidecar::start(EventLoop& main_loop) {
   std::vector<std::string> names;
@@ -53,17 +55,21 @@ std::string Sidecar::start(EventLoop& main_loop) {
   sigset_t block;
   sigset_t previous;
   sigemptyset(&block);
-  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGQUIT}) sigaddset(&block, sig);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP, SIGQUIT})
+    sigaddset(&block, sig);
   pthread_sigmask(SIG_BLOCK, &block, &previous);
-  for (auto& w : workers_) w->start();
+  for (auto& w : workers_)
+    w->start();
   pthread_sigmask(SIG_SETMASK, &previous, nullptr);
 
   std::string listeners;
   if (config_.capture_enabled) {
-    for (const auto& a : config_.capture_listen) listeners += " capture=" + a.toString();
+    for (const auto& a : config_.capture_listen)
+      listeners += " capture=" + a.toString();
   }
   if (config_.tunnel_enabled) {
-    for (const auto& a : config_.tunnel_listen) listeners += " tunnel=" + a.toString();
+    for (const auto& a : config_.tunnel_listen)
+      listeners += " tunnel=" + a.toString();
   }
   if (config_.metrics_enabled) listeners += " metrics=" + config_.metrics_listen.toString();
   spdlog::info("dmm-sidecar {} started: {} workers, {} stacks,{}", DMM_VERSION, n, stacks_.size(),
@@ -72,8 +78,10 @@ std::string Sidecar::start(EventLoop& main_loop) {
 }
 
 void Sidecar::stop() {
-  for (auto& w : workers_) w->stop();
-  for (auto& w : workers_) w->join();
+  for (auto& w : workers_)
+    w->stop();
+  for (auto& w : workers_)
+    w->join();
   workers_.clear();
   metrics_server_.reset();
 }

@@ -102,7 +102,8 @@ void PipePool::put(int read_end, int write_end) {
 // ---- BufferPool ------------------------------------------------------------------------------
 
 BufferPool::~BufferPool() {
-  for (auto* b : idle_) delete[] b;
+  for (auto* b : idle_)
+    delete[] b;
 }
 
 std::byte* BufferPool::get() {
@@ -132,8 +133,8 @@ Worker::Worker(SidecarContext& context, unsigned index)
   const auto& c = context.config;
   // Timeouts are checked by a sweep; its period bounds how late one can fire.
   auto shortest = std::min(c.idle_timeout, c.half_closed_timeout);
-  auto period = std::clamp(shortest / 4, std::chrono::milliseconds(100),
-                           std::chrono::milliseconds(1000));
+  auto period =
+      std::clamp(shortest / 4, std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
   tick_ = loop_.newEvent(-1, EV_PERSIST, &Worker::onTick, this);
   auto tv = toTimeval(period);
   event_add(tick_.get(), &tv);
@@ -172,7 +173,8 @@ Result<bool> Worker::bindListeners() {
   }
   if (c.tunnel_enabled) {
     for (const auto& a : c.tunnel_listen) {
-      if (auto r = add(a, Listener::Kind::kTunnel); !r) return Error{r.error().code, "tunnel_listen"};
+      if (auto r = add(a, Listener::Kind::kTunnel); !r)
+        return Error{r.error().code, "tunnel_listen"};
     }
   }
   return true;
@@ -205,9 +207,12 @@ void Worker::join() {
 }
 
 void Worker::shutdownAll() {
-  while (Session* s = sessions_.front()) s->shutdown();
-  while (Relay* r = open_relays_.front()) r->shutdown();
-  while (Relay* r = half_closed_relays_.front()) r->shutdown();
+  while (Session* s = sessions_.front())
+    s->shutdown();
+  while (Relay* r = open_relays_.front())
+    r->shutdown();
+  while (Relay* r = half_closed_relays_.front())
+    r->shutdown();
 }
 
 void Worker::onAccept(evutil_socket_t fd, short, void* arg) {
@@ -251,7 +256,9 @@ void Worker::accepted(Listener& listener, UniqueFd fd) {
   }
 }
 
-void Worker::onTick(evutil_socket_t, short, void* arg) { static_cast<Worker*>(arg)->sweep(); }
+void Worker::onTick(evutil_socket_t, short, void* arg) {
+  static_cast<Worker*>(arg)->sweep();
+}
 
 void Worker::sweep() {
   auto now = Clock::now();
@@ -302,7 +309,9 @@ void Worker::onResume(evutil_socket_t, short, void* arg) {
   }
 }
 
-void Worker::sessionStarted(Session& session) { sessions_.pushBack(session); }
+void Worker::sessionStarted(Session& session) {
+  sessions_.pushBack(session);
+}
 
 void Worker::sessionEnded(Session& session) {
   IntrusiveList<Session, SessionListTag>::remove(session);

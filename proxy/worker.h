@@ -42,8 +42,8 @@ class Session : public Deferrable, public ListHook<SessionListTag> {
   void end();
 
   Worker& worker_;
-  const std::uint64_t id_;              // the connection id on every log line
-  const Clock::time_point started_;     // when the connection was accepted
+  const std::uint64_t id_;           // the connection id on every log line
+  const Clock::time_point started_;  // when the connection was accepted
 
  private:
   static void onTimer(evutil_socket_t fd, short what, void* arg);

@@ -32,7 +32,8 @@ const StackFactory* StackRegistry::find(std::string_view kind) const {
 
 std::vector<std::string> StackRegistry::kinds() const {
   std::vector<std::string> out;
-  for (const auto& f : factories_) out.emplace_back(f->kind());
+  for (const auto& f : factories_)
+    out.emplace_back(f->kind());
   return out;
 }
 

@@ -142,7 +142,7 @@ class StackFactory {
   virtual std::unique_ptr<StackOptions> parseOptions(TomlTable& table) const = 0;
   // Creates an instance; called once per [[stack]] at start-up.
   virtual Result<std::unique_ptr<Stack>> create(std::string name,
-                                                 const StackOptions& options) const = 0;
+                                                const StackOptions& options) const = 0;
 };
 
 // Factories by kind name. Built once at start-up, read-only afterwards.

@@ -57,7 +57,9 @@ IoResult KernelConnection::write(std::span<const std::byte> data) {
   return IoResult::fromErrno(errno);
 }
 
-void KernelConnection::shutdownWrite() { ::shutdown(fd_.get(), SHUT_WR); }
+void KernelConnection::shutdownWrite() {
+  ::shutdown(fd_.get(), SHUT_WR);
+}
 
 void KernelConnection::close(CloseType type) {
   if (!fd_) return;

@@ -40,11 +40,13 @@ Status KernelStack::tune(int fd) const {
   }
   if (options_.send_buffer > 0) {
     int v = static_cast<int>(options_.send_buffer);
-    if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) != 0) return Error{errno, "so_sndbuf"};
+    if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) != 0)
+      return Error{errno, "so_sndbuf"};
   }
   if (options_.receive_buffer > 0) {
     int v = static_cast<int>(options_.receive_buffer);
-    if (::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof v) != 0) return Error{errno, "so_rcvbuf"};
+    if (::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &v, sizeof v) != 0)
+      return Error{errno, "so_rcvbuf"};
   }
   return {};
 }

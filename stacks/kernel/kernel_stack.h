@@ -13,7 +13,7 @@ namespace dmm::stacks::kernel {
 
 struct KernelOptions : StackOptions {
   bool nodelay = true;
-  std::string congestion;      // TCP_CONGESTION, empty: the system default
+  std::string congestion;           // TCP_CONGESTION, empty: the system default
   std::int64_t send_buffer = 0;     // SO_SNDBUF bytes, 0: kernel autotuning
   std::int64_t receive_buffer = 0;  // SO_RCVBUF bytes, 0: kernel autotuning
 };
@@ -27,8 +27,7 @@ class KernelStack final : public Stack {
   std::uint32_t capabilities() const override { return kCanSplice | kIpv6 | kHalfClose; }
   Result<std::unique_ptr<StackConnection>> connect(EventLoop& loop, const ConnectOptions& options,
                                                    ConnectionCallbacks& callbacks) override;
-  Result<std::unique_ptr<StackConnection>> adopt(
-      std::unique_ptr<StackConnection> control) override;
+  Result<std::unique_ptr<StackConnection>> adopt(std::unique_ptr<StackConnection> control) override;
   std::vector<std::uint8_t> advertise() const override { return {}; }
 
   // Applies this instance's socket options to `fd`.

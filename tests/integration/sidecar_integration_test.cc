@@ -166,8 +166,9 @@ void SidecarPair::transferBothWays() {
   EXPECT_GE(metricB("dmm_sidecar_relay_bytes_total",
                     {{"role", "inbound"}, {"stack", "kernel"}, {"direction", "downstream"}}),
             static_cast<double>(kBig));
-  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
-            0);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
+      0);
 }
 
 TEST_F(SidecarPair, ClientHalfCloseThenFullReply) {
@@ -198,8 +199,8 @@ TEST_F(SidecarPair, ServerSpeaksFirstAndHalfClosesFirst) {
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
     std::string banner = "220 hello from the server\r\n";
     writeAll(conn.get(), banner.data(), banner.size());
-    ::shutdown(conn.get(), SHUT_WR);          // the server is done talking...
-    server_got = readToEof(conn.get());       // ...but still listens to the client
+    ::shutdown(conn.get(), SHUT_WR);     // the server is done talking...
+    server_got = readToEof(conn.get());  // ...but still listens to the client
   });
   UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
   ASSERT_TRUE(fd);
@@ -274,8 +275,9 @@ TEST_F(SidecarPair, NoPeerSidecarFallsBackDirectAndRemembers) {
   startA();
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "first"), "first");
-  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
-            1);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "direct"}}),
+      1);
   // The second connection does not probe again.
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "second"), "second");
   EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total",
@@ -292,8 +294,9 @@ TEST_F(SidecarPair, FallbackRefuseModeRefuses) {
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   EXPECT_TRUE(endsInResetWithNoData(hosts_.a(), at(TwoHosts::kIp4B, 9000)));
   EXPECT_EQ(server.accepted(), 0);
-  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "refuse"}}),
-            1);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_refused"}, {"action", "refuse"}}),
+      1);
   EXPECT_EQ(metricA("dmm_sidecar_connections_total",
                     {{"role", "outbound"}, {"stack", "none"}, {"outcome", "refused"}}),
             1);
@@ -320,7 +323,8 @@ TEST_F(SidecarPair, WrongKeyIsRejectedAndNeverReachesTheServer) {
             1);
   // An authentication failure is never worked around by a direct connection.
   for (const char* reason : {"peer_refused", "peer_closed", "peer_protocol_error"}) {
-    EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", reason}, {"action", "direct"}}), 0);
+    EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", reason}, {"action", "direct"}}),
+              0);
   }
 }
 
@@ -398,11 +402,12 @@ TEST_F(SidecarPair, ReplayedAndStaleHelloAreRejected) {
   std::string key = kKey;
   std::vector<std::uint8_t> psk(key.begin(), key.end());
   handshake::Hello hello;
-  for (std::size_t i = 0; i < hello.nonce.size(); ++i) hello.nonce[i] = static_cast<std::uint8_t>(i * 7 + 1);
-  hello.timestamp_ms = static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(
-          std::chrono::system_clock::now().time_since_epoch())
-          .count());
+  for (std::size_t i = 0; i < hello.nonce.size(); ++i)
+    hello.nonce[i] = static_cast<std::uint8_t>(i * 7 + 1);
+  hello.timestamp_ms =
+      static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                     std::chrono::system_clock::now().time_since_epoch())
+                                     .count());
   hello.original_dst = at(TwoHosts::kIp4B, 9000);
   hello.offers.push_back({handshake::StackKind::kKernel, "kernel", {}});
   auto frame = handshake::encodeHello(hello, psk);
@@ -436,12 +441,15 @@ TEST_F(SidecarPair, ReplayedAndStaleHelloAreRejected) {
   EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
                     {{"role", "inbound"}, {"reason", "replayed"}}),
             1);
-  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total", {{"role", "inbound"}, {"reason", "stale"}}),
-            1);
+  EXPECT_EQ(
+      metricB("dmm_sidecar_handshake_rejections_total", {{"role", "inbound"}, {"reason", "stale"}}),
+      1);
 }
 
 TEST_F(SidecarPair, DestinationOutsideInboundAllowlistIsRefused) {
-  startB("[inbound]\nallow_local = false\n[[inbound.allow]]\ncidr = \"10.201.0.2/32\"\nports = \"9000\"\n");
+  startB(
+      "[inbound]\nallow_local = false\n[[inbound.allow]]\ncidr = \"10.201.0.2/32\"\nports = "
+      "\"9000\"\n");
   startA();
   ThreadServer allowed(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   ThreadServer forbidden(hosts_.b(), at(TwoHosts::kIp4B, 9001), echoHandler);
@@ -492,14 +500,16 @@ TEST_F(SidecarPair, ThousandConcurrentConnectionsByteExact) {
     ASSERT_TRUE(writeAll(fds[static_cast<std::size_t>(i)].get(), p.data(), p.size()));
   }
   EXPECT_TRUE(eventually([&] { return server.accepted() == kConns; }, 20s)) << server.accepted();
-  for (int i = 0; i < kConns; ++i) ::shutdown(fds[static_cast<std::size_t>(i)].get(), SHUT_WR);
+  for (int i = 0; i < kConns; ++i)
+    ::shutdown(fds[static_cast<std::size_t>(i)].get(), SHUT_WR);
   int mismatches = 0;
   for (int i = 0; i < kConns; ++i) {
     if (readToEof(fds[static_cast<std::size_t>(i)].get()) != payload(i)) ++mismatches;
   }
   EXPECT_EQ(mismatches, 0);
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
-                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, kConns));
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}},
+                         kConns));
 }
 
 TEST_F(SidecarPair, DirectConnectionToCaptureListenerIsRefusedAsLoop) {
@@ -514,7 +524,8 @@ TEST_F(SidecarPair, CaptureRulesInstallAndRemoveIdempotently) {
   auto count_jumps = [&](const char* tool) {
     auto out = hosts_.a().exec({tool, "-w", "-t", "nat", "-S", "OUTPUT"}).output;
     std::size_t n = 0;
-    for (std::size_t pos = 0; (pos = out.find("-j DMM_SIDECAR", pos)) != std::string::npos; ++pos) ++n;
+    for (std::size_t pos = 0; (pos = out.find("-j DMM_SIDECAR", pos)) != std::string::npos; ++pos)
+      ++n;
     return n;
   };
   EXPECT_EQ(count_jumps("iptables"), 1u);
@@ -562,8 +573,9 @@ TEST_F(SidecarPair, SlowReaderPausesItsWriterAndMemoryStaysBounded) {
   std::atomic<bool> drain{false};
   StreamDigest server_got;
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
-    while (!drain) std::this_thread::sleep_for(10ms);  // a reader that stalls...
-    server_got = receiveStream(conn.get());            // ...then takes everything
+    while (!drain)
+      std::this_thread::sleep_for(10ms);     // a reader that stalls...
+    server_got = receiveStream(conn.get());  // ...then takes everything
   });
   const std::uint64_t rss_a0 = rssKiB(a_->process().pid());
   const std::uint64_t rss_b0 = rssKiB(b_->process().pid());
@@ -610,7 +622,8 @@ TEST_F(SidecarPair, IdleConnectionIsClosedAfterTheIdleTimeout) {
   EXPECT_GE(elapsed, 800ms);
   EXPECT_LT(elapsed, 4s);
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
-                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}}, 1));
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}},
+                         1));
   server.stop();
   EXPECT_EQ(server_got, "hi");  // the server saw the data, then a clean end
 }
@@ -622,7 +635,8 @@ TEST_F(SidecarPair, HalfClosedConnectionIsClosedAfterItsTimeout) {
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
     readToEof(conn.get());
     // Never answers and never closes: the client's half-closed connection would hang forever.
-    while (!release) std::this_thread::sleep_for(10ms);
+    while (!release)
+      std::this_thread::sleep_for(10ms);
   });
   UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
   ASSERT_TRUE(fd);
@@ -635,14 +649,15 @@ TEST_F(SidecarPair, HalfClosedConnectionIsClosedAfterItsTimeout) {
   release = true;
   EXPECT_GE(elapsed, 800ms);
   EXPECT_LT(elapsed, 4s);
-  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
-                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "half_closed_timeout"}},
-                         1));
+  EXPECT_TRUE(waitMetric(
+      *a_, "dmm_sidecar_connections_total",
+      {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "half_closed_timeout"}}, 1));
 }
 
 TEST_F(SidecarPair, SilentPeerTunnelPortFallsBackAfterTheConnectTimeout) {
   // B's firewall drops everything to the tunnel port: A's connect can only time out.
-  hosts_.b().mustExec({"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "17002", "-j", "DROP"});
+  hosts_.b().mustExec(
+      {"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "17002", "-j", "DROP"});
   startB();
   startA();
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
@@ -651,8 +666,9 @@ TEST_F(SidecarPair, SilentPeerTunnelPortFallsBackAfterTheConnectTimeout) {
   auto elapsed = std::chrono::steady_clock::now() - start;
   EXPECT_GE(elapsed, 1800ms);  // timeouts.connect = 2s
   EXPECT_LT(elapsed, 5s);
-  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
-            1);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
+      1);
   // The next connection does not wait again.
   start = std::chrono::steady_clock::now();
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "fast"), "fast");
@@ -684,7 +700,8 @@ TEST_F(SidecarPair, UnreachableDestinationIsRefusedNotWorkedAround) {
 TEST_F(SidecarPair, SlowDestinationBehindThePeerIsRefusedNotMistakenForNoSidecar) {
   // B's firewall drops SYNs to port 9003: B's connect to the destination can only time out.
   // A must wait for B's verdict instead of deciding that B runs no sidecar.
-  hosts_.b().mustExec({"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9003", "-j", "DROP"});
+  hosts_.b().mustExec(
+      {"iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9003", "-j", "DROP"});
   startB();
   startA();
   EXPECT_TRUE(endsInResetWithNoData(hosts_.a(), at(TwoHosts::kIp4B, 9003)));
@@ -693,8 +710,9 @@ TEST_F(SidecarPair, SlowDestinationBehindThePeerIsRefusedNotMistakenForNoSidecar
   EXPECT_EQ(metricA("dmm_sidecar_handshake_rejections_total",
                     {{"role", "outbound"}, {"reason", "destination_unreachable"}}),
             1);
-  EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
-            0);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_timeout"}, {"action", "direct"}}),
+      0);
   // B is still known to run a sidecar: the next connection is carried, not sent around it.
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "still carried"), "still carried");
@@ -742,7 +760,8 @@ TEST_F(SidecarPair, TimeoutWithUndeliveredBytesEndsInAResetNotAFalseEnd) {
   EXPECT_EQ(err, ECONNRESET) << "the client was told a truncated stream (" << got.size()
                              << " bytes) ended normally";
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
-                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}}, 1));
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "idle_timeout"}},
+                         1));
 }
 
 // Write-write-read rounds: two small writes, then a one-byte answer once both arrived. A relay
@@ -792,7 +811,8 @@ TEST(SidecarCapture, InstallRefusesWhenCaptureIsDisabled) {
   // outgoing TCP connection of the host.
   Netns ns(uniqueName("cap"));
   TempDir dir;
-  std::string path = dir.write("off.toml", "[capture]\nenabled = false\n[security]\npsk = \"0123456789abcdef\"\n");
+  std::string path =
+      dir.write("off.toml", "[capture]\nenabled = false\n[security]\npsk = \"0123456789abcdef\"\n");
   auto r = ns.exec({sidecarBinary(), "capture", "install", "-c", path});
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("capture is disabled"), std::string::npos) << r.output;
@@ -829,7 +849,8 @@ TEST(SidecarCapture, RemoveClearsBothFamiliesWhateverTheConfigSaysNow) {
 
 TEST(SidecarCli, ValidateReportsEveryErrorAsFileLineCol) {
   TempDir dir;
-  std::string path = dir.write("bad.toml", "[sidecar]\nworkers = -1\nfoo = 1\n[timeouts]\nidle = \"forever\"\n");
+  std::string path =
+      dir.write("bad.toml", "[sidecar]\nworkers = -1\nfoo = 1\n[timeouts]\nidle = \"forever\"\n");
   auto r = run({sidecarBinary(), "--mode", "validate", "-c", path});
   EXPECT_EQ(r.status, 2) << r.output;
   std::regex line_re("^" + path + ":[0-9]+:[0-9]+: error: .+$");

@@ -29,7 +29,9 @@ ThreadServer::ThreadServer(const Netns& ns, const SocketAddress& at, Handler han
   });
 }
 
-ThreadServer::~ThreadServer() { stop(); }
+ThreadServer::~ThreadServer() {
+  stop();
+}
 
 void ThreadServer::stop() {
   stop_ = true;

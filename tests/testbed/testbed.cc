@@ -32,7 +32,8 @@ namespace {
 
 std::string joined(const std::vector<std::string>& argv) {
   std::string out;
-  for (const auto& a : argv) out += (out.empty() ? "" : " ") + a;
+  for (const auto& a : argv)
+    out += (out.empty() ? "" : " ") + a;
   return out;
 }
 
@@ -66,7 +67,8 @@ class Sha256 {
 
 void mustRun(const std::vector<std::string>& argv) {
   auto r = run(argv);
-  if (r.status != 0) ADD_FAILURE() << "`" << joined(argv) << "` exited " << r.status << ":\n" << r.output;
+  if (r.status != 0)
+    ADD_FAILURE() << "`" << joined(argv) << "` exited " << r.status << ":\n" << r.output;
 }
 
 std::string uniqueName(const std::string& what) {
@@ -157,7 +159,8 @@ Process::Process(const Netns* ns, const std::vector<std::string>& argv, const st
                                    0644);
   posix_spawn_file_actions_adddup2(&actions, 1, 2);
   std::vector<char*> args;
-  for (const auto& a : full) args.push_back(const_cast<char*>(a.c_str()));
+  for (const auto& a : full)
+    args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   // `ip netns exec` execs the command in place, so this PID is the command's.
   int rc = ::posix_spawnp(&pid_, args[0], &actions, nullptr, args.data(), environ);
@@ -214,8 +217,8 @@ std::string Process::log() const {
 TwoHosts::TwoHosts() : a_(uniqueName("a")), b_(uniqueName("b")) {
   std::string va = "va" + std::to_string(::getpid() % 100000);
   std::string vb = "vb" + std::to_string(::getpid() % 100000);
-  mustRun({"ip", "link", "add", va, "netns", a_.name(), "type", "veth", "peer", "name", vb,
-           "netns", b_.name()});
+  mustRun({"ip", "link", "add", va, "netns", a_.name(), "type", "veth", "peer", "name", vb, "netns",
+           b_.name()});
   a_.mustExec({"ip", "addr", "add", std::string(kIp4A) + "/24", "dev", va});
   b_.mustExec({"ip", "addr", "add", std::string(kIp4B) + "/24", "dev", vb});
   a_.mustExec({"ip", "-6", "addr", "add", std::string(kIp6A) + "/64", "dev", va, "nodad"});
@@ -250,8 +253,9 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
                                const std::string& name)
     : ns_(ns), metrics_address_("127.0.0.1:17090") {
   config_path_ = dir_.write(name + ".toml", config_text);
-  process_ = std::make_unique<Process>(&ns, std::vector<std::string>{sidecarBinary(), "-c", config_path_},
-                                       dir_.path() + "/" + name + ".log");
+  process_ =
+      std::make_unique<Process>(&ns, std::vector<std::string>{sidecarBinary(), "-c", config_path_},
+                                dir_.path() + "/" + name + ".log");
   bool up = eventually(
       [&] {
         if (!process_->running()) return true;
@@ -280,8 +284,8 @@ std::string SidecarProcess::scrape() const {
   return resp.substr(body + 4);
 }
 
-std::optional<double> SidecarProcess::metric(const std::string& name,
-                                             const std::map<std::string, std::string>& labels) const {
+std::optional<double> SidecarProcess::metric(
+    const std::string& name, const std::map<std::string, std::string>& labels) const {
   return metricValue(scrape(), name, labels);
 }
 
@@ -352,7 +356,8 @@ UniqueFd listenTcp(const Netns& ns, const SocketAddress& at) {
   if (at.family() == AF_INET6) ::setsockopt(fd.get(), IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
   sockaddr_storage ss{};
   socklen_t len = at.toSockaddr(ss);
-  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0 || ::listen(fd.get(), 4096) != 0) {
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0 ||
+      ::listen(fd.get(), 4096) != 0) {
     ADD_FAILURE() << "listen on " << at.toString() << ": " << std::strerror(errno);
     return UniqueFd();
   }

@@ -26,7 +26,9 @@ using namespace std::chrono_literals;
 
 using ::dmm::CommandResult;
 // Runs argv (no shell), collecting stdout+stderr (common/command.h).
-inline CommandResult run(const std::vector<std::string>& argv) { return runCommand(argv); }
+inline CommandResult run(const std::vector<std::string>& argv) {
+  return runCommand(argv);
+}
 // Runs argv and fails the current test (with the output) when it exits non-zero.
 void mustRun(const std::vector<std::string>& argv);
 

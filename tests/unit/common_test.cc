@@ -26,8 +26,8 @@ TEST(SocketAddress, ParsesAndFormatsBothFamilies) {
 }
 
 TEST(SocketAddress, RejectsBadText) {
-  for (const char* bad : {"", "10.1.2.3", "10.1.2.3:", "10.1.2.3:65536", "10.1.2.3:0",
-                          "fd00::1:80", "[fd00::1]80", "[10.0.0.1]:80", "host:80", "1.2.3:4"}) {
+  for (const char* bad : {"", "10.1.2.3", "10.1.2.3:", "10.1.2.3:65536", "10.1.2.3:0", "fd00::1:80",
+                          "[fd00::1]80", "[10.0.0.1]:80", "host:80", "1.2.3:4"}) {
     EXPECT_FALSE(SocketAddress::parse(bad)) << bad;
   }
   EXPECT_TRUE(SocketAddress::parse("0.0.0.0:0", true));
@@ -120,7 +120,8 @@ TEST(RunCommand, PassesInputAndCollectsBothOutputs) {
 TEST(RunCommand, MovesLargeInputAndOutputWithoutStalling) {
   // More than a pipe holds both ways: writing all input before reading output would deadlock.
   std::string big(1 << 20, 'x');
-  for (std::size_t i = 0; i < big.size(); i += 4096) big[i] = static_cast<char>('a' + i % 26);
+  for (std::size_t i = 0; i < big.size(); i += 4096)
+    big[i] = static_cast<char>('a' + i % 26);
   auto r = runCommand({"cat"}, big);
   EXPECT_EQ(r.status, 0);
   EXPECT_EQ(r.output, big);

@@ -142,12 +142,12 @@ psk = "short"
   EXPECT_NE(e.find("sidecar.toml:2:11: error: 'workers' in [sidecar]: expected an integer"),
             std::string::npos)
       << e;
-  EXPECT_NE(e.find("sidecar.toml:3:1: error: unknown key 'colour' in [sidecar]"),
-            std::string::npos)
+  EXPECT_NE(e.find("sidecar.toml:3:1: error: unknown key 'colour' in [sidecar]"), std::string::npos)
       << e;
   EXPECT_NE(e.find("sidecar.toml:5:11: error: 'connect' in [timeouts]"), std::string::npos) << e;
-  EXPECT_NE(e.find("sidecar.toml:7:12: error: 'exclude' in [capture]: \"10.0.0.0/33\" is not a CIDR"),
-            std::string::npos)
+  EXPECT_NE(
+      e.find("sidecar.toml:7:12: error: 'exclude' in [capture]: \"10.0.0.0/33\" is not a CIDR"),
+      std::string::npos)
       << e;
   EXPECT_NE(e.find("sidecar.toml:10:8: error: 'kind' in [[stack]] #1: unknown stack kind \"warp\""),
             std::string::npos)
@@ -168,8 +168,9 @@ TEST_F(ConfigTest, SyntaxErrorHasItsColumn) {
 }
 
 TEST_F(ConfigTest, UnknownTopLevelTableAndStackKeys) {
-  EXPECT_FALSE(load(std::string(kKey) +
-                    "[tunel]\nport = 1\n[[stack]]\nname = \"a\"\nkind = \"kernel\"\nnodelai = true\n"));
+  EXPECT_FALSE(
+      load(std::string(kKey) +
+           "[tunel]\nport = 1\n[[stack]]\nname = \"a\"\nkind = \"kernel\"\nnodelai = true\n"));
   std::string e = errors();
   EXPECT_NE(e.find("sidecar.toml:3:1: error: unknown key 'tunel' in the top level"),
             std::string::npos)
@@ -180,11 +181,10 @@ TEST_F(ConfigTest, UnknownTopLevelTableAndStackKeys) {
 }
 
 TEST_F(ConfigTest, StackNamesAreUniqueAndLabelNamesAreReserved) {
-  EXPECT_FALSE(load(std::string(kKey) +
-                    "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
-                    "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
-                    "[[stack]]\nname = \"direct\"\nkind = \"kernel\"\n"
-                    "[[stack]]\nname = \"none\"\nkind = \"kernel\"\n"));
+  EXPECT_FALSE(load(std::string(kKey) + "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
+                                        "[[stack]]\nname = \"a\"\nkind = \"kernel\"\n"
+                                        "[[stack]]\nname = \"direct\"\nkind = \"kernel\"\n"
+                                        "[[stack]]\nname = \"none\"\nkind = \"kernel\"\n"));
   std::string e = errors();
   EXPECT_NE(e.find("a stack named \"a\" is already defined"), std::string::npos) << e;
   EXPECT_NE(e.find("\"direct\" is reserved"), std::string::npos) << e;

@@ -21,7 +21,9 @@ using Bytes = std::vector<std::uint8_t>;
 
 constexpr std::size_t kMaxBody = 4096;
 
-Bytes key(const std::string& s) { return Bytes(s.begin(), s.end()); }
+Bytes key(const std::string& s) {
+  return Bytes(s.begin(), s.end());
+}
 
 const Bytes kKey = key("unit-test-key-0123456789abcdef");
 
@@ -34,7 +36,8 @@ KeyLookup lookup(const Bytes& k, const std::string& id = "default") {
 
 Nonce makeNonce(std::uint8_t seed) {
   Nonce n{};
-  for (std::size_t i = 0; i < n.size(); ++i) n[i] = static_cast<std::uint8_t>(seed + i * 13);
+  for (std::size_t i = 0; i < n.size(); ++i)
+    n[i] = static_cast<std::uint8_t>(seed + i * 13);
   return n;
 }
 
@@ -78,8 +81,7 @@ class RawFrame {
     input.insert(input.end(), extra.begin(), extra.end());
     unsigned char mac[EVP_MAX_MD_SIZE];
     unsigned int len = 0;
-    HMAC(EVP_sha256(), k.data(), static_cast<int>(k.size()), input.data(), input.size(), mac,
-         &len);
+    HMAC(EVP_sha256(), k.data(), static_cast<int>(k.size()), input.data(), input.size(), mac, &len);
     put16(0x00FF);
     put16(32);
     bytes_.insert(bytes_.end(), mac, mac + 32);
@@ -100,11 +102,14 @@ class RawFrame {
 
 Bytes u64(std::uint64_t v) {
   Bytes out;
-  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<std::uint8_t>(v >> shift));
+  for (int shift = 56; shift >= 0; shift -= 8)
+    out.push_back(static_cast<std::uint8_t>(v >> shift));
   return out;
 }
 
-Bytes nonceBytes(const Nonce& n) { return Bytes(n.begin(), n.end()); }
+Bytes nonceBytes(const Nonce& n) {
+  return Bytes(n.begin(), n.end());
+}
 
 Bytes dst4(std::uint8_t a, std::uint8_t b, std::uint8_t c, std::uint8_t d, std::uint16_t port) {
   return {4, static_cast<std::uint8_t>(port >> 8), static_cast<std::uint8_t>(port), a, b, c, d};
@@ -113,8 +118,10 @@ Bytes dst4(std::uint8_t a, std::uint8_t b, std::uint8_t c, std::uint8_t d, std::
 Bytes offer(std::uint8_t kind, const std::string& name, const Bytes& params = {}) {
   Bytes out{kind, static_cast<std::uint8_t>(name.size())};
   // Loops rather than insert(): GCC 12 warns (-Warray-bounds) on inserting an empty range.
-  for (char c : name) out.push_back(static_cast<std::uint8_t>(c));
-  for (std::uint8_t b : params) out.push_back(b);
+  for (char c : name)
+    out.push_back(static_cast<std::uint8_t>(c));
+  for (std::uint8_t b : params)
+    out.push_back(b);
   return out;
 }
 
@@ -269,7 +276,8 @@ TEST(HandshakeHello, StructuralErrorsAreMalformed) {
                                          .tlv(0x0002, u64(1))
                                          .tlv(0x0004, offer(1, "kernel"))
                                          .finish(kKey)});
-  cases.push_back({"two nonces", minimalHello().tlv(0x0001, nonceBytes(makeNonce(2))).finish(kKey)});
+  cases.push_back(
+      {"two nonces", minimalHello().tlv(0x0001, nonceBytes(makeNonce(2))).finish(kKey)});
   cases.push_back({"short nonce", RawFrame(1)
                                       .tlv(0x0001, Bytes(15, 1))
                                       .tlv(0x0002, u64(1))
@@ -290,16 +298,20 @@ TEST(HandshakeHello, StructuralErrorsAreMalformed) {
                                                  .tlv(0x0003, bad_family)
                                                  .tlv(0x0004, offer(1, "kernel"))
                                                  .finish(kKey)});
-  cases.push_back({"offer name with a space", minimalHello().tlv(0x0004, offer(1, "ker nel")).finish(kKey)});
+  cases.push_back(
+      {"offer name with a space", minimalHello().tlv(0x0004, offer(1, "ker nel")).finish(kKey)});
   cases.push_back({"offer name empty", minimalHello().tlv(0x0004, offer(1, "")).finish(kKey)});
   Bytes long_name = {1, 200};  // claims a 200-byte name in a 2-byte value
   cases.push_back({"offer name overruns", minimalHello().tlv(0x0004, long_name).finish(kKey)});
-  cases.push_back({"offer params too large",
-                   minimalHello().tlv(0x0004, offer(2, "dpdk0", Bytes(kMaxParamsSize + 1, 0))).finish(kKey)});
-  cases.push_back({"key id not printable", minimalHello().tlv(0x0006, Bytes{'a', '\n'}).finish(kKey)});
+  cases.push_back(
+      {"offer params too large",
+       minimalHello().tlv(0x0004, offer(2, "dpdk0", Bytes(kMaxParamsSize + 1, 0))).finish(kKey)});
+  cases.push_back(
+      {"key id not printable", minimalHello().tlv(0x0006, Bytes{'a', '\n'}).finish(kKey)});
   {
     RawFrame f = minimalHello();
-    for (std::size_t i = 0; i < kMaxOffers; ++i) f.tlv(0x0004, offer(1, "k" + std::to_string(i)));
+    for (std::size_t i = 0; i < kMaxOffers; ++i)
+      f.tlv(0x0004, offer(1, "k" + std::to_string(i)));
     cases.push_back({"more than kMaxOffers offers", f.finish(kKey)});
   }
   {
@@ -337,7 +349,8 @@ TEST(HandshakeReply, AcceptedRoundTripsWithAToken) {
   reply.chosen_index = 1;
   reply.chosen_name = "kernel-b";
   Token t{};
-  for (std::size_t i = 0; i < t.size(); ++i) t[i] = static_cast<std::uint8_t>(0xA0 + i);
+  for (std::size_t i = 0; i < t.size(); ++i)
+    t[i] = static_cast<std::uint8_t>(0xA0 + i);
   reply.token = t;
   auto nonce = makeNonce(5);
   auto frame = encodeReply(reply, kKey, nonce);
@@ -399,11 +412,15 @@ TEST(HandshakeReply, InconsistentRepliesAreMalformed) {
       {"no result", RawFrame(2).tlv(0x0011, Bytes{0, 1, 'k'}).finish(kKey, n)},
       {"two results",
        RawFrame(2).tlv(0x0010, Bytes{1, 0, 3}).tlv(0x0010, Bytes{1, 0, 3}).finish(kKey, n)},
-      {"short token",
-       RawFrame(2).tlv(0x0010, Bytes{0, 0, 0}).tlv(0x0011, Bytes{0, 1, 'k'}).tlv(0x0012, Bytes(8, 1)).finish(kKey, n)},
+      {"short token", RawFrame(2)
+                          .tlv(0x0010, Bytes{0, 0, 0})
+                          .tlv(0x0011, Bytes{0, 1, 'k'})
+                          .tlv(0x0012, Bytes(8, 1))
+                          .finish(kKey, n)},
   };
   for (const auto& c : cases) {
-    EXPECT_EQ(decodeReply(c.frame, kKey, nonce, kMaxBody).error, RejectReason::kMalformed) << c.what;
+    EXPECT_EQ(decodeReply(c.frame, kKey, nonce, kMaxBody).error, RejectReason::kMalformed)
+        << c.what;
   }
   // A HELLO is not a REPLY.
   EXPECT_EQ(decodeReply(encodeHello(sampleHello(), kKey), kKey, nonce, kMaxBody).error,
@@ -432,7 +449,8 @@ Bytes fromHex(const std::string& hex) {
 TEST(HandshakeWorkedExample, MatchesTheDocumentation) {
   const Bytes doc_key = key("0123456789abcdef");
   Hello h;
-  for (std::size_t i = 0; i < h.nonce.size(); ++i) h.nonce[i] = static_cast<std::uint8_t>(i);
+  for (std::size_t i = 0; i < h.nonce.size(); ++i)
+    h.nonce[i] = static_cast<std::uint8_t>(i);
   h.timestamp_ms = 1'700'000'000'000;
   h.original_dst = *SocketAddress::parse("10.0.0.2:80");
   h.offers.push_back({StackKind::kKernel, "kernel", {}});

@@ -12,7 +12,8 @@ using namespace std::chrono_literals;
 
 ReplayCache::Nonce nonce(std::uint8_t seed) {
   ReplayCache::Nonce n{};
-  for (std::size_t i = 0; i < n.size(); ++i) n[i] = static_cast<std::uint8_t>(seed * 31 + i);
+  for (std::size_t i = 0; i < n.size(); ++i)
+    n[i] = static_cast<std::uint8_t>(seed * 31 + i);
   return n;
 }
 
