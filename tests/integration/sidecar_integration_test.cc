@@ -54,9 +54,9 @@ class SidecarPair : public ::testing::Test {
         hosts_.b(), sidecarConfig(securitySection(kKey, timeouts) + extra), "b");
   }
   void startA(const std::string& extra = {}, const std::string& key = kKey,
-              const std::string& timeouts = {}) {
+              const std::string& timeouts = {}, const std::string& log_format = "plain") {
     a_ = std::make_unique<SidecarProcess>(
-        hosts_.a(), sidecarConfig(securitySection(key, timeouts) + extra), "a");
+        hosts_.a(), sidecarConfig(securitySection(key, timeouts) + extra, log_format), "a");
     a_->installCapture();
   }
   double metricA(const std::string& name, const std::map<std::string, std::string>& labels) {
@@ -804,6 +804,41 @@ TEST_F(SidecarPair, SmallWritesAreNotDelayedByNagleOnAnyLeg) {
   b_.reset();  // no sidecar on B: the direct fallback leg
   auto direct = writeWriteReadRounds(hosts_.a(), at(TwoHosts::kIp4B, 9000), 50);
   EXPECT_LT(direct, 1000ms) << "50 rounds over the direct fallback";
+}
+
+TEST_F(SidecarPair, OneLogLinePerConnectionOnEachSideAndTheyCorrelate) {
+  startB();
+  startA({}, kKey, {}, "journal");  // A logs as under systemd: priority prefixes, no timestamps
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "twelve bytes"), "twelve bytes");
+  const std::regex a_line(
+      R"(^<6>conn ([0-9a-f]+) role=outbound stack=kernel dst=10\.201\.0\.2:9000 up=12 down=12 )"
+      R"(duration=[0-9.]+s end=closed$)");
+  const std::regex b_line(
+      R"(conn [0-9a-f]+ role=inbound stack=kernel dst=10\.201\.0\.2:9000 up=12 down=12 )"
+      R"(duration=[0-9.]+s end=closed peer_conn=([0-9a-f]+)$)");
+  std::string a_id;
+  std::string b_peer;
+  ASSERT_TRUE(eventually([&] {
+    std::smatch m;
+    std::istringstream a_log(a_->log());
+    for (std::string line; std::getline(a_log, line);) {
+      if (std::regex_match(line, m, a_line)) a_id = m[1];
+    }
+    std::istringstream b_log(b_->log());
+    for (std::string line; std::getline(b_log, line);) {
+      if (std::regex_search(line, m, b_line)) b_peer = m[1];
+    }
+    return !a_id.empty() && !b_peer.empty();
+  })) << "A:\n"
+      << a_->log() << "B:\n"
+      << b_->log();
+  EXPECT_EQ(a_id, b_peer) << "B's line names A's connection id";
+  // Every line A wrote carries a journald priority prefix.
+  std::istringstream a_log(a_->log());
+  for (std::string line; std::getline(a_log, line);) {
+    EXPECT_TRUE(std::regex_search(line, std::regex("^<[0-7]>"))) << line;
+  }
 }
 
 TEST(SidecarCapture, InstallRefusesWhenCaptureIsDisabled) {

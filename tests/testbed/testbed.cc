@@ -234,12 +234,9 @@ std::string sidecarBinary() {
   return DMM_SIDECAR_BIN;
 }
 
-std::string sidecarConfig(const std::string& extra) {
+std::string sidecarConfig(const std::string& extra, const std::string& log_format) {
   // Tests add sections in `extra`; the sections here are the ones they do not repeat.
-  return R"([log]
-level = "debug"
-format = "plain"
-
+  return "[log]\nlevel = \"debug\"\nformat = \"" + log_format + "\"\n" + R"(
 [sidecar]
 workers = 2
 

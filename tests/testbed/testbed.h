@@ -139,9 +139,9 @@ class SidecarProcess {
   std::string metrics_address_;
 };
 
-// The common config of a test sidecar (key, fast timeouts, metrics on 127.0.0.1:17090),
-// plus `extra` TOML appended.
-std::string sidecarConfig(const std::string& extra = {});
+// The common config of a test sidecar (debug logs in `log_format`, two workers, metrics on
+// 127.0.0.1:17090), plus `extra` TOML appended.
+std::string sidecarConfig(const std::string& extra = {}, const std::string& log_format = "plain");
 
 // Parses one sample value out of a Prometheus text page.
 std::optional<double> metricValue(const std::string& page, const std::string& name,
