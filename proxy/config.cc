@@ -74,13 +74,18 @@ void loadLog(TomlTable t, Config& c) {
   t.rejectUnknown();
 }
 
+// `listen`: one address or a non-empty list of them (kept at its default when absent).
+void loadListen(TomlTable& t, const std::string& example, std::vector<SocketAddress>& target) {
+  auto v =
+      t.getList<SocketAddress>("listen", "an address such as \"" + example + "\"", kParseAddress);
+  if (!v) return;
+  if (v->empty()) t.error("listen", "needs at least one address");
+  target = std::move(*v);
+}
+
 void loadCapture(TomlTable t, Config& c) {
   if (auto v = t.getBool("enabled")) c.capture_enabled = *v;
-  if (auto v = t.getList<SocketAddress>("listen", "an address such as \"127.0.0.1:17001\"",
-                                        kParseAddress)) {
-    c.capture_listen = *v;
-    if (c.capture_listen.empty()) t.error("listen", "needs at least one address");
-  }
+  loadListen(t, "127.0.0.1:17001", c.capture_listen);
   if (auto v = t.getList<Cidr>("include", "a CIDR such as \"10.0.0.0/8\"", kParseCidr))
     c.capture_include = *v;
   if (auto v = t.getList<Cidr>("exclude", "a CIDR such as \"10.0.0.0/8\"", kParseCidr))
@@ -102,11 +107,7 @@ void loadCapture(TomlTable t, Config& c) {
 
 void loadTunnel(TomlTable t, Config& c) {
   if (auto v = t.getBool("enabled")) c.tunnel_enabled = *v;
-  if (auto v = t.getList<SocketAddress>("listen", "an address such as \"0.0.0.0:17002\"",
-                                        kParseAddress)) {
-    c.tunnel_listen = *v;
-    if (c.tunnel_listen.empty()) t.error("listen", "needs at least one address");
-  }
+  loadListen(t, "0.0.0.0:17002", c.tunnel_listen);
   if (auto v = t.getInt("port", 1, 65535)) c.tunnel_port = static_cast<std::uint16_t>(*v);
   if (auto v = t.getInt("max_header_bytes", 256, 65536))
     c.max_header_bytes = static_cast<std::uint32_t>(*v);

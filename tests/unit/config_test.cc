@@ -214,6 +214,21 @@ TEST_F(ConfigTest, KeyFileIsReadAndTrimmed) {
       << errors();
 }
 
+TEST_F(ConfigTest, ListenListsMustNotBeEmpty) {
+  EXPECT_FALSE(load(std::string(kKey) + "[capture]\nlisten = []\n[tunnel]\nlisten = []\n"));
+  std::string e = errors();
+  EXPECT_NE(e.find("sidecar.toml:4:10: error: 'listen' in [capture]: needs at least one address"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:6:10: error: 'listen' in [tunnel]: needs at least one address"),
+            std::string::npos)
+      << e;
+  auto c = load(std::string(kKey) + "[tunnel]\nlisten = \"[::]:15002\"\n");
+  ASSERT_TRUE(c) << errors();
+  ASSERT_EQ(c->tunnel_listen.size(), 1u);
+  EXPECT_EQ(c->tunnel_listen[0].toString(), "[::]:15002");
+}
+
 TEST_F(ConfigTest, WatermarksMustBeOrdered) {
   EXPECT_FALSE(load(std::string(kKey) + "[relay]\nbuffer_size = 8192\nlow_watermark = 8192\n"));
   EXPECT_NE(errors().find("must be below buffer_size"), std::string::npos) << errors();
