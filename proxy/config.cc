@@ -105,6 +105,19 @@ void loadCapture(TomlTable t, Config& c) {
   t.rejectUnknown();
 }
 
+void loadForwards(TomlTable& root, Config& c) {
+  int index = 0;
+  for (const toml::value* entry : root.getArrayOfTables("forward")) {
+    TomlTable t(*entry, "[[forward]] #" + std::to_string(++index), root.diagnostics());
+    auto listen = t.getSocketAddress("listen");
+    auto destination = t.getSocketAddress("destination");
+    if (!t.getRaw("listen")) t.requireKey("listen");
+    if (!t.getRaw("destination")) t.requireKey("destination");
+    t.rejectUnknown();
+    if (listen && destination) c.forwards.push_back({*listen, *destination});
+  }
+}
+
 void loadTunnel(TomlTable t, Config& c) {
   if (auto v = t.getBool("enabled")) c.tunnel_enabled = *v;
   loadListen(t, "0.0.0.0:17002", c.tunnel_listen);
@@ -295,6 +308,7 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
   section("security", loadSecurity);
   section("metrics", loadMetrics);
   loadStacks(root, registry, c);
+  loadForwards(root, c);
   root.rejectUnknown();
 
   if (c.capture_listen.empty()) {
@@ -314,7 +328,7 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
     TomlTable empty(no_options, "default stack", diags);
     c.stacks.push_back({"kernel", "kernel", kernel->parseOptions(empty)});
   }
-  if ((c.capture_enabled || c.tunnel_enabled) && c.psk.empty()) {
+  if ((c.capture_enabled || c.tunnel_enabled || !c.forwards.empty()) && c.psk.empty()) {
     // Missing keys are reported where a key would go, or at the top of the file.
     if (const toml::value* t = root.getTable("security")) {
       TomlTable(*t, "[security]", diags).requireKey("psk_file");
@@ -328,7 +342,7 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
                 "[sidecar] mark must not be 0 while capture is enabled: the capture "
                 "rules skip the sidecar's own connections by this mark");
   }
-  if (!c.capture_enabled && !c.tunnel_enabled) {
+  if (!c.capture_enabled && !c.tunnel_enabled && c.forwards.empty()) {
     diags.warning({path, 1, 1}, "both [capture] and [tunnel] are disabled: nothing to serve");
   }
   if (diags.hasErrors()) return std::nullopt;

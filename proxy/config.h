@@ -33,6 +33,13 @@ struct InboundAllow {
 
 enum class FallbackMode { kDirect, kRefuse };
 
+// A static outbound listener: every connection accepted on `listen` is carried to
+// `destination` through the destination host's sidecar, as if captured on its way there.
+struct Forward {
+  SocketAddress listen;
+  SocketAddress destination;
+};
+
 struct Config {
   std::string path;
 
@@ -52,6 +59,9 @@ struct Config {
   std::vector<PortRange> capture_exclude_ports;
   bool capture_ipv6 = true;
   std::string capture_chain = "DMM_SIDECAR";
+
+  // [[forward]]: static outbound listeners (no iptables needed).
+  std::vector<Forward> forwards;
 
   // [tunnel]: the sidecar-to-sidecar port.
   bool tunnel_enabled = true;

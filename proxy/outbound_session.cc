@@ -33,7 +33,7 @@ FallbackReason reasonForConnectError(int err) {
 
 }  // namespace
 
-void OutboundSession::start(Worker& worker, UniqueFd client) {
+void OutboundSession::startCaptured(Worker& worker, UniqueFd client) {
   auto local = net::localAddress(client.get());
   auto destination = local ? originalDestination(client.get(), local->family()) : std::nullopt;
   if (!destination) {
@@ -51,7 +51,11 @@ void OutboundSession::start(Worker& worker, UniqueFd client) {
     (void)net::setAbortOnClose(client.get(), true);
     return;
   }
-  auto* session = new OutboundSession(worker, std::move(client), *destination);
+  start(worker, std::move(client), *destination);
+}
+
+void OutboundSession::start(Worker& worker, UniqueFd client, const SocketAddress& destination) {
+  auto* session = new OutboundSession(worker, std::move(client), destination);
   session->begin();
 }
 

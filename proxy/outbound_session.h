@@ -30,7 +30,9 @@ namespace dmm::proxy {
 class OutboundSession final : public Session, public stacks::ConnectionCallbacks {
  public:
   // Takes a connection accepted on a capture listener (worker thread).
-  static void start(Worker& worker, UniqueFd client);
+  static void startCaptured(Worker& worker, UniqueFd client);
+  // Takes a connection accepted on a [[forward]] listener, bound for `destination`.
+  static void start(Worker& worker, UniqueFd client, const SocketAddress& destination);
   ~OutboundSession() override;
 
   void shutdown() override;

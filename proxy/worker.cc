@@ -150,13 +150,15 @@ Worker::~Worker() {
 
 Result<bool> Worker::bindListeners() {
   const auto& c = config();
-  auto add = [&](const SocketAddress& addr, Listener::Kind kind) -> Result<bool> {
+  auto add = [&](const SocketAddress& addr, Listener::Kind kind,
+                 const SocketAddress& destination = {}) -> Result<bool> {
     auto fd = net::listenTcp(addr, net::ListenOptions{});
     if (!fd) return fd.error();
     auto l = std::make_unique<Listener>();
     l->worker = this;
     l->kind = kind;
     l->address = addr;
+    l->destination = destination;
     l->fd = std::move(*fd);
     l->event = loop_.newEvent(l->fd.get(), EV_READ | EV_PERSIST, &Worker::onAccept, l.get());
     l->retry = loop_.newEvent(-1, 0, &Worker::onAcceptRetry, l.get());
@@ -170,6 +172,10 @@ Result<bool> Worker::bindListeners() {
         return Error{r.error().code, "capture_listen"};
       }
     }
+  }
+  for (const auto& f : c.forwards) {
+    if (auto r = add(f.listen, Listener::Kind::kForward, f.destination); !r)
+      return Error{r.error().code, "forward_listen"};
   }
   if (c.tunnel_enabled) {
     for (const auto& a : c.tunnel_listen) {
@@ -249,10 +255,16 @@ void Worker::onAcceptRetry(evutil_socket_t, short, void* arg) {
 
 void Worker::accepted(Listener& listener, UniqueFd fd) {
   if (stopping_) return;
-  if (listener.kind == Listener::Kind::kCapture) {
-    OutboundSession::start(*this, std::move(fd));
-  } else {
-    InboundSession::start(*this, std::move(fd));
+  switch (listener.kind) {
+    case Listener::Kind::kCapture:
+      OutboundSession::startCaptured(*this, std::move(fd));
+      break;
+    case Listener::Kind::kForward:
+      OutboundSession::start(*this, std::move(fd), listener.destination);
+      break;
+    case Listener::Kind::kTunnel:
+      InboundSession::start(*this, std::move(fd));
+      break;
   }
 }
 

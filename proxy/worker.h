@@ -131,10 +131,11 @@ class Worker {
 
  private:
   struct Listener {
-    enum class Kind { kCapture, kTunnel };
+    enum class Kind { kCapture, kForward, kTunnel };
     Worker* worker = nullptr;
     Kind kind = Kind::kCapture;
     SocketAddress address;
+    SocketAddress destination;  // kForward: where its connections go
     UniqueFd fd;
     EventPtr event;
     EventPtr retry;  // re-enables accept after EMFILE/ENFILE

@@ -477,6 +477,34 @@ TEST_F(SidecarPair, Ipv6EndToEnd) {
                          {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
 }
 
+TEST_F(SidecarPair, ForwardListenerCarriesToItsDestinationWithoutIptables) {
+  startB();
+  // No capture at all on A: applications dial the forward listeners themselves.
+  a_ = std::make_unique<SidecarProcess>(hosts_.a(), sidecarConfig(securitySection() + R"(
+[capture]
+enabled = false
+[[forward]]
+listen = "127.0.0.1:15000"
+destination = "10.201.0.2:9000"
+[[forward]]
+listen = "127.0.0.1:15001"
+destination = "[fd00:201::2]:9000"
+)"),
+                                        "a");
+  ThreadServer server4(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  ThreadServer server6(hosts_.b(), at(TwoHosts::kIp6B, 9000), echoHandler);
+  std::string payload(1 << 20, 'f');
+  EXPECT_EQ(echoOnce(hosts_.a(), at("127.0.0.1", 15000), payload), payload);
+  EXPECT_EQ(echoOnce(hosts_.a(), at("127.0.0.1", 15001), "six"), "six");
+  EXPECT_EQ(server4.accepted(), 1);
+  EXPECT_EQ(server6.accepted(), 1);
+  // Carried through B's sidecar on the kernel stack, not around it.
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 2));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 2));
+}
+
 TEST_F(SidecarPair, ThousandConcurrentConnectionsByteExact) {
   startB();
   startA();

@@ -239,6 +239,44 @@ TEST_F(ConfigTest, CaptureNeedsAMark) {
   EXPECT_NE(errors().find("mark must not be 0"), std::string::npos) << errors();
 }
 
+TEST_F(ConfigTest, ForwardListenersAreReadAndChecked) {
+  auto c = load(std::string(kKey) + R"(
+[[forward]]
+listen = "127.0.0.1:15201"
+destination = "10.0.0.2:5201"
+[[forward]]
+listen = "[::1]:15202"
+destination = "[fd00::2]:80"
+)");
+  ASSERT_TRUE(c) << errors();
+  ASSERT_EQ(c->forwards.size(), 2u);
+  EXPECT_EQ(c->forwards[0].listen.toString(), "127.0.0.1:15201");
+  EXPECT_EQ(c->forwards[0].destination.toString(), "10.0.0.2:5201");
+  EXPECT_EQ(c->forwards[1].destination.toString(), "[fd00::2]:80");
+
+  EXPECT_FALSE(load(std::string(kKey) + R"([[forward]]
+listen = "127.0.0.1:15201"
+[[forward]]
+listen = "127.0.0.1:0"
+destination = "nowhere"
+via = "x"
+)"));
+  std::string e = errors();
+  EXPECT_NE(e.find("sidecar.toml:3:1: error: [[forward]] #1: missing required key 'destination'"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:6:10: error: 'listen' in [[forward]] #2: \"127.0.0.1:0\" is "
+                   "not an address"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:7:15: error: 'destination' in [[forward]] #2: \"nowhere\""),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:8:1: error: unknown key 'via' in [[forward]] #2"),
+            std::string::npos)
+      << e;
+}
+
 TEST_F(ConfigTest, MissingFileIsAnError) {
   Diagnostics diags;
   EXPECT_FALSE(loadConfig("/nonexistent/sidecar.toml", registry_, diags));
