@@ -4,6 +4,7 @@
 #   tests/bootstrap.sh demo    the two-host demo (tests/demo/two-hosts.sh)
 #   tests/bootstrap.sh test    the whole test suite (ctest)
 #   tests/bootstrap.sh build   only install and build
+#   tests/bootstrap.sh bench [ARGS]   the benchmark (bench/run.py ARGS, e.g. --quick)
 #
 # Runs as root (network namespaces and iptables need it). BUILD_DIR (default: build) and JOBS
 # (default: nproc) may be set. Set DMM_SKIP_APT=1 to skip the package installation.
@@ -25,16 +26,30 @@ build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
   libgtest-dev)
 run_deps=(iproute2 iptables curl python3 procps)
+# The benchmark's peers, load generators and chart drawing.
+bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server redis-tools
+  python3-matplotlib)
+wanted=("${build_deps[@]}" "${run_deps[@]}")
+[ "$what" = bench ] && wanted+=("${bench_deps[@]}")
 if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
   missing=()
-  for p in "${build_deps[@]}" "${run_deps[@]}"; do
+  for p in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # nginx and redis-server would start system-wide daemons on install: the benchmark runs
+    # its own, in a namespace of its own. policy-rc.d tells the packages not to start services.
+    added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+      chmod +x /usr/sbin/policy-rc.d
+      added_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
   fi
 fi
 
@@ -51,5 +66,6 @@ case "$what" in
     cd "$build"
     exec ctest --output-on-failure -j 2 --timeout 300
     ;;
-  *) echo "usage: $0 demo|test|build" >&2; exit 2 ;;
+  bench) shift; exec /usr/bin/python3 "$here/bench/run.py" --build "$build" "$@" ;;
+  *) echo "usage: $0 demo|test|build|bench" >&2; exit 2 ;;
 esac

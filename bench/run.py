@@ -1,0 +1,810 @@
+#!/usr/bin/env python3
+"""The DMM sidecar benchmark: the sidecar pair against the direct path, nginx and HAProxy.
+
+    bench/run.py [--quick] [--rounds N] [--sections tput,lat,conn,redis,mem] [--out DIR]
+
+Topology (every variant at once, in one network namespace this script makes with unshare -n,
+everything on 127.0.0.1):
+
+    direct : client -> server
+    others : client -> hop A -> hop B -> server     (each hop its own process)
+
+Variants are measured in interleaved rounds (variant after variant, round after round) so the
+machine's noise hits all of them alike; results are medians with min..max. Output, in --out
+(default /tmp/dmm-bench/<stamp>): raw.csv, results.json, table.txt and PNG charts. How to read
+them: bench/README.md.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Backend services, each on its fixed port, shared by every variant.
+SERVICES = {"iperf3": 5201, "echo": 7000, "http": 8080, "redis": 6379}
+SERVICE_INDEX = {"iperf3": 0, "echo": 1, "http": 2, "redis": 3}
+
+# Variants: name -> (kind, description). The sidecars run on the kernel stack.
+VARIANTS = {
+    "direct": ("direct", "client straight to the server"),
+    "dmm": ("dmm", "dmm-sidecar A -> B, kernel stack, workers=1"),
+    "dmm2": ("dmm", "dmm-sidecar A -> B, kernel stack, workers=2"),
+    "dmmb": ("dmm", "the --compare-sidecar binary, workers=1 (before/after comparisons)"),
+    "nginx": ("nginx", "nginx 1.22 stream, 1 worker, proxy_buffer_size 64k"),
+    "nginx2": ("nginx", "nginx 1.22 stream, 2 workers (reuseport), proxy_buffer_size 64k"),
+    "haproxy": ("haproxy", "haproxy 2.6 mode tcp, nbthread 1, tune.bufsize 65536"),
+    "haproxy2": ("haproxy", "haproxy 2.6 mode tcp, nbthread 2, tune.bufsize 65536"),
+}
+OURS = ("dmm", "dmm2", "dmmb")
+PEERS = ("nginx", "nginx2", "haproxy", "haproxy2")
+FD_HARD_LIMIT_NOTE = "RLIMIT_NOFILE hard limit bounds the idle-connection count"
+
+
+def log(msg):
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def port(variant, hop, service):
+    """Port of `service` on hop `hop` (1 = B, next to the server; 2 = A, next to the client)."""
+    index = list(VARIANTS).index(variant)
+    return 10000 + 100 * index + 10 * hop + SERVICE_INDEX[service]
+
+
+def entry_port(variant, service):
+    return SERVICES[service] if variant == "direct" else port(variant, 2, service)
+
+
+# ---------------------------------------------------------------- process bookkeeping
+
+class Procs:
+    """Everything this run starts, stopped by PID at the end."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.procs = []  # (name, Popen)
+
+    def start(self, name, argv, **kw):
+        out = open(os.path.join(self.run_dir, name + ".log"), "wb")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, **kw)
+        self.procs.append((name, p))
+        return p
+
+    def stop(self):
+        for _, p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 3
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+def descendants(pid):
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for c in f.read().split():
+                    out += descendants(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        s = f.read()
+    return s[s.rindex(")") + 2:].split()
+
+
+def pid_ticks(pids):
+    t = 0
+    for p in pids:
+        try:
+            f = stat_fields(p)
+            t += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        except (OSError, IndexError):
+            pass
+    return t
+
+
+def rss_kb(pids):
+    t = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        t += int(line.split()[1])
+        except OSError:
+            pass
+    return t
+
+
+def tree_ticks(root):
+    """(ticks of root's process tree, ticks of every other user process): the second is the
+    CPU other tenants of the machine used (kernel threads excluded)."""
+    parent, ticks = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            f = stat_fields(int(d))
+        except OSError:
+            continue
+        parent[int(d)] = int(f[1])
+        ticks[int(d)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    ours = others = 0
+    for p, t in ticks.items():
+        if p == 2 or parent.get(p) == 2:
+            continue
+        q, k, mine = p, 0, False
+        while q > 1 and k < 64:
+            if q == root:
+                mine = True
+                break
+            q = parent.get(q, 1)
+            k += 1
+        if mine:
+            ours += t
+        else:
+            others += t
+    return ours, others
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- configuration of the hops
+
+def nginx_conf(d, variant, hop, workers):
+    lines = [
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;",
+        f"worker_processes {workers};",
+        "worker_rlimit_nofile 20000;",
+        f"pid {d}/nginx.pid;",
+        "user root;",
+        "events { worker_connections 19500; }",
+        "stream {",
+        "  proxy_buffer_size 64k;",
+    ]
+    reuse = " reuseport" if workers > 1 else ""
+    for s in SERVICES:
+        target = SERVICES[s] if hop == 1 else port(variant, 1, s)
+        lines.append(f"  server {{ listen 127.0.0.1:{port(variant, hop, s)} backlog=8192{reuse}; "
+                     f"proxy_pass 127.0.0.1:{target}; }}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def haproxy_conf(variant, hop, threads):
+    lines = ["global", f"    nbthread {threads}", "    maxconn 9400", "    tune.bufsize 65536",
+             "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 300s",
+             "    timeout server 300s", "    maxconn 9400"]
+    for s in SERVICES:
+        target = SERVICES[s] if hop == 1 else port(variant, 1, s)
+        lines += [f"frontend f{s}", f"    bind 127.0.0.1:{port(variant, hop, s)} backlog 8192",
+                  f"    default_backend b{s}", f"backend b{s}", f"    server s 127.0.0.1:{target}"]
+    return "\n".join(lines) + "\n"
+
+
+PSK = "bench-pre-shared-key-0123456789"
+
+
+def sidecar_conf(variant, hop, workers, log_level, relay=""):
+    """Hop B (1) serves the tunnel; hop A (2) has one [[forward]] listener per service, each bound
+    for that service's address, which it reaches through B."""
+    tunnel = port(variant, 1, "iperf3") + 9  # x9: B's tunnel port
+    common = [
+        "[sidecar]", f"workers = {workers}",
+        "[log]", f'level = "{log_level}"', 'format = "plain"',
+        "[capture]", "enabled = false",
+        "[security]", f'psk = "{PSK}"',
+        "[metrics]", f'listen = "127.0.0.1:{port(variant, hop, "iperf3") + 8}"',
+        "[timeouts]", 'idle = "10m"',
+        "[relay]", relay.replace(";", "\n"),
+    ]
+    if hop == 1:
+        lines = common + ["[tunnel]", f'listen = "127.0.0.1:{tunnel}"',
+                          "[inbound]", "allow_local = false",
+                          "[[inbound.allow]]", 'cidr = "127.0.0.1/32"',
+                          "ports = [" + ", ".join(f'"{p}"' for p in SERVICES.values()) + "]"]
+    else:
+        lines = common + ["[tunnel]", "enabled = false", f"port = {tunnel}"]
+        for s, p in SERVICES.items():
+            lines += ["[[forward]]", f'listen = "127.0.0.1:{port(variant, 2, s)}"',
+                      f'destination = "127.0.0.1:{p}"']
+    return "\n".join(lines) + "\n"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = args.out
+        self.run_dir = os.path.join(self.out, "run")
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.procs = Procs(self.run_dir)
+        self.hops = {}  # variant -> {hop: Popen}
+        self.echo = None
+        self.rows = []  # section, variant, metric, round, value
+        self.root = os.getpid()
+        self.tool = os.path.join(args.build, "bench", "dmm-bench-tool")
+        self.sidecar = os.path.join(args.build, "proxy", "dmm-sidecar")
+        self.variants = [v for v in VARIANTS if v in args.variants]
+
+    # -------------------------------------------------------------- setup
+    def start_servers(self):
+        www = os.path.join(self.run_dir, "www")
+        origin = os.path.join(self.run_dir, "nginx-origin")
+        os.makedirs(www, exist_ok=True)
+        os.makedirs(os.path.join(origin, "tmp"), exist_ok=True)
+        with open(os.path.join(www, "small.txt"), "w") as f:
+            f.write("x" * 64)
+        self.procs.start("iperf3-server", ["iperf3", "-s", "-p", "5201", "-B", "127.0.0.1"])
+        self.echo = self.procs.start("echo-server", [self.tool, "echo", "7000"])
+        t = os.path.join(origin, "tmp")
+        with open(os.path.join(origin, "nginx.conf"), "w") as f:
+            f.write(f"""worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {origin}/nginx.pid;
+user root;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  default_type text/plain;
+  sendfile on;
+  keepalive_requests 1000000;
+  client_body_temp_path {t}/body; proxy_temp_path {t}/proxy; fastcgi_temp_path {t}/fcgi;
+  uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;
+  server {{ listen 127.0.0.1:8080 backlog=8192; root {www}; }}
+}}
+""")
+        self.procs.start("nginx-origin", ["nginx", "-e", os.path.join(origin, "error.log"),
+                                          "-p", origin, "-c", os.path.join(origin, "nginx.conf"),
+                                          "-g", "daemon off;"])
+        self.procs.start("redis", ["redis-server", "--port", "6379", "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                                   "--dir", self.run_dir, "--maxclients", "10000"])
+
+    def start_hop(self, variant, hop):
+        kind = VARIANTS[variant][0]
+        d = os.path.join(self.run_dir, f"{variant}-{hop}")
+        os.makedirs(d, exist_ok=True)
+        name = f"{variant}-{'AB'[2 - hop]}"
+        if kind == "nginx":
+            workers = 2 if variant.endswith("2") else 1
+            conf = os.path.join(d, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(nginx_conf(d, variant, hop, workers))
+            return self.procs.start(name, ["nginx", "-e", os.path.join(d, "error.log"), "-p", d,
+                                           "-c", conf, "-g", "daemon off;"])
+        if kind == "haproxy":
+            threads = 2 if variant.endswith("2") else 1
+            conf = os.path.join(d, "haproxy.cfg")
+            with open(conf, "w") as f:
+                f.write(haproxy_conf(variant, hop, threads))
+            return self.procs.start(name, ["haproxy", "-db", "-f", conf])
+        if kind == "dmm":
+            workers = 2 if variant.endswith("2") else 1
+            conf = os.path.join(d, "sidecar.toml")
+            with open(conf, "w") as f:
+                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level,
+                                     self.args.sidecar_relay))
+            check = subprocess.run([self.sidecar if variant != "dmmb" else
+                                    self.args.compare_sidecar, "--mode", "validate", "-c", conf],
+                                   capture_output=True, text=True)
+            if check.returncode != 0:
+                raise SystemExit(f"sidecar config {conf} invalid:\n{check.stderr}")
+            binary = self.args.compare_sidecar if variant == "dmmb" else self.sidecar
+            return self.procs.start(name, [binary, "-c", conf])
+        raise ValueError(variant)
+
+    def start_proxies(self):
+        for v in self.variants:
+            if v == "direct":
+                continue
+            self.hops[v] = {1: self.start_hop(v, 1), 2: self.start_hop(v, 2)}
+
+    def wait_listening(self):
+        want = set(SERVICES.values())
+        for v in self.hops:
+            for hop in (1, 2):
+                for s in SERVICES:
+                    want.add(port(v, hop, s))
+        want -= {port(v, 1, s) for v in self.hops if VARIANTS[v][0] == "dmm" for s in SERVICES}
+        deadline = time.time() + 15
+        missing = want
+        while time.time() < deadline:
+            out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+            listening = {int(m) for m in re.findall(r":(\d+)\s", out)}
+            missing = want - listening
+            if not missing:
+                return
+            time.sleep(0.1)
+        raise SystemExit(f"not listening after 15 s: {sorted(missing)}; see {self.run_dir}")
+
+    def hop_pids(self, variant, hop=None):
+        if variant not in self.hops:
+            return []
+        hops = (1, 2) if hop is None else (hop,)
+        pids = []
+        for h in hops:
+            pids += descendants(self.hops[variant][h].pid)
+        return pids
+
+    # -------------------------------------------------------------- measuring
+    def record(self, section, variant, metric, rnd, value):
+        if value is None:
+            return
+        self.rows.append((section, variant, metric, rnd, float(value)))
+
+    def measure(self, section, variant, rnd, argv, timeout):
+        """Runs argv; records the CPU of the proxies, of this run, and of other tenants."""
+        pids = self.hop_pids(variant)
+        o0, f0 = tree_ticks(self.root)
+        p0 = pid_ticks(pids)
+        t0 = time.time()
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            out = r.stdout + r.stderr
+        except subprocess.TimeoutExpired:
+            out = ""
+            log(f"{section} {variant}: timed out: {' '.join(argv)}")
+        dt = time.time() - t0
+        p1 = pid_ticks(pids)
+        o1, f1 = tree_ticks(self.root)
+        proxy_pct = 100.0 * (p1 - p0) / HZ / dt
+        self.record(section, variant, "ours%", rnd, 100.0 * (o1 - o0) / HZ / dt)
+        self.record(section, variant, "others%", rnd, 100.0 * (f1 - f0) / HZ / dt)
+        if variant != "direct":
+            self.record(section, variant, "proxy%", rnd, proxy_pct)
+        return out, proxy_pct
+
+    def pin(self, cpus):
+        pids = [self.echo.pid]
+        for v in self.hops:
+            pids += self.hop_pids(v)
+        for p in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(p)], capture_output=True)
+
+    def run_tput(self, rnd):
+        t = self.args.t_tput
+        for streams in (1, 8):
+            sec = f"tput-P{streams}"
+            for v in self.variants:
+                out, pct = self.measure(sec, v, rnd, ["iperf3", "-c", "127.0.0.1", "-p",
+                                                      str(entry_port(v, "iperf3")), "-t", str(t),
+                                                      "-P", str(streams), "-J"], t + 15)
+                try:
+                    gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+                except (ValueError, KeyError):
+                    log(f"{sec} {v}: iperf3 failed: {out[-300:]}")
+                    continue
+                self.record(sec, v, "Gbit/s", rnd, gbps)
+                if v != "direct" and pct >= 5:
+                    self.record(sec, v, "Gbit/s per proxy core", rnd, gbps * 100.0 / pct)
+
+    def parse_kv(self, out):
+        return {k: float(x) for k, x in re.findall(r"(\w+)=([0-9.]+)", out)}
+
+    def run_lat(self, rnd):
+        t = self.args.t_lat
+        for pinned in (False, True):
+            sec = "rr64-pinned" if pinned else "rr64"
+            if pinned:
+                self.pin("0")
+            try:
+                for v in self.variants:
+                    argv = [self.tool, "rr", "127.0.0.1", str(entry_port(v, "echo")), "64", str(t)]
+                    if pinned:
+                        argv = ["taskset", "-c", "0"] + argv
+                    out, pct = self.measure(sec, v, rnd, argv, t + 10)
+                    kv = self.parse_kv(out)
+                    if "tps" not in kv:
+                        log(f"{sec} {v}: failed: {out[-300:]}")
+                        continue
+                    self.record(sec, v, "p50 us", rnd, kv["p50_us"])
+                    self.record(sec, v, "p99 us", rnd, kv["p99_us"])
+                    self.record(sec, v, "transactions/s", rnd, kv["tps"])
+                    if v != "direct" and kv["tps"] > 0:
+                        self.record(sec, v, "proxy CPU us per transaction", rnd,
+                                    pct / 100.0 * 1e6 / kv["tps"])
+            finally:
+                if pinned:
+                    self.pin(f"0-{os.cpu_count() - 1}")
+
+    def run_conn(self, rnd):
+        t = self.args.t_conn
+        for v in self.variants:
+            url = f"http://127.0.0.1:{entry_port(v, 'http')}/small.txt"
+            out, pct = self.measure("conn-wrk", v, rnd, ["wrk", "-t1", "-c32", f"-d{t}s", "-H",
+                                                          "Connection: close", url], t + 15)
+            m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+            if not m:
+                log(f"conn-wrk {v}: failed: {out[-300:]}")
+            else:
+                self.record("conn-wrk", v, "connections/s", rnd, m.group(1))
+                errors = sum(int(x) for x in re.findall(
+                    r"(?:connect|read|write|timeout) (\d+)", out))
+                m2 = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+                self.record("conn-wrk", v, "errors", rnd, errors + (int(m2.group(1)) if m2 else 0))
+            out, _ = self.measure("conn-seq", v, rnd, [self.tool, "crr", "127.0.0.1",
+                                                       str(entry_port(v, "echo")), "64", str(t)],
+                                  t + 10)
+            kv = self.parse_kv(out)
+            if "cps" in kv:
+                self.record("conn-seq", v, "connections/s", rnd, kv["cps"])
+                self.record("conn-seq", v, "p50 us", rnd, kv["p50_us"])
+            else:
+                log(f"conn-seq {v}: failed: {out[-300:]}")
+
+    def run_redis(self, rnd):
+        for pipeline in (1, 16):
+            sec = f"redis-P{pipeline}"
+            n = self.args.redis_n if pipeline == 1 else self.args.redis_n * 8
+            for v in self.variants:
+                out, _ = self.measure(sec, v, rnd, [
+                    "redis-benchmark", "-h", "127.0.0.1", "-p", str(entry_port(v, "redis")),
+                    "-t", "set,get", "-n", str(n), "-c", "50", "-P", str(pipeline), "--csv"], 90)
+                got = False
+                for row in csv.reader(out.splitlines()):
+                    if row and row[0] in ("SET", "GET"):
+                        self.record(sec, v, f"{row[0]} requests/s", rnd, row[1])
+                        got = True
+                if not got:
+                    log(f"{sec} {v}: failed: {out[-300:]}")
+
+    def run_mem(self):
+        n = self.args.mem_conns
+        for v in self.variants:
+            if v == "direct":
+                continue
+            a0 = rss_kb(self.hop_pids(v, 2))
+            b0 = rss_kb(self.hop_pids(v, 1))
+            holder = subprocess.Popen(
+                [self.tool, "idle", "127.0.0.1", str(entry_port(v, "echo")), str(n), "60"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            line = holder.stdout.readline()
+            if not line.startswith("READY"):
+                log(f"mem {v}: the idle holder failed: {line.strip()}")
+                holder.kill()
+                holder.wait()
+                continue
+            time.sleep(0.5)
+            a1 = rss_kb(self.hop_pids(v, 2))
+            b1 = rss_kb(self.hop_pids(v, 1))
+            holder.terminate()
+            holder.wait()
+            self.record("mem", v, "KB per idle connection, hop A", 1, (a1 - a0) / n)
+            self.record("mem", v, "KB per idle connection, hop B", 1, (b1 - b0) / n)
+            self.record("mem", v, "KB per idle connection per hop", 1, (a1 - a0 + b1 - b0) / n / 2)
+            self.record("mem", v, "RSS MB both hops, idle", 1, (a0 + b0) / 1024)
+            time.sleep(1.5)  # let the hops tear down before the next variant
+
+    # -------------------------------------------------------------- main
+    def run(self):
+        start = time.time()
+        self.start_servers()
+        self.start_proxies()
+        self.wait_listening()
+        time.sleep(0.5)
+        subprocess.run(["redis-cli", "-p", "6379", "set", "key:__rand_int__", "x"],
+                       capture_output=True)
+        if self.args.shell:
+            # Exploration: the same namespace, servers and hops, then a command of yours.
+            env = dict(os.environ, BENCH_TOOL=self.tool, BENCH_RUN=self.run_dir)
+            for v in self.variants:
+                for s in SERVICES:
+                    env[f"PORT_{v}_{s}"] = str(entry_port(v, s))
+                for hop in (1, 2):
+                    env[f"PIDS_{v}_{'AB'[2 - hop]}"] = " ".join(map(str, self.hop_pids(v, hop)))
+            subprocess.run(["bash", "-c", self.args.shell], env=env)
+            self.elapsed = time.time() - start
+            return
+        sections = self.args.sections
+        for rnd in range(1, self.args.rounds + 1):
+            for sec, fn in (("tput", self.run_tput), ("lat", self.run_lat),
+                            ("conn", self.run_conn), ("redis", self.run_redis)):
+                if sec in sections:
+                    log(f"round {rnd}/{self.args.rounds}: {sec}")
+                    fn(rnd)
+        if "mem" in sections:
+            log(f"memory per idle connection ({self.args.mem_conns} connections)")
+            self.run_mem()
+        self.elapsed = time.time() - start
+        log(f"measured in {self.elapsed:.0f} s")
+
+
+# ---------------------------------------------------------------- reporting
+
+# The bar (bench/README.md): (section, metric, better, required ratio or absolute bound).
+BAR = [
+    ("tput-P1", "Gbit/s", "higher", 1.3, "iperf3 1 stream, two hops"),
+    ("tput-P1", "Gbit/s per proxy core", "higher", 1.3, "Gbit/s per proxy core (1 stream)"),
+    ("rr64-pinned", "p50 us", "lower", 0.85, "64 B ping-pong p50, pinned to one core"),
+    ("conn-wrk", "connections/s", "higher", 1.3, "new connections/s (wrk), two hops"),
+    ("redis-P1", "GET requests/s", "higher", 1.2, "redis-benchmark GET pipeline 1"),
+    ("redis-P1", "SET requests/s", "higher", 1.2, "redis-benchmark SET pipeline 1"),
+    ("mem", "KB per idle connection per hop", "absolute", 1.0,
+     "process memory per idle connection per hop (KB)"),
+]
+LOWER_IS_BETTER = ("us", "KB", "errors", "%")
+
+
+def lower_better(metric):
+    return any(metric.endswith(s) or s + " " in metric for s in LOWER_IS_BETTER)
+
+
+def summarize(rows):
+    data = {}
+    for sec, v, metric, _, value in rows:
+        data.setdefault(sec, {}).setdefault(metric, {}).setdefault(v, []).append(value)
+    summary = {}
+    for sec, metrics in data.items():
+        for metric, by_variant in metrics.items():
+            for v, values in by_variant.items():
+                summary.setdefault(sec, {}).setdefault(metric, {})[v] = {
+                    "median": statistics.median(values), "min": min(values), "max": max(values),
+                    "n": len(values)}
+    return summary
+
+
+def fmt(x):
+    if x is None:
+        return "-"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def best_peer(by_variant, lower):
+    peers = [(s["median"], v) for v, s in by_variant.items() if v in PEERS]
+    if not peers:
+        return None, None
+    return (min if lower else max)(peers)
+
+
+def table(summary, variants, ours):
+    lines = []
+    for sec, metrics in summary.items():
+        lines.append(f"== {sec}")
+        header = f"{'metric':32s}" + "".join(f"{v:>22s}" for v in variants)
+        header += f"  {ours + ' vs best peer':>22s}"
+        lines.append(header)
+        for metric, by_variant in metrics.items():
+            lower = lower_better(metric)
+            row = f"{metric:32s}"
+            for v in variants:
+                s = by_variant.get(v)
+                cell = "-" if s is None else (
+                    fmt(s["median"]) if s["n"] == 1 else
+                    f"{fmt(s['median'])} [{fmt(s['min'])}..{fmt(s['max'])}]")
+                row += f"{cell:>22s}"
+            peer, name = best_peer(by_variant, lower)
+            mine = by_variant.get(ours)
+            if peer and mine and "%" not in metric and metric != "errors":
+                row += f"  {mine['median'] / peer:>13.2f}x {name:>8s}"
+            lines.append(row)
+        lines.append("")
+    return lines
+
+
+def bar_lines(summary, ours):
+    lines = [f"== the bar ({ours} on the kernel stack vs the best peer in this run)"]
+    verdicts = []
+    for sec, metric, better, need, label in BAR:
+        by_variant = summary.get(sec, {}).get(metric)
+        if not by_variant or ours not in by_variant:
+            lines.append(f"  {label:50s} not measured")
+            continue
+        mine = by_variant[ours]["median"]
+        if better == "absolute":
+            ok = mine <= need
+            lines.append(f"  {label:50s} {fmt(mine):>8s}  required <= {need}  "
+                         f"{'MET' if ok else 'NOT MET'}")
+        else:
+            peer, name = best_peer(by_variant, better == "lower")
+            if peer is None:
+                lines.append(f"  {label:50s} no peer measured")
+                continue
+            ratio = mine / peer
+            ok = ratio <= need if better == "lower" else ratio >= need
+            req = ("<= " if better == "lower" else ">= ") + f"{need}x"
+            lines.append(f"  {label:50s} {fmt(mine):>8s} vs {name} {fmt(peer):>8s} = "
+                         f"{ratio:.2f}x  required {req}  {'MET' if ok else 'NOT MET'}")
+        verdicts.append(ok)
+    return lines, verdicts
+
+
+def charts(summary, variants, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (apt-get install python3-matplotlib): no charts")
+        return []
+    files = []
+    for sec, metrics in summary.items():
+        shown = [m for m in metrics if "%" not in m and m != "errors"]
+        if not shown:
+            continue
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+        for ax, metric in zip(axes[0], shown):
+            by_variant = metrics[metric]
+            names = [v for v in variants if v in by_variant]
+            med = [by_variant[v]["median"] for v in names]
+            err = [[by_variant[v]["median"] - by_variant[v]["min"] for v in names],
+                   [by_variant[v]["max"] - by_variant[v]["median"] for v in names]]
+            colors = ["tab:green" if v in OURS else "tab:gray" if v == "direct" else "tab:blue"
+                      for v in names]
+            ax.bar(names, med, yerr=err, color=colors, capsize=3)
+            ax.set_title(metric, fontsize=9)
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        fig.suptitle(sec + " (median, min..max)")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{sec}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def versions():
+    def first(argv):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+    return {
+        "kernel": os.uname().release, "cpus": os.cpu_count(),
+        "iperf3": first(["iperf3", "--version"]), "wrk": first(["wrk", "-v"]),
+        "haproxy": first(["haproxy", "-v"]), "nginx": first(["nginx", "-v"]),
+        "redis": first(["redis-server", "--version"]),
+    }
+
+
+def report(bench, args):
+    summary = summarize(bench.rows)
+    variants = bench.variants
+    with open(os.path.join(args.out, "raw.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["section", "variant", "metric", "round", "value"])
+        w.writerows(bench.rows)
+    lines = [f"DMM sidecar benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}, "
+             f"rounds={args.rounds}, {'quick' if args.quick else 'full'} mode, "
+             f"{bench.elapsed:.0f} s"]
+    for k, v in versions().items():
+        lines.append(f"  {k}: {v}")
+    for v in variants:
+        lines.append(f"  {v}: {VARIANTS[v][1]}")
+    lines.append("values: median [min..max] over rounds; ratio = ours / best peer (median); "
+                 "proxy% = CPU of both hops, ours% = everything this run started, others% = "
+                 "other tenants of the machine (noise), all in % of one core")
+    lines.append("")
+    lines += table(summary, variants, args.ours)
+    bar, verdicts = bar_lines(summary, args.ours)
+    lines += bar
+    others = [r[4] for r in bench.rows if r[2] == "others%"]
+    if others:
+        lines.append(f"  CPU used by other tenants during the measurements: median "
+                     f"{statistics.median(others):.0f}%, max {max(others):.0f}% of one core")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "table.txt"), "w") as f:
+        f.write(text)
+    pngs = charts(summary, variants, args.out)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"date": datetime.datetime.now().isoformat(), "rounds": args.rounds,
+                   "quick": args.quick, "seconds": bench.elapsed, "versions": versions(),
+                   "variants": {v: VARIANTS[v][1] for v in variants}, "ours": args.ours,
+                   "summary": summary, "bar": bar, "bar_met": all(verdicts) and bool(verdicts),
+                   "charts": [os.path.basename(p) for p in pngs]}, f, indent=1)
+    print(text)
+    log(f"results in {args.out}: table.txt results.json raw.csv " +
+        " ".join(os.path.basename(p) for p in pngs))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 short rounds (about 3 minutes)")
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--sections", default="tput,lat,conn,redis,mem")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--ours", default="dmm", help="the sidecar variant the bar is judged on")
+    p.add_argument("--build", default=os.path.join(ROOT, "build"))
+    p.add_argument("--out")
+    p.add_argument("--compare-sidecar", help="another dmm-sidecar binary, run as variant dmmb")
+    p.add_argument("--sidecar-log-level", default="info")
+    p.add_argument("--shell", help="set everything up, run this bash snippet instead of measuring "
+                   "(env: PORT_<variant>_<service>, PIDS_<variant>_<A|B>, BENCH_TOOL)")
+    p.add_argument("--sidecar-relay", default="",
+                   help='extra [relay] keys for the sidecars, e.g. "splice = false; buffer_size = 131072"')
+    p.add_argument("--mem-conns", type=int, default=8000, help=FD_HARD_LIMIT_NOTE)
+    a = p.parse_args()
+    a.sections = set(a.sections.split(","))
+    a.variants = set(a.variants.split(",")) | {"direct"}
+    if a.compare_sidecar:
+        a.compare_sidecar = os.path.abspath(a.compare_sidecar)
+    else:
+        a.variants.discard("dmmb")
+    if a.rounds is None:
+        a.rounds = 2 if a.quick else 5
+    a.t_tput = 1 if a.quick else 2
+    a.t_lat = 1 if a.quick else 2
+    a.t_conn = 1 if a.quick else 2
+    a.redis_n = 20000 if a.quick else 50000
+    if a.quick:
+        a.mem_conns = min(a.mem_conns, 3000)
+    if a.out is None:
+        a.out = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dmm-bench",
+                             datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    a.build = os.path.abspath(a.build)
+    a.out = os.path.abspath(a.out)
+    return a
+
+
+def main():
+    args = parse_args()
+    if os.environ.get("DMM_BENCH_IN_NETNS") != "1":
+        if os.geteuid() != 0:
+            sys.exit("bench/run.py: run as root (it makes a network namespace)")
+        for tool in ("iperf3", "wrk", "haproxy", "nginx", "redis-server", "redis-benchmark",
+                     "taskset", "unshare", "ss"):
+            if shutil.which(tool) is None:
+                sys.exit(f"bench/run.py: {tool} is missing; tests/bootstrap.sh bench installs "
+                         "everything")
+        for binary in ("bench/dmm-bench-tool", "proxy/dmm-sidecar"):
+            if not os.access(os.path.join(args.build, binary), os.X_OK):
+                sys.exit(f"bench/run.py: {args.build}/{binary} is not built "
+                         "(tests/bootstrap.sh build)")
+        env = dict(os.environ, DMM_BENCH_IN_NETNS="1")
+        # A hard bound on the whole run; the namespace goes away with its last process.
+        os.execvpe("timeout", ["timeout", "-k", "10", "1500", "unshare", "-n", sys.executable,
+                               os.path.abspath(__file__)] + sys.argv[1:], env)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    for k, v in (("net.ipv4.ip_local_port_range", "12000 65000"), ("net.ipv4.tcp_tw_reuse", "1"),
+                 ("net.core.somaxconn", "8192"), ("net.ipv4.tcp_max_syn_backlog", "8192")):
+        subprocess.run(["sysctl", "-q", "-w", f"{k}={v}"], check=True)
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    os.makedirs(args.out, exist_ok=True)
+    log(f"results -> {args.out} (rounds={args.rounds}, sections={','.join(sorted(args.sections))})")
+    bench = Bench(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    try:
+        bench.run()
+    finally:
+        bench.procs.stop()
+    if not args.shell:
+        report(bench, args)
+
+
+if __name__ == "__main__":
+    main()
