@@ -81,8 +81,8 @@ void Relay::resume() {
   settle();
 }
 
-bool Relay::acquireSpace(Flow& f) {
-  if (f.splice) {
+bool Relay::acquireSpace(Flow& f, bool pipe) {
+  if (pipe) {
     if (f.pipe_read >= 0) return true;
     return worker_.pipes().get(f.pipe_read, f.pipe_write);
   }
@@ -117,7 +117,35 @@ Relay::Step Relay::readIn(Flow& f) {
     f.head = 0;
   }
   auto r = f.src->read({f.buffer + f.head + f.pending, size - f.head - f.pending});
-  return {r.status, r.bytes, r.err};
+  if (r.status == Status::kOk) f.pending += static_cast<std::uint32_t>(r.bytes);
+  return {r.status, r.bytes, r.err, r.drained};
+}
+
+Relay::Step Relay::copyThrough(Flow& f, std::size_t& written) {
+  auto scratch = worker_.scratch();
+  auto r = f.src->read(scratch);
+  if (r.status != Status::kOk) return {r.status, 0, r.err, false};
+  std::size_t out = 0;
+  if (f.dst_writable) {
+    auto w = f.dst->write(scratch.first(r.bytes));
+    if (w.status == Status::kOk) {
+      out = w.bytes;
+    } else if (w.status == Status::kWouldBlock) {
+      f.dst_writable = false;
+    } else {
+      return {w.status, 0, w.err, false};
+    }
+  }
+  written += out;
+  if (out < r.bytes) {  // keep what the destination could not take yet
+    if (!acquireSpace(f, false)) return {Status::kError, 0, ENOMEM, false};
+    f.pending = static_cast<std::uint32_t>(r.bytes - out);
+    f.head = 0;
+    std::memcpy(f.buffer, scratch.data() + out, f.pending);
+  }
+  // A read that filled the scratch buffer means a stream: splice it from the next read on.
+  if (r.bytes == scratch.size() && f.splice) f.bulk = true;
+  return {Status::kOk, r.bytes, 0, r.drained};
 }
 
 Relay::Step Relay::writeOut(Flow& f) {
@@ -126,37 +154,40 @@ Relay::Step Relay::writeOut(Flow& f) {
     f.head += static_cast<std::uint32_t>(r.bytes);
     if (r.bytes == f.pending) f.head = 0;
   }
-  return {r.status, r.bytes, r.err};
+  return {r.status, r.bytes, r.err, false};
 }
 
 Relay::Step Relay::spliceIn(Flow& f) {
   std::size_t room = worker_.pipes().pipeSize() - f.pending;
   ssize_t n = ::splice(f.src->fd(), nullptr, f.pipe_write, nullptr, room,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0};
-  if (n == 0) return {Status::kEof, 0, 0};
+  if (n > 0) {
+    f.pending += static_cast<std::uint32_t>(n);
+    // Small reads mean the stream slowed down: copy again once the pipe is empty.
+    if (static_cast<std::size_t>(n) < kSmallRead) f.bulk = false;
+    return {Status::kOk, static_cast<std::size_t>(n), 0, false};
+  }
+  if (n == 0) return {Status::kEof, 0, 0, false};
   auto r = IoResult::fromErrno(errno);
-  return {r.status, 0, r.err};
+  return {r.status, 0, r.err, false};
 }
 
 Relay::Step Relay::spliceOut(Flow& f) {
   ssize_t n = ::splice(f.pipe_read, nullptr, f.dst->fd(), nullptr, f.pending,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0};
+  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0, false};
   auto r = IoResult::fromErrno(n == 0 ? EPIPE : errno);
-  return {r.status, 0, r.err};
+  return {r.status, 0, r.err, false};
 }
 
 bool Relay::pump(Flow& f) {
   if (finished_) return false;
-  const auto& config = worker_.config();
-  const std::size_t high = f.splice ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
-  const std::size_t low = config.low_watermark;
+  const std::size_t low = worker_.config().low_watermark;
   std::size_t moved = 0;
   for (;;) {
     bool progress = false;
     if (f.pending > 0 && f.dst_writable) {
-      Step s = f.splice ? spliceOut(f) : writeOut(f);
+      Step s = f.pipe_read >= 0 ? spliceOut(f) : writeOut(f);
       if (s.status == Status::kOk) {
         f.pending -= static_cast<std::uint32_t>(s.bytes);
         moved += s.bytes;
@@ -171,35 +202,40 @@ bool Relay::pump(Flow& f) {
     if (f.pending == 0) releaseSpace(f);
 
     if (!f.src_eof && f.src_readable) {
+      const bool in_pipe = f.pipe_read >= 0;
+      const std::size_t high =
+          in_pipe ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
       if (f.pending >= high || (f.paused && f.pending > low)) {
         if (!f.paused) {
           f.paused = true;
           worker_.metrics().relayPaused(direction(f));
         }
-      } else if (!acquireSpace(f)) {
-        // No pipe or buffer could be made (out of fds or memory): this connection cannot go on.
-        fail(Step{Status::kError, 0, errno != 0 ? errno : ENOMEM});
-        return false;
       } else {
         f.paused = false;
-        Step s = f.splice ? spliceIn(f) : readIn(f);
+        // Held bytes stay where they are (pipe or buffer) until written. An empty flow copies
+        // through the scratch buffer, or splices when it carries bulk.
+        const bool use_pipe = in_pipe || (f.pending == 0 && f.splice && f.bulk);
+        if (use_pipe && !acquireSpace(f, true)) {
+          // No pipe could be made (out of fds): this connection cannot go on.
+          fail(Step{Status::kError, 0, errno != 0 ? errno : EMFILE, false});
+          return false;
+        }
+        Step s = use_pipe ? spliceIn(f) : f.pending > 0 ? readIn(f) : copyThrough(f, moved);
         if (s.status == Status::kOk) {
-          f.pending += static_cast<std::uint32_t>(s.bytes);
           progress = true;
+          if (s.drained) f.src_readable = false;
         } else if (s.status == Status::kWouldBlock) {
           // With bytes in the pipe, EAGAIN may mean "pipe full" rather than "socket empty"
           // (each skb fragment takes a pipe slot): keep the readiness and retry after a flush.
-          if (!(f.splice && f.pending > 0)) f.src_readable = false;
+          if (!(use_pipe && f.pending > 0)) f.src_readable = false;
         } else if (s.status == Status::kEof) {
           f.src_eof = true;
-        } else if (f.splice && (s.err == EINVAL || s.err == ENOSYS) && f.pending == 0) {
+        } else if (use_pipe && (s.err == EINVAL || s.err == ENOSYS) && f.pending == 0) {
           // splice() refused this pair: copy from now on, here and in this worker.
           releaseSpace(f);
           for (auto& other : flows_) {
-            if (other.pending == 0) {
-              releaseSpace(other);
-              other.splice = false;
-            }
+            other.splice = false;
+            other.bulk = false;
           }
           worker_.disableSplice();
           worker_.metrics().spliceDisabled();

@@ -3,9 +3,12 @@
 //
 // Each direction (a "flow": upstream = downstream side -> upstream side, i.e. client to server)
 // is independent:
-//   - kernel-to-kernel flows splice() through a pipe taken from the worker's pool only while
-//     bytes are in flight; other flows copy through a buffer from the worker's pool, again only
-//     while bytes are held, so an idle connection holds no buffer at all;
+//   - a flow reads into the worker's scratch buffer and writes straight on; only bytes the
+//     destination cannot take now are kept, in a buffer from the worker's pool. Kernel-to-kernel
+//     flows that carry bulk (a read filled the scratch buffer) switch to splice() through a pipe
+//     from the worker's pool, and back to copying when reads get small: a copy is cheaper for
+//     small messages, splice() for streams. Space is held only while bytes are in flight, so an
+//     idle connection holds no buffer and no pipe;
 //   - the bytes held per flow stay below the high watermark (relay.buffer_size): reading pauses
 //     there and resumes at or below relay.low_watermark, so a slow reader stops its writer;
 //   - end of stream is passed on as a half-close once everything read has been written;
@@ -82,8 +85,9 @@ class Relay final : public Deferrable,
     std::byte* buffer = nullptr;  // copy mode: the buffer holding bytes in flight
     std::uint32_t head = 0;       // copy mode: offset of the first pending byte
     std::uint32_t pending = 0;    // bytes read from src and not yet written to dst
-    bool splice = false;
-    bool src_readable = true;  // edge-triggered readiness not yet consumed
+    bool splice = false;          // splice() may be used for this flow
+    bool bulk = false;            // reads are large: splice() from the next read on an empty flow
+    bool src_readable = true;     // edge-triggered readiness not yet consumed
     bool dst_writable = true;
     bool src_eof = false;
     bool shut = false;    // end of stream passed on to dst
@@ -95,7 +99,10 @@ class Relay final : public Deferrable,
     stacks::IoResult::Status status;
     std::size_t bytes;
     int err;
+    bool drained;  // the source holds nothing more now (see IoResult::drained)
   };
+  // A splice() read smaller than this ends bulk mode.
+  static constexpr std::size_t kSmallRead = 4096;
 
   Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConnection> downstream,
         std::unique_ptr<stacks::StackConnection> upstream);
@@ -106,10 +113,13 @@ class Relay final : public Deferrable,
   // Moves what can move now. Returns false if the relay finished inside.
   bool pump(Flow& f);
   Step readIn(Flow& f);
+  // Reads into the worker's scratch buffer and writes straight to dst (adding to `written`);
+  // what dst does not take is kept in a pooled buffer.
+  Step copyThrough(Flow& f, std::size_t& written);
   Step writeOut(Flow& f);
   Step spliceIn(Flow& f);
   Step spliceOut(Flow& f);
-  bool acquireSpace(Flow& f);
+  bool acquireSpace(Flow& f, bool pipe);
   void releaseSpace(Flow& f);
   void fail(const Step& step);
   // Re-evaluates after a pump: finished, half-closed, activity.

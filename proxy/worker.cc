@@ -129,7 +129,8 @@ Worker::Worker(SidecarContext& context, unsigned index)
     : context_(context),
       index_(index),
       pipes_(context.config.buffer_size, kIdlePipes),
-      buffers_(context.config.buffer_size, kIdleBuffers) {
+      buffers_(context.config.buffer_size, kIdleBuffers),
+      scratch_(new std::byte[context.config.buffer_size]) {
   const auto& c = context.config;
   // Timeouts are checked by a sweep; its period bounds how late one can fire.
   auto shortest = std::min(c.idle_timeout, c.half_closed_timeout);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -114,6 +115,9 @@ class Worker {
   LocalAddresses& localAddresses() { return local_addresses_; }
   PipePool& pipes() { return pipes_; }
   BufferPool& buffers() { return buffers_; }
+  // A buffer of relay.buffer_size bytes for whatever runs now on this loop (never held across
+  // callbacks).
+  std::span<std::byte> scratch() { return {scratch_.get(), buffers_.bufferSize()}; }
   // False once splice() proved unusable here; relays then copy.
   bool spliceUsable() const { return splice_usable_; }
   void disableSplice() { splice_usable_ = false; }
@@ -165,6 +169,7 @@ class Worker {
   LocalAddresses local_addresses_;
   PipePool pipes_;
   BufferPool buffers_;
+  std::unique_ptr<std::byte[]> scratch_;
   bool splice_usable_ = true;
   bool stopping_ = false;
 };

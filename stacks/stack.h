@@ -54,8 +54,12 @@ struct IoResult {
   Status status = Status::kOk;
   std::size_t bytes = 0;
   int err = 0;
+  // read only, with kOk: the connection is known to hold nothing more right now (a short read
+  // with no end of stream or error pending), so the caller may wait for the next onReadable()
+  // instead of reading again to see kWouldBlock. False means "unknown", never "more".
+  bool drained = false;
 
-  static IoResult ok(std::size_t n) { return {Status::kOk, n, 0}; }
+  static IoResult ok(std::size_t n, bool drained = false) { return {Status::kOk, n, 0, drained}; }
   static IoResult wouldBlock() { return {Status::kWouldBlock, 0, 0}; }
   static IoResult eof() { return {Status::kEof, 0, 0}; }
   static IoResult fromErrno(int e);

@@ -13,7 +13,9 @@ KernelConnection::KernelConnection(EventLoop& loop, UniqueFd fd, ConnectionCallb
                                    bool connecting)
     : fd_(std::move(fd)), callbacks_(&callbacks), connecting_(connecting) {
   (void)net::setAbortOnClose(fd_.get(), true);
-  event_ = loop.newEvent(fd_.get(), EV_READ | EV_WRITE | EV_PERSIST | EV_ET,
+  // EV_CLOSED (EPOLLRDHUP) tells a short read that leaves a FIN or RST behind from one that
+  // drained the socket: only the latter may skip the read that would return EAGAIN.
+  event_ = loop.newEvent(fd_.get(), EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET,
                          &KernelConnection::onEvent, this);
   event_add(event_.get(), nullptr);
 }
@@ -24,6 +26,10 @@ KernelConnection::~KernelConnection() {
 
 void KernelConnection::onEvent(evutil_socket_t, short what, void* arg) {
   auto* self = static_cast<KernelConnection*>(arg);
+  if ((what & EV_CLOSED) != 0) {
+    self->peer_closed_ = true;
+    what |= EV_READ;
+  }
   if (self->connecting_) {
     if ((what & EV_WRITE) == 0 && (what & EV_READ) == 0) return;
     self->connecting_ = false;
@@ -46,7 +52,12 @@ void KernelConnection::onEvent(evutil_socket_t, short what, void* arg) {
 
 IoResult KernelConnection::read(std::span<std::byte> buffer) {
   ssize_t n = ::recv(fd_.get(), buffer.data(), buffer.size(), 0);
-  if (n > 0) return IoResult::ok(static_cast<std::size_t>(n));
+  if (n > 0) {
+    // Edge-triggered: bytes arriving after this read raise a new edge, so a short read with no
+    // FIN or RST seen has emptied the socket.
+    auto got = static_cast<std::size_t>(n);
+    return IoResult::ok(got, got < buffer.size() && !peer_closed_);
+  }
   if (n == 0) return IoResult::eof();
   return IoResult::fromErrno(errno);
 }

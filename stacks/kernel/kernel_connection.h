@@ -32,6 +32,9 @@ class KernelConnection final : public StackConnection {
   EventPtr event_;
   ConnectionCallbacks* callbacks_;
   bool connecting_;
+  // The peer's FIN or RST was seen (EPOLLRDHUP): reads go on to the end, a short read no longer
+  // means drained.
+  bool peer_closed_ = false;
 };
 
 }  // namespace dmm::stacks::kernel
