@@ -309,8 +309,8 @@ http {{
             workers = 2 if variant.endswith("2") else 1
             conf = os.path.join(d, "sidecar.toml")
             with open(conf, "w") as f:
-                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level,
-                                     self.args.sidecar_relay))
+                relay = self.args.compare_relay if variant == "dmmb" else self.args.sidecar_relay
+                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level, relay))
             check = subprocess.run([self.sidecar if variant != "dmmb" else
                                     self.args.compare_sidecar, "--mode", "validate", "-c", conf],
                                    capture_output=True, text=True)
@@ -740,6 +740,8 @@ def parse_args():
     p.add_argument("--build", default=os.path.join(ROOT, "build"))
     p.add_argument("--out")
     p.add_argument("--compare-sidecar", help="another dmm-sidecar binary, run as variant dmmb")
+    p.add_argument("--compare-relay", help="[relay] keys for variant dmmb (default: "
+                   "--sidecar-relay); with or without --compare-sidecar")
     p.add_argument("--sidecar-log-level", default="info")
     p.add_argument("--shell", help="set everything up, run this bash snippet instead of measuring "
                    "(env: PORT_<variant>_<service>, PIDS_<variant>_<A|B>, BENCH_TOOL)")
@@ -749,8 +751,11 @@ def parse_args():
     a = p.parse_args()
     a.sections = set(a.sections.split(","))
     a.variants = set(a.variants.split(",")) | {"direct"}
-    if a.compare_sidecar:
-        a.compare_sidecar = os.path.abspath(a.compare_sidecar)
+    if a.compare_sidecar or a.compare_relay is not None:
+        a.compare_sidecar = os.path.abspath(a.compare_sidecar or
+                                            os.path.join(a.build, "proxy", "dmm-sidecar"))
+        if a.compare_relay is None:
+            a.compare_relay = a.sidecar_relay
     else:
         a.variants.discard("dmmb")
     if a.rounds is None:

@@ -196,6 +196,10 @@ void loadRelay(TomlTable t, Config& c) {
     t.error("low_watermark", "must be below buffer_size (" + std::to_string(c.buffer_size) + ")");
   }
   if (auto v = t.getBool("splice")) c.splice = *v;
+  if (auto v = t.getInt("pipe_size", 4096, 64 << 20)) c.pipe_size = static_cast<std::uint32_t>(*v);
+  if (c.low_watermark >= c.pipe_size) {
+    t.error("low_watermark", "must be below pipe_size (" + std::to_string(c.pipe_size) + ")");
+  }
   t.rejectUnknown();
 }
 

@@ -86,6 +86,7 @@ struct Config {
   // [relay]
   std::uint32_t buffer_size = 64 * 1024;  // per direction: the high watermark
   std::uint32_t low_watermark = 16 * 1024;
+  std::uint32_t pipe_size = 1024 * 1024;  // splice() pipes: the high watermark of bulk flows
   bool splice = true;
 
   // [security]

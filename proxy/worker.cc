@@ -128,7 +128,7 @@ void BufferPool::put(std::byte* buffer) {
 Worker::Worker(SidecarContext& context, unsigned index)
     : context_(context),
       index_(index),
-      pipes_(context.config.buffer_size, kIdlePipes),
+      pipes_(context.config.pipe_size, kIdlePipes),
       buffers_(context.config.buffer_size, kIdleBuffers),
       scratch_(new std::byte[context.config.buffer_size]) {
   const auto& c = context.config;

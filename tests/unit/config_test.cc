@@ -232,6 +232,15 @@ TEST_F(ConfigTest, ListenListsMustNotBeEmpty) {
 TEST_F(ConfigTest, WatermarksMustBeOrdered) {
   EXPECT_FALSE(load(std::string(kKey) + "[relay]\nbuffer_size = 8192\nlow_watermark = 8192\n"));
   EXPECT_NE(errors().find("must be below buffer_size"), std::string::npos) << errors();
+  EXPECT_FALSE(load(std::string(kKey) + "[relay]\npipe_size = 8192\nlow_watermark = 8192\n"));
+  EXPECT_NE(errors().find("sidecar.toml:5:17: error: 'low_watermark' in [relay]: must be below "
+                          "pipe_size (8192)"),
+            std::string::npos)
+      << errors();
+  auto c = load(std::string(kKey) + "[relay]\npipe_size = 262144\n");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->pipe_size, 262144u);
+  EXPECT_EQ(load(kKey)->pipe_size, 1u << 20);
 }
 
 TEST_F(ConfigTest, CaptureNeedsAMark) {
