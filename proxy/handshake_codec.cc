@@ -19,6 +19,7 @@ enum Tlv : std::uint16_t {
   kTlvQos = 0x0005,
   kTlvKeyId = 0x0006,
   kTlvConnectionId = 0x0007,
+  kTlvFraming = 0x0008,  // HELLO and REPLY: the data is framed and the connection reusable
   kTlvResult = 0x0010,
   kTlvChosen = 0x0011,
   kTlvSessionToken = 0x0012,
@@ -309,6 +310,11 @@ std::vector<std::uint8_t> encodeHello(const Hello& hello, std::span<const std::u
     w.u64(hello.connection_id);
     w.endTlv(at);
   }
+  if (hello.framing != 0) {
+    at = w.beginTlv(kTlvFraming);
+    w.u8(hello.framing);
+    w.endTlv(at);
+  }
   return w.finish(key, {});
 }
 
@@ -319,9 +325,9 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
     result.error = e;
     return result;
   }
-  static constexpr std::uint16_t kKnown[] = {kTlvNonce,       kTlvTimestamp, kTlvOriginalDst,
-                                             kTlvStackOffer,  kTlvQos,       kTlvKeyId,
-                                             kTlvConnectionId};
+  static constexpr std::uint16_t kKnown[] = {kTlvNonce,        kTlvTimestamp, kTlvOriginalDst,
+                                             kTlvStackOffer,   kTlvQos,       kTlvKeyId,
+                                             kTlvConnectionId, kTlvFraming};
   std::vector<TlvView> tlvs;
   tlvs.reserve(8);
   std::size_t auth_at = 0;
@@ -337,6 +343,7 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
   const TlvView* qos = nullptr;
   const TlvView* key_id = nullptr;
   const TlvView* conn_id = nullptr;
+  const TlvView* framing = nullptr;
   std::size_t offers = 0;
   auto once = [](const TlvView*& slot, const TlvView& t, std::size_t size) {
     if (slot != nullptr || (size != 0 && t.value.size() != size)) return false;
@@ -367,6 +374,9 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
         break;
       case kTlvConnectionId:
         ok = once(conn_id, t, 8);
+        break;
+      case kTlvFraming:
+        ok = once(framing, t, 1);
         break;
       default:
         break;
@@ -415,6 +425,7 @@ HelloResult decodeHello(std::span<const std::uint8_t> frame, const KeyLookup& ke
   if (qos != nullptr) h.qos = qos->value[0];
   if (key_id != nullptr) h.key_id = key_name;
   if (conn_id != nullptr) h.connection_id = be64(conn_id->value.data());
+  if (framing != nullptr) h.framing = framing->value[0];
   for (const auto& t : tlvs) {
     if (t.type != kTlvStackOffer) continue;
     auto name = t.value.subspan(2, t.value[1]);
@@ -452,6 +463,11 @@ std::vector<std::uint8_t> encodeReply(const Reply& reply, std::span<const std::u
     w.bytes(reply.token->data(), reply.token->size());
     w.endTlv(at);
   }
+  if (reply.framing != 0) {
+    at = w.beginTlv(kTlvFraming);
+    w.u8(reply.framing);
+    w.endTlv(at);
+  }
   return w.finish(key, request_nonce);
 }
 
@@ -462,7 +478,7 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
     result.error = e;
     return result;
   }
-  static constexpr std::uint16_t kKnown[] = {kTlvResult, kTlvChosen, kTlvSessionToken};
+  static constexpr std::uint16_t kKnown[] = {kTlvResult, kTlvChosen, kTlvSessionToken, kTlvFraming};
   std::vector<TlvView> tlvs;
   std::size_t auth_at = 0;
   std::span<const std::uint8_t> mac;
@@ -473,8 +489,12 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   const TlvView* res = nullptr;
   const TlvView* chosen = nullptr;
   const TlvView* token = nullptr;
+  const TlvView* framing = nullptr;
   for (const auto& t : tlvs) {
-    const TlvView** slot = t.type == kTlvResult ? &res : t.type == kTlvChosen ? &chosen : &token;
+    const TlvView** slot = t.type == kTlvResult    ? &res
+                           : t.type == kTlvChosen  ? &chosen
+                           : t.type == kTlvFraming ? &framing
+                                                   : &token;
     if (*slot != nullptr) {
       result.error = RejectReason::kMalformed;
       return result;
@@ -484,7 +504,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   bool sizes_ok = res != nullptr && res->value.size() == 3 &&
                   (chosen == nullptr ||
                    (chosen->value.size() >= 2 && chosen->value.size() == 2u + chosen->value[1])) &&
-                  (token == nullptr || token->value.size() == kTokenSize);
+                  (token == nullptr || token->value.size() == kTokenSize) &&
+                  (framing == nullptr || framing->value.size() == 1);
   if (!sizes_ok) {
     result.error = RejectReason::kMalformed;
     return result;
@@ -520,6 +541,7 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
     std::memcpy(t.data(), token->value.data(), kTokenSize);
     r.token = t;
   }
+  if (framing != nullptr) r.framing = framing->value[0];
   return result;
 }
 

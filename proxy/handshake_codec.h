@@ -72,7 +72,12 @@ struct Hello {
   std::uint8_t qos = 0;
   std::string key_id = "default";
   std::uint64_t connection_id = 0;  // the initiator's id, for log correlation
+  // kFramingV1: the initiator frames this connection's data (tunnel_framing.h) and may reuse
+  // the connection for later sessions; 0: plain bytes, one session per connection.
+  std::uint8_t framing = 0;
 };
+
+inline constexpr std::uint8_t kFramingV1 = 1;
 
 struct Reply {
   bool accepted = false;
@@ -80,6 +85,7 @@ struct Reply {
   std::uint8_t chosen_index = 0;  // index into the HELLO's offers
   std::string chosen_name;        // the responder's instance name
   std::optional<Token> token;     // for stacks that open a data connection of their own
+  std::uint8_t framing = 0;       // accepted: the HELLO's framing, if the responder frames too
 };
 
 struct Prefix {

@@ -5,6 +5,7 @@
 // that the codec agrees with itself.
 
 #include "proxy/handshake_codec.h"
+#include "proxy/tunnel_framing.h"
 
 #include <gtest/gtest.h>
 #include <openssl/evp.h>
@@ -364,6 +365,44 @@ TEST(HandshakeReply, AcceptedRoundTripsWithAToken) {
   EXPECT_EQ(*r.reply.token, t);
 }
 
+TEST(HandshakeFraming, IsOfferedAndAcceptedWithItsOwnTlv) {
+  Hello h = sampleHello();
+  EXPECT_EQ(decodeHello(encodeHello(h, kKey), lookup(kKey), kMaxBody).hello.framing, 0);
+  h.framing = kFramingV1;
+  auto frame = encodeHello(h, kKey);
+  auto r = decodeHello(frame, lookup(kKey), kMaxBody);
+  ASSERT_EQ(r.error, RejectReason::kNone);
+  EXPECT_EQ(r.hello.framing, kFramingV1);
+  // TLV 0x0008, one byte, before AUTH; non-critical, so a v1 responder that predates it
+  // skips it and answers without framing.
+  const Bytes tlv{0x00, 0x08, 0x00, 0x01, 0x01};
+  EXPECT_NE(std::search(frame.begin(), frame.end(), tlv.begin(), tlv.end()), frame.end());
+
+  Reply reply;
+  reply.accepted = true;
+  reply.chosen_name = "kernel";
+  auto nonce = makeNonce(5);
+  EXPECT_EQ(decodeReply(encodeReply(reply, kKey, nonce), kKey, nonce, kMaxBody).reply.framing, 0);
+  reply.framing = kFramingV1;
+  auto rr = decodeReply(encodeReply(reply, kKey, nonce), kKey, nonce, kMaxBody);
+  ASSERT_EQ(rr.error, RejectReason::kNone);
+  EXPECT_EQ(rr.reply.framing, kFramingV1);
+  // Twice, or of the wrong size: malformed.
+  auto twice = RawFrame(2)
+                   .tlv(0x0010, Bytes{0, 0, 0})
+                   .tlv(0x0011, Bytes{0, 6, 'k', 'e', 'r', 'n', 'e', 'l'})
+                   .tlv(0x0008, Bytes{1})
+                   .tlv(0x0008, Bytes{1})
+                   .finish(kKey, nonceBytes(nonce));
+  EXPECT_EQ(decodeReply(twice, kKey, nonce, kMaxBody).error, RejectReason::kMalformed);
+  auto wide = RawFrame(2)
+                  .tlv(0x0010, Bytes{0, 0, 0})
+                  .tlv(0x0011, Bytes{0, 6, 'k', 'e', 'r', 'n', 'e', 'l'})
+                  .tlv(0x0008, Bytes{0, 1})
+                  .finish(kKey, nonceBytes(nonce));
+  EXPECT_EQ(decodeReply(wide, kKey, nonce, kMaxBody).error, RejectReason::kMalformed);
+}
+
 TEST(HandshakeReply, RejectCarriesItsReason) {
   for (auto reason : {RejectReason::kAuthFailed, RejectReason::kStale, RejectReason::kReplayed,
                       RejectReason::kDestinationNotAllowed, RejectReason::kNoCommonStack}) {
@@ -491,3 +530,78 @@ TEST(HandshakeNames, AreStable) {
 
 }  // namespace
 }  // namespace dmm::proxy::handshake
+
+namespace dmm::proxy::framing {
+namespace {
+
+std::vector<std::byte> frames(const std::vector<std::string>& payloads, bool end) {
+  std::vector<std::byte> out;
+  auto add = [&out](const std::string& p) {
+    std::byte h[kHeaderSize];
+    putHeader(h, static_cast<std::uint32_t>(p.size()));
+    out.insert(out.end(), h, h + kHeaderSize);
+    for (char c : p)
+      out.push_back(static_cast<std::byte>(c));
+  };
+  for (const auto& p : payloads)
+    add(p);
+  if (end) add("");
+  return out;
+}
+
+std::string text(std::span<const std::byte> b) {
+  return std::string(reinterpret_cast<const char*>(b.data()), b.size());
+}
+
+TEST(TunnelFraming, DecodesAcrossEverySplitAndStopsAtTheEnd) {
+  // The session's frames, its end, then the first bytes of the next session's HELLO.
+  auto stream = frames({"hello", "x", std::string(300, 'y')}, true);
+  const std::string next = "NEXT-HELLO";
+  for (char c : next)
+    stream.push_back(static_cast<std::byte>(c));
+  for (std::size_t split = 0; split <= stream.size(); ++split) {
+    for (std::size_t split2 = split; split2 <= stream.size(); split2 += 7) {
+      Decoder d;
+      std::string payload;
+      std::string rest;
+      std::size_t cuts[] = {0, split, split2, stream.size()};
+      for (int i = 0; i < 3; ++i) {
+        std::vector<std::byte> part(stream.begin() + static_cast<std::ptrdiff_t>(cuts[i]),
+                                    stream.begin() + static_cast<std::ptrdiff_t>(cuts[i + 1]));
+        if (d.ended()) {
+          rest += text(part);
+          continue;
+        }
+        auto r = d.decodeInPlace(part);
+        ASSERT_FALSE(r.error);
+        payload += text(std::span(part).first(r.payload));
+        rest += text(std::span(part).subspan(r.consumed));
+      }
+      ASSERT_TRUE(d.ended()) << split << "/" << split2;
+      EXPECT_EQ(payload, "hellox" + std::string(300, 'y')) << split << "/" << split2;
+      EXPECT_EQ(rest, next) << split << "/" << split2;
+    }
+  }
+}
+
+TEST(TunnelFraming, SpliceTakesPayloadOnlyWithinTheFrame) {
+  Decoder d;
+  auto head = frames({std::string(10, 'a')}, false);
+  head.resize(kHeaderSize + 3);  // the header and 3 payload bytes arrive first
+  auto r = d.decodeInPlace(head);
+  EXPECT_EQ(r.payload, 3u);
+  EXPECT_EQ(d.frameLeft(), 7u);
+  d.took(7);  // spliced straight from the socket
+  EXPECT_EQ(d.frameLeft(), 0u);
+  auto end = frames({}, true);
+  EXPECT_TRUE(d.decodeInPlace(end).end);
+}
+
+TEST(TunnelFraming, ALengthAboveTheMaximumIsAnError) {
+  std::vector<std::byte> bad{std::byte{0x80}, std::byte{0}, std::byte{0}, std::byte{1}};
+  Decoder d;
+  EXPECT_TRUE(d.decodeInPlace(bad).error);
+}
+
+}  // namespace
+}  // namespace dmm::proxy::framing
