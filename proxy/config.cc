@@ -124,6 +124,10 @@ void loadTunnel(TomlTable t, Config& c) {
   if (auto v = t.getInt("port", 1, 65535)) c.tunnel_port = static_cast<std::uint16_t>(*v);
   if (auto v = t.getInt("max_header_bytes", 256, 65536))
     c.max_header_bytes = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getBool("reuse")) c.tunnel_reuse = *v;
+  if (auto v = t.getInt("max_idle", 0, 65536)) c.tunnel_max_idle = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getDuration("idle_timeout")) c.tunnel_idle_timeout = *v;
+  if (auto v = t.getDuration("keepalive")) c.tunnel_keepalive = *v;
   t.rejectUnknown();
 }
 

@@ -68,6 +68,10 @@ struct Config {
   std::vector<SocketAddress> tunnel_listen;  // default 0.0.0.0:17002 and [::]:17002
   std::uint16_t tunnel_port = 17002;         // dialed on peers
   std::uint32_t max_header_bytes = 4096;
+  bool tunnel_reuse = true;             // frame session data and keep connections for reuse
+  std::uint32_t tunnel_max_idle = 128;  // per worker, idle connections kept to peers
+  Millis tunnel_idle_timeout{15'000};   // an idle connection to a peer is closed after this
+  Millis tunnel_keepalive{60'000};      // how long a peer's idle connection waits for a HELLO
 
   // [fallback]
   FallbackMode fallback = FallbackMode::kDirect;

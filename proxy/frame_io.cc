@@ -1,5 +1,7 @@
 #include "proxy/frame_io.h"
 
+#include <algorithm>
+
 namespace dmm::proxy {
 
 using stacks::IoResult;
@@ -23,15 +25,33 @@ FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
       }
       if (bytes_.size() < need_) continue;
     }
-    if (prefix_checked_) return Step::kDone;
-    handshake::Prefix prefix{};
-    prefix_error_ = handshake::parsePrefix(std::span<const std::uint8_t, handshake::kPrefixSize>(
-                                               bytes_.data(), handshake::kPrefixSize),
-                                           type_, max_body_, prefix);
-    if (prefix_error_ != handshake::PrefixError::kNone) return Step::kBadPrefix;
-    prefix_checked_ = true;
-    need_ = handshake::kPrefixSize + prefix.body_length;
+    if (auto s = checkPrefix(); s != Step::kWouldBlock) return s;
   }
+}
+
+FrameReader::Step FrameReader::checkPrefix() {
+  if (prefix_checked_) return Step::kDone;
+  handshake::Prefix prefix{};
+  prefix_error_ = handshake::parsePrefix(
+      std::span<const std::uint8_t, handshake::kPrefixSize>(bytes_.data(), handshake::kPrefixSize),
+      type_, max_body_, prefix);
+  if (prefix_error_ != handshake::PrefixError::kNone) return Step::kBadPrefix;
+  prefix_checked_ = true;
+  need_ = handshake::kPrefixSize + prefix.body_length;
+  return bytes_.size() == need_ ? Step::kDone : Step::kWouldBlock;
+}
+
+FrameReader::Step FrameReader::feed(std::span<const std::byte> bytes) {
+  while (!bytes.empty()) {
+    if (bytes_.size() == need_ && prefix_checked_) return Step::kError;  // past the frame
+    std::size_t take = std::min(need_ - bytes_.size(), bytes.size());
+    auto* p = reinterpret_cast<const std::uint8_t*>(bytes.data());
+    bytes_.insert(bytes_.end(), p, p + take);
+    bytes = bytes.subspan(take);
+    if (bytes_.size() < need_) return Step::kWouldBlock;
+    if (auto s = checkPrefix(); s == Step::kBadPrefix) return s;
+  }
+  return bytes_.size() == need_ && prefix_checked_ ? Step::kDone : Step::kWouldBlock;
 }
 
 FrameWriter::Step FrameWriter::write(stacks::StackConnection& conn) {

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "proxy/handshake_codec.h"
@@ -30,6 +31,9 @@ class FrameReader {
 
   // Reads what is available, up to the end of the frame.
   Step read(stacks::StackConnection& conn);
+  // Takes bytes already received (by whoever had the connection before). kError if they run
+  // past the end of the frame: nothing may follow it before it is answered.
+  Step feed(std::span<const std::byte> bytes);
 
   handshake::PrefixError prefixError() const { return prefix_error_; }
   const std::vector<std::uint8_t>& frame() const { return bytes_; }
@@ -42,6 +46,8 @@ class FrameReader {
   std::size_t need_ = handshake::kPrefixSize;
   bool prefix_checked_ = false;
   handshake::PrefixError prefix_error_ = handshake::PrefixError::kNone;
+  // With need_ bytes in: checks the prefix and sets need_ to the whole frame. kWouldBlock: go on.
+  Step checkPrefix();
 };
 
 class FrameWriter {

@@ -27,6 +27,30 @@ InboundSession::InboundSession(Worker& worker, UniqueFd control)
   control_ = std::make_unique<KernelConnection>(worker.loop(), std::move(control), *this, false);
 }
 
+InboundSession::InboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> control)
+    : Session(worker),
+      control_(std::move(control)),
+      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
+  control_->setCallbacks(*this);
+}
+
+void InboundSession::resume(Worker& worker, std::unique_ptr<stacks::StackConnection> control,
+                            std::size_t stack, std::vector<std::byte> leftover) {
+  auto* session = new InboundSession(worker, std::move(control));
+  session->reused_ = true;
+  session->tuned_for_ = stack;
+  session->armTimer(worker.config().tunnel_keepalive);
+  if (!leftover.empty()) {
+    auto step = session->reader_.feed(leftover);
+    if (step != FrameReader::Step::kWouldBlock) {
+      session->onReaderStep(step);
+      return;
+    }
+  }
+  // The relay may have consumed the readiness edge of bytes still in the socket.
+  session->readHello();
+}
+
 InboundSession::~InboundSession() = default;
 
 void InboundSession::onReadable(stacks::StackConnection& conn) {
@@ -39,11 +63,16 @@ void InboundSession::onWritable(stacks::StackConnection& conn) {
 }
 
 void InboundSession::readHello() {
-  switch (reader_.read(*control_)) {
+  onReaderStep(reader_.read(*control_));
+}
+
+void InboundSession::onReaderStep(FrameReader::Step step) {
+  switch (step) {
     case FrameReader::Step::kWouldBlock:
       return;
     case FrameReader::Step::kEof:
-      // A connection that closes having sent nothing is a probe, not a handshake.
+      // A connection that closes having sent nothing is a probe, not a handshake (or, reused,
+      // the peer closing its idle connection).
       drop(RejectionLabel::kMalformed, !reader_.empty());
       return;
     case FrameReader::Step::kError:
@@ -161,6 +190,9 @@ void InboundSession::onConnected(stacks::StackConnection& conn) {
   reply.accepted = true;
   reply.chosen_index = chosen_offer_;
   reply.chosen_name = worker_.context().stacks[chosen_stack_]->name();
+  // Framed data, and the connection kept for the peer's next session, when both want it.
+  framed_ = hello_.framing == handshake::kFramingV1 && config.tunnel_reuse;
+  if (framed_) reply.framing = handshake::kFramingV1;
   writer_.set(handshake::encodeReply(reply, config.psk, hello_.nonce));
   state_ = State::kAccepting;
   armTimer(config.handshake_timeout);
@@ -219,7 +251,11 @@ void InboundSession::flushReply() {
 
 void InboundSession::startRelay() {
   auto& ctx = worker_.context();
-  auto adopted = ctx.stacks[chosen_stack_]->adopt(std::move(control_));
+  if (reused_) worker_.metrics().tunnelReused(Role::kInbound);
+  // A reused connection is already tuned for the stack it carried.
+  auto adopted = reused_ && tuned_for_ == chosen_stack_
+                     ? Result<std::unique_ptr<stacks::StackConnection>>(std::move(control_))
+                     : ctx.stacks[chosen_stack_]->adopt(std::move(control_));
   if (!adopted) {
     spdlog::warn("conn {:x}: stack {} cannot carry the session: {}", id_,
                  ctx.stacks[chosen_stack_]->name(), adopted.error().reason);
@@ -238,6 +274,8 @@ void InboundSession::startRelay() {
   info.stack = chosen_stack_;
   info.destination = hello_.original_dst;
   info.started = started_;
+  info.framed = framed_;
+  info.tunnel_is_upstream = false;
   end();
   Relay::start(worker_, info, std::move(*adopted), std::move(server_));
 }
@@ -266,7 +304,8 @@ void InboundSession::shutdown() {
 void InboundSession::onTimeout() {
   switch (state_) {
     case State::kReadingHello:
-      drop(RejectionLabel::kTimeout, true);
+      // A reused connection the peer left idle: closing it is housekeeping, not a rejection.
+      drop(RejectionLabel::kTimeout, !(reused_ && reader_.empty()));
       break;
     case State::kConnecting:
       reject(handshake::RejectReason::kDestinationUnreachable);

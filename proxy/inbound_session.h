@@ -24,6 +24,11 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
  public:
   // Takes a connection accepted on a tunnel listener (worker thread).
   static void start(Worker& worker, UniqueFd control);
+  // Takes a framed connection whose previous session ended cleanly, to wait (up to
+  // tunnel.keepalive) for the peer's next HELLO; `leftover` is what already arrived of it.
+  // `stack`: the instance the connection was tuned for.
+  static void resume(Worker& worker, std::unique_ptr<stacks::StackConnection> control,
+                     std::size_t stack, std::vector<std::byte> leftover);
   ~InboundSession() override;
 
   void shutdown() override;
@@ -36,6 +41,8 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   enum class State { kReadingHello, kConnecting, kAccepting, kRejecting };
 
   InboundSession(Worker& worker, UniqueFd control);
+  InboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> control);
+  void onReaderStep(FrameReader::Step step);
   void readHello();
   void onHello();
   bool allowed(const SocketAddress& dst);
@@ -55,6 +62,9 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   std::size_t chosen_stack_ = 0;
   bool stack_chosen_ = false;  // chosen_stack_ is meaningful
   std::uint8_t chosen_offer_ = 0;
+  bool reused_ = false;               // an earlier session ran on control_
+  std::size_t tuned_for_ = SIZE_MAX;  // reused: the stack instance control_ is tuned for
+  bool framed_ = false;               // this session's data is framed
   FrameWriter writer_;
 };
 

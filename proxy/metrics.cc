@@ -198,6 +198,15 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
   accept_errors_[0] = &accept_errors.Add({{"listener", "capture"}});
   accept_errors_[1] = &accept_errors.Add({{"listener", "tunnel"}});
 
+  auto& reuses = BuildCounter()
+                     .Name("dmm_sidecar_tunnel_reuses_total")
+                     .Help(
+                         "Sessions carried on a sidecar-to-sidecar connection an earlier "
+                         "session had used (framing v1), by role.")
+                     .Register(*registry_);
+  tunnel_reuses_[0] = &reuses.Add({{"role", "outbound"}});
+  tunnel_reuses_[1] = &reuses.Add({{"role", "inbound"}});
+
   splice_disabled_ = &BuildCounter()
                           .Name("dmm_sidecar_splice_disabled_total")
                           .Help("Relays that fell back from splice() to read/write copies.")

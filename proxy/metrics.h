@@ -128,6 +128,7 @@ class Metrics {
   void captureRefused(bool loop) { capture_refusals_[loop ? 0 : 1]->Increment(); }
   void acceptError(bool tunnel) { accept_errors_[tunnel ? 1 : 0]->Increment(); }
   void spliceDisabled() { splice_disabled_->Increment(); }
+  void tunnelReused(Role role) { tunnel_reuses_[idx(role)]->Increment(); }
 
  private:
   template <class E>
@@ -149,6 +150,7 @@ class Metrics {
   std::array<prometheus::Counter*, 2> capture_refusals_{};
   std::array<prometheus::Counter*, 2> accept_errors_{};
   prometheus::Counter* splice_disabled_ = nullptr;
+  std::array<prometheus::Counter*, 2> tunnel_reuses_{};
 };
 
 }  // namespace dmm::proxy

@@ -86,6 +86,17 @@ void OutboundSession::begin() {
 
 void OutboundSession::connectPeer() {
   const auto& config = worker_.config();
+  if (config.tunnel_reuse) {
+    auto pooled = worker_.tunnels().take(peer_);
+    if (pooled.conn) {
+      upstream_ = std::move(pooled.conn);
+      upstream_->setCallbacks(*this);
+      reused_ = true;
+      tuned_for_ = pooled.stack;
+      sendHello();
+      return;
+    }
+  }
   auto fd = net::connectTcp(peer_, config.mark);
   if (!fd) {
     fallBack(reasonForConnectError(fd.error().code), true);
@@ -123,6 +134,8 @@ void OutboundSession::sendHello() {
   hello.original_dst = destination_;
   hello.key_id = ctx.config.key_id;
   hello.connection_id = id_;
+  if (ctx.config.tunnel_reuse) hello.framing = handshake::kFramingV1;
+  offered_stacks_.clear();
   for (std::size_t i = 0; i < ctx.stacks.size() && hello.offers.size() < handshake::kMaxOffers;
        ++i) {
     const auto& stack = *ctx.stacks[i];
@@ -145,8 +158,18 @@ void OutboundSession::sendHello() {
 
 void OutboundSession::flushHello() {
   if (writer_.write(*upstream_) == FrameWriter::Step::kError) {
+    if (retryFresh()) return;
     fallBack(FallbackReason::kPeerClosed, true);
   }
+}
+
+bool OutboundSession::retryFresh() {
+  if (!reused_) return false;
+  reused_ = false;
+  retireUpstream();
+  reader_ = FrameReader(handshake::MessageType::kReply, worker_.config().max_header_bytes);
+  connectPeer();
+  return true;
 }
 
 void OutboundSession::onWritable(stacks::StackConnection& conn) {
@@ -165,6 +188,7 @@ void OutboundSession::readReply() {
       return;
     case FrameReader::Step::kEof:
     case FrameReader::Step::kError:
+      if (retryFresh()) return;
       fallBack(FallbackReason::kPeerClosed, true);
       return;
     case FrameReader::Step::kBadPrefix:
@@ -202,7 +226,12 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
       return;
     }
     std::size_t stack_index = offered_stacks_[reply.chosen_index];
-    auto adopted = ctx.stacks[stack_index]->adopt(std::move(upstream_));
+    framed_ = reply.framing == handshake::kFramingV1 && ctx.config.tunnel_reuse;
+    if (reused_) worker_.metrics().tunnelReused(Role::kOutbound);
+    // A reused connection is already tuned for the stack it carried.
+    auto adopted = reused_ && tuned_for_ == stack_index
+                       ? Result<std::unique_ptr<stacks::StackConnection>>(std::move(upstream_))
+                       : ctx.stacks[stack_index]->adopt(std::move(upstream_));
     if (!adopted) {
       refuse(Outcome::kError, stack_index, adopted.error().reason);
       return;
@@ -283,6 +312,9 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   info.stack = stack;
   info.destination = destination_;
   info.started = started_;
+  info.framed = framed_ && stack != worker_.metrics().directStack();
+  info.tunnel_is_upstream = true;
+  info.peer = peer_;
   end();
   Relay::start(worker_, info, std::move(client_), std::move(upstream));
 }

@@ -52,6 +52,9 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   void readReply();
   void onReply(const handshake::Reply& reply);
   void fallBack(FallbackReason reason, bool no_sidecar);
+  // The peer closed a pooled connection as we reused it: try a new one (nothing was sent but
+  // a HELLO, which the peer never answered). False if this was not a reused connection.
+  bool retryFresh();
   void connectDirect();
   void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack);
   void refuse(Outcome outcome, std::size_t stack, const char* why);
@@ -67,6 +70,9 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   std::vector<std::unique_ptr<stacks::StackConnection>> retired_;
   handshake::Nonce nonce_{};
   std::vector<std::size_t> offered_stacks_;  // offer index -> index in context().stacks
+  bool reused_ = false;                      // upstream_ came from the worker's tunnel pool
+  std::size_t tuned_for_ = SIZE_MAX;         // reused: the stack instance it is tuned for
+  bool framed_ = false;                      // the REPLY accepted framing
   FrameWriter writer_;
   FrameReader reader_;  // the REPLY
 };

@@ -55,6 +55,13 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
   flows_[1].dst = downstream_.get();
   for (auto& f : flows_)
     f.splice = splice;
+  if (info_.framed) {
+    // flows_[0] goes towards upstream: it encodes when upstream is the tunnel.
+    flows_[0].encode = info_.tunnel_is_upstream;
+    flows_[1].decode = info_.tunnel_is_upstream;
+    flows_[0].decode = !info_.tunnel_is_upstream;
+    flows_[1].encode = !info_.tunnel_is_upstream;
+  }
 }
 
 Relay::~Relay() {
@@ -109,25 +116,63 @@ void Relay::releaseSpace(Flow& f) {
   }
 }
 
-Relay::Step Relay::readIn(Flow& f) {
+long Relay::decodeRead(Flow& f, std::byte* at, std::size_t n) {
+  auto r = f.decoder.decodeInPlace({at, n});
+  if (r.error) return -1;
+  if (r.end) {
+    f.src_eof = true;
+    // Only the initiator speaks after an end frame (the next HELLO, once both directions have
+    // ended); anything the responder sends after its end frame is a protocol error.
+    if (r.consumed < n) {
+      if (info_.role == Role::kOutbound) return -1;
+      leftover_.insert(leftover_.end(), at + r.consumed, at + n);
+    }
+  }
+  return static_cast<long>(r.payload);
+}
+
+Relay::Step Relay::readIn(Flow& f, std::size_t& taken) {
   auto size = static_cast<std::uint32_t>(worker_.buffers().bufferSize());
+  const std::uint32_t reserve = f.encode ? framing::kHeaderSize : 0;
   // Keep the pending bytes contiguous: [head, head + pending). Compact when the tail is short.
-  if (f.head + f.pending == size && f.head > 0) {
+  if (f.head > 0 && size - f.head - f.pending <= reserve) {
     std::memmove(f.buffer, f.buffer + f.head, f.pending);
     f.head = 0;
   }
-  auto r = f.src->read({f.buffer + f.head + f.pending, size - f.head - f.pending});
-  if (r.status == Status::kOk) f.pending += static_cast<std::uint32_t>(r.bytes);
+  std::byte* tail = f.buffer + f.head + f.pending;
+  auto r = f.src->read({tail + reserve, size - f.head - f.pending - reserve});
+  if (r.status != Status::kOk) return {r.status, r.bytes, r.err, false};
+  if (f.encode) {
+    framing::putHeader(tail, static_cast<std::uint32_t>(r.bytes));
+    f.pending += static_cast<std::uint32_t>(r.bytes + reserve);
+    taken += r.bytes;  // encode flows count payload as it is taken
+  } else if (f.decode) {
+    long payload = decodeRead(f, tail, r.bytes);
+    if (payload < 0) return {Status::kError, 0, EPROTO, false};
+    f.pending += static_cast<std::uint32_t>(payload);
+  } else {
+    f.pending += static_cast<std::uint32_t>(r.bytes);
+  }
   return {r.status, r.bytes, r.err, r.drained};
 }
 
 Relay::Step Relay::copyThrough(Flow& f, std::size_t& written) {
   auto scratch = worker_.scratch();
-  auto r = f.src->read(scratch);
+  const std::size_t reserve = f.encode ? framing::kHeaderSize : 0;
+  auto r = f.src->read(scratch.subspan(reserve));
   if (r.status != Status::kOk) return {r.status, 0, r.err, false};
+  std::size_t out_size = r.bytes + reserve;  // bytes to write: a frame, or the payload
+  if (f.encode) {
+    framing::putHeader(scratch.data(), static_cast<std::uint32_t>(r.bytes));
+    written += r.bytes;  // encode flows count payload as it is taken
+  } else if (f.decode) {
+    long payload = decodeRead(f, scratch.data(), r.bytes);
+    if (payload < 0) return {Status::kError, 0, EPROTO, false};
+    out_size = static_cast<std::size_t>(payload);
+  }
   std::size_t out = 0;
-  if (f.dst_writable) {
-    auto w = f.dst->write(scratch.first(r.bytes));
+  if (f.dst_writable && out_size > 0) {
+    auto w = f.dst->write(scratch.first(out_size));
     if (w.status == Status::kOk) {
       out = w.bytes;
     } else if (w.status == Status::kWouldBlock) {
@@ -136,15 +181,15 @@ Relay::Step Relay::copyThrough(Flow& f, std::size_t& written) {
       return {w.status, 0, w.err, false};
     }
   }
-  written += out;
-  if (out < r.bytes) {  // keep what the destination could not take yet
+  if (!f.encode) written += out;
+  if (out < out_size) {  // keep what the destination could not take yet
     if (!acquireSpace(f, false)) return {Status::kError, 0, ENOMEM, false};
-    f.pending = static_cast<std::uint32_t>(r.bytes - out);
+    f.pending = static_cast<std::uint32_t>(out_size - out);
     f.head = 0;
     std::memcpy(f.buffer, scratch.data() + out, f.pending);
   }
   // A read that filled the scratch buffer means a stream: splice it from the next read on.
-  if (r.bytes == scratch.size() && f.splice) f.bulk = true;
+  if (r.bytes + reserve == scratch.size() && f.splice) f.bulk = true;
   return {Status::kOk, r.bytes, 0, r.drained};
 }
 
@@ -159,25 +204,71 @@ Relay::Step Relay::writeOut(Flow& f) {
 
 Relay::Step Relay::spliceIn(Flow& f) {
   std::size_t room = worker_.pipes().pipeSize() - f.pending;
+  if (f.decode) room = std::min<std::size_t>(room, f.decoder.frameLeft());
   ssize_t n = ::splice(f.src->fd(), nullptr, f.pipe_write, nullptr, room,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
   if (n > 0) {
     f.pending += static_cast<std::uint32_t>(n);
+    if (f.decode) f.decoder.took(static_cast<std::uint32_t>(n));
     // Small reads mean the stream slowed down: copy again once the pipe is empty.
     if (static_cast<std::size_t>(n) < kSmallRead) f.bulk = false;
     return {Status::kOk, static_cast<std::size_t>(n), 0, false};
   }
-  if (n == 0) return {Status::kEof, 0, 0, false};
+  // A framed tunnel ends with an end frame: a plain end of stream means it was cut.
+  if (n == 0) return {f.decode ? Status::kReset : Status::kEof, 0, 0, false};
   auto r = IoResult::fromErrno(errno);
   return {r.status, 0, r.err, false};
 }
 
 Relay::Step Relay::spliceOut(Flow& f) {
-  ssize_t n = ::splice(f.pipe_read, nullptr, f.dst->fd(), nullptr, f.pending,
-                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-  if (n > 0) return {Status::kOk, static_cast<std::size_t>(n), 0, false};
+  std::size_t len = f.encode ? std::min<std::size_t>(f.pending, f.frame_left) : f.pending;
+  ssize_t n =
+      ::splice(f.pipe_read, nullptr, f.dst->fd(), nullptr, len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+  if (n > 0) {
+    if (f.encode) f.frame_left -= static_cast<std::uint32_t>(n);
+    return {Status::kOk, static_cast<std::size_t>(n), 0, false};
+  }
   auto r = IoResult::fromErrno(n == 0 ? EPIPE : errno);
   return {r.status, 0, r.err, false};
+}
+
+Relay::Step Relay::flush(Flow& f, std::size_t& written) {
+  std::size_t total = 0;
+  while (f.dst_writable) {
+    Step s{Status::kOk, 0, 0, false};
+    if (f.header_off < f.header_len) {
+      auto r = f.dst->write({f.header + f.header_off, std::size_t{f.header_len} - f.header_off});
+      s = {r.status, r.bytes, r.err, false};
+      if (s.status == Status::kOk) {
+        f.header_off += static_cast<std::uint8_t>(s.bytes);
+        if (f.header_off == f.header_len && f.end_frame) f.shut = true;
+      }
+    } else if (f.pending > 0) {
+      const bool in_pipe = f.pipe_read >= 0;
+      if (in_pipe && f.encode && f.frame_left == 0) {
+        // The pipe's bytes go out as one frame: its header first.
+        f.frame_left = f.pending;
+        framing::putHeader(f.header, f.pending);
+        f.header_len = framing::kHeaderSize;
+        f.header_off = 0;
+        continue;
+      }
+      s = in_pipe ? spliceOut(f) : writeOut(f);
+      if (s.status == Status::kOk) {
+        f.pending -= static_cast<std::uint32_t>(s.bytes);
+        if (!f.encode || in_pipe) written += s.bytes;  // copied frames were counted when read
+      }
+    } else {
+      break;
+    }
+    if (s.status == Status::kWouldBlock) {
+      f.dst_writable = false;
+      break;
+    }
+    if (s.status != Status::kOk) return s;
+    total += s.bytes;
+  }
+  return {Status::kOk, total, 0, false};
 }
 
 bool Relay::pump(Flow& f) {
@@ -186,41 +277,39 @@ bool Relay::pump(Flow& f) {
   std::size_t moved = 0;
   for (;;) {
     bool progress = false;
-    if (f.pending > 0 && f.dst_writable) {
-      Step s = f.pipe_read >= 0 ? spliceOut(f) : writeOut(f);
-      if (s.status == Status::kOk) {
-        f.pending -= static_cast<std::uint32_t>(s.bytes);
-        moved += s.bytes;
-        progress = true;
-      } else if (s.status == Status::kWouldBlock) {
-        f.dst_writable = false;
-      } else {
-        fail(s);
-        return false;
-      }
+    Step w = flush(f, moved);
+    if (w.status != Status::kOk) {
+      fail(w);
+      return false;
     }
+    progress = w.bytes > 0;
     if (f.pending == 0) releaseSpace(f);
 
     if (!f.src_eof && f.src_readable) {
       const bool in_pipe = f.pipe_read >= 0;
       const std::size_t high =
-          in_pipe ? worker_.pipes().pipeSize() : worker_.buffers().bufferSize();
+          in_pipe ? worker_.pipes().pipeSize()
+                  : worker_.buffers().bufferSize() - (f.encode ? framing::kHeaderSize : 0);
       if (f.pending >= high || (f.paused && f.pending > low)) {
         if (!f.paused) {
           f.paused = true;
           worker_.metrics().relayPaused(direction(f));
         }
+      } else if (in_pipe && f.decode && f.decoder.frameLeft() == 0) {
+        // The next frame header must be read, but bytes wait in the pipe: they go first.
       } else {
         f.paused = false;
         // Held bytes stay where they are (pipe or buffer) until written. An empty flow copies
-        // through the scratch buffer, or splices when it carries bulk.
-        const bool use_pipe = in_pipe || (f.pending == 0 && f.splice && f.bulk);
+        // through the scratch buffer, or splices when it carries bulk (a decode flow only
+        // inside a frame's payload).
+        const bool use_pipe = in_pipe || (f.pending == 0 && f.splice && f.bulk &&
+                                          (!f.decode || f.decoder.frameLeft() > 0));
         if (use_pipe && !acquireSpace(f, true)) {
           // No pipe could be made (out of fds): this connection cannot go on.
           fail(Step{Status::kError, 0, errno != 0 ? errno : EMFILE, false});
           return false;
         }
-        Step s = use_pipe ? spliceIn(f) : f.pending > 0 ? readIn(f) : copyThrough(f, moved);
+        Step s = use_pipe ? spliceIn(f) : f.pending > 0 ? readIn(f, moved) : copyThrough(f, moved);
         if (s.status == Status::kOk) {
           progress = true;
           if (s.drained) f.src_readable = false;
@@ -228,8 +317,12 @@ bool Relay::pump(Flow& f) {
           // With bytes in the pipe, EAGAIN may mean "pipe full" rather than "socket empty"
           // (each skb fragment takes a pipe slot): keep the readiness and retry after a flush.
           if (!(use_pipe && f.pending > 0)) f.src_readable = false;
-        } else if (s.status == Status::kEof) {
+        } else if (s.status == Status::kEof && !f.decode) {
           f.src_eof = true;
+        } else if (s.status == Status::kEof) {
+          // The framed tunnel closed without its end frame: the stream was cut.
+          fail(Step{Status::kReset, 0, ECONNRESET, false});
+          return false;
         } else if (use_pipe && (s.err == EINVAL || s.err == ENOSYS) && f.pending == 0) {
           // splice() refused this pair: copy from now on, here and in this worker.
           releaseSpace(f);
@@ -248,6 +341,18 @@ bool Relay::pump(Flow& f) {
         }
       }
     }
+    if (f.src_eof && f.pending == 0 && !f.shut) {
+      if (!f.encode) {
+        f.dst->shutdownWrite();
+        f.shut = true;
+      } else if (!f.end_frame && f.header_off == f.header_len) {
+        framing::putHeader(f.header, 0);  // the end of this direction, in-band
+        f.header_len = framing::kHeaderSize;
+        f.header_off = 0;
+        f.end_frame = true;
+        progress = true;
+      }
+    }
     if (!progress) break;
     if (moved >= kWakeupBudget) {
       worker_.scheduleResume(*this);
@@ -261,10 +366,6 @@ bool Relay::pump(Flow& f) {
         .Increment(static_cast<double>(moved));
     last_active_ = nowTime();
     worker_.relayActive(*this);
-  }
-  if (f.src_eof && f.pending == 0 && !f.shut) {
-    f.dst->shutdownWrite();
-    f.shut = true;
   }
   return true;
 }
@@ -307,10 +408,17 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   finished_ = true;
   // Counted before either side can see the close, so that whoever observes it finds it counted.
   worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
-  downstream_->close(close);
-  upstream_->close(close);
   for (auto& f : flows_)
     releaseSpace(f);
+  // A framed tunnel whose session ended cleanly carries the next one.
+  std::unique_ptr<stacks::StackConnection> reusable;
+  if (info_.framed && outcome == Outcome::kClosed && flows_[0].done() && flows_[1].done()) {
+    reusable = std::move(info_.tunnel_is_upstream ? upstream_ : downstream_);
+    (info_.tunnel_is_upstream ? downstream_ : upstream_)->close(close);
+  } else {
+    downstream_->close(close);
+    upstream_->close(close);
+  }
   worker_.relayEnded(*this);
   auto duration = std::chrono::duration<double>(nowTime() - info_.started).count();
   const auto& stacks = worker_.context().stacks;
@@ -328,6 +436,7 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   } else {
     spdlog::info("{}", line);
   }
+  if (reusable) worker_.tunnelReleased(info_, std::move(reusable), std::move(leftover_));
   worker_.loop().deferDelete(std::unique_ptr<Deferrable>(this));
 }
 

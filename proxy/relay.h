@@ -20,11 +20,13 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "common/event_loop.h"
 #include "common/intrusive_list.h"
 #include "common/socket_address.h"
 #include "proxy/metrics.h"
+#include "proxy/tunnel_framing.h"
 #include "stacks/stack.h"
 
 namespace dmm::proxy {
@@ -47,6 +49,11 @@ class Relay final : public Deferrable,
     std::size_t stack = 0;  // index of the carrying stack's metric label
     SocketAddress destination;
     Clock::time_point started;
+    // The tunnel side frames its data (tunnel_framing.h) and is handed back to the worker for
+    // the next session when this one ends cleanly.
+    bool framed = false;
+    bool tunnel_is_upstream = true;  // outbound: upstream; inbound: downstream
+    SocketAddress peer;              // outbound: the peer sidecar (the pool's key)
   };
 
   // Starts relaying between `downstream` (towards the client) and `upstream` (towards the
@@ -93,6 +100,15 @@ class Relay final : public Deferrable,
     bool shut = false;    // end of stream passed on to dst
     bool paused = false;  // reading stopped at the high watermark
     std::uint64_t bytes = 0;
+    // Framing (only on the tunnel's flows).
+    bool encode = false;  // dst is the framed tunnel
+    bool decode = false;  // src is the framed tunnel
+    framing::Decoder decoder;
+    std::byte header[framing::kHeaderSize]{};  // encode: a header still to write
+    std::uint8_t header_len = 0;
+    std::uint8_t header_off = 0;
+    bool end_frame = false;        // the header is the end-of-direction frame
+    std::uint32_t frame_left = 0;  // encode, pipe: pipe bytes the last header announced
     bool done() const { return src_eof && pending == 0 && shut; }
   };
   struct Step {
@@ -112,7 +128,13 @@ class Relay final : public Deferrable,
   }
   // Moves what can move now. Returns false if the relay finished inside.
   bool pump(Flow& f);
-  Step readIn(Flow& f);
+  // Appends to the held buffer; an encode flow adds the payload it took to `taken`.
+  Step readIn(Flow& f, std::size_t& taken);
+  // Writes what dst takes of: a pending frame header, then the held bytes.
+  Step flush(Flow& f, std::size_t& written);
+  // Decodes `n` bytes just read at `at` (a decode flow): payload stays at `at`, returns its
+  // size, or -1 on a protocol error. Takes the end frame and what follows it.
+  long decodeRead(Flow& f, std::byte* at, std::size_t n);
   // Reads into the worker's scratch buffer and writes straight to dst (adding to `written`);
   // what dst does not take is kept in a pooled buffer.
   Step copyThrough(Flow& f, std::size_t& written);
@@ -134,6 +156,7 @@ class Relay final : public Deferrable,
   Clock::time_point last_active_;
   bool half_closed_ = false;
   bool finished_ = false;
+  std::vector<std::byte> leftover_;  // inbound: bytes after the end frame (the next HELLO)
 };
 
 }  // namespace dmm::proxy

@@ -130,7 +130,8 @@ Worker::Worker(SidecarContext& context, unsigned index)
       index_(index),
       pipes_(context.config.pipe_size, kIdlePipes),
       buffers_(context.config.buffer_size, kIdleBuffers),
-      scratch_(new std::byte[context.config.buffer_size]) {
+      scratch_(new std::byte[context.config.buffer_size]),
+      tunnels_(loop_, context.config.tunnel_max_idle) {
   const auto& c = context.config;
   // Timeouts are checked by a sweep; its period bounds how late one can fire.
   auto shortest = std::min(c.idle_timeout, c.half_closed_timeout);
@@ -220,6 +221,7 @@ void Worker::shutdownAll() {
     r->shutdown();
   while (Relay* r = half_closed_relays_.front())
     r->shutdown();
+  tunnels_.clear();
 }
 
 void Worker::onAccept(evutil_socket_t fd, short, void* arg) {
@@ -283,6 +285,19 @@ void Worker::sweep() {
   while (Relay* r = half_closed_relays_.front()) {
     if (now - r->lastActive() < c.half_closed_timeout) break;
     r->expire(Outcome::kHalfClosedTimeout);
+  }
+  tunnels_.sweep(now, c.tunnel_idle_timeout);
+}
+
+void Worker::tunnelReleased(const Relay::Info& info,
+                            std::unique_ptr<stacks::StackConnection> tunnel,
+                            std::vector<std::byte> leftover) {
+  if (info.role == Role::kOutbound || stopping_) {
+    // (When stopping, the pool is where it can be closed from inside its own callback.)
+    tunnels_.put(info.peer, info.stack, std::move(tunnel), Clock::now());
+    if (stopping_) tunnels_.clear();
+  } else {
+    InboundSession::resume(*this, std::move(tunnel), info.stack, std::move(leftover));
   }
 }
 

@@ -18,6 +18,7 @@
 #include "proxy/context.h"
 #include "proxy/local_addresses.h"
 #include "proxy/relay.h"
+#include "proxy/tunnel_pool.h"
 
 namespace dmm::proxy {
 
@@ -127,6 +128,12 @@ class Worker {
   void relayActive(Relay& relay);  // bytes moved: restart its inactivity clock
   void relayEnded(Relay& relay);
   void scheduleResume(Relay& relay);
+  // A framed session ended cleanly on `tunnel`: outbound, it goes to the pool for the next
+  // session to the same peer; inbound, it waits for the peer's next HELLO (with `leftover`,
+  // bytes of it that already arrived). Called from inside the tunnel's callbacks.
+  void tunnelReleased(const Relay::Info& info, std::unique_ptr<stacks::StackConnection> tunnel,
+                      std::vector<std::byte> leftover);
+  TunnelPool& tunnels() { return tunnels_; }
   // Session bookkeeping (loop thread).
   void sessionStarted(Session& session);
   void sessionEnded(Session& session);
@@ -170,6 +177,7 @@ class Worker {
   PipePool pipes_;
   BufferPool buffers_;
   std::unique_ptr<std::byte[]> scratch_;
+  TunnelPool tunnels_;
   bool splice_usable_ = true;
   bool stopping_ = false;
 };

@@ -505,6 +505,75 @@ destination = "[fd00:201::2]:9000"
                          {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 2));
 }
 
+TEST_F(SidecarPair, SequentialSessionsReuseOneTunnelConnection) {
+  startB();
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  for (int i = 0; i < 5; ++i) {
+    std::string payload = "session " + std::to_string(i) + std::string(100000, 'r');
+    EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload);
+  }
+  EXPECT_EQ(server.accepted(), 5);
+  // Every session after the first found an idle connection to B (A has two workers, so the
+  // first on each worker opens one): each a clean end, each carried by B, none bypassing it.
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 5));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 5));
+  double reused_a = metricA("dmm_sidecar_tunnel_reuses_total", {{"role", "outbound"}});
+  EXPECT_GE(reused_a, 3);
+  EXPECT_EQ(metricB("dmm_sidecar_tunnel_reuses_total", {{"role", "inbound"}}), reused_a);
+  EXPECT_EQ(
+      metricA("dmm_sidecar_fallbacks_total", {{"reason", "peer_closed"}, {"action", "direct"}}), 0);
+}
+
+TEST_F(SidecarPair, AnIdleConnectionThePeerClosedLeavesThePoolNoFallback) {
+  // B drops idle connections after 300ms, long before A would: A sees its pooled connection
+  // close, forgets it, and opens a new one for the next session without concluding that B has
+  // no sidecar. (The race where B closes as A reuses is handled by a retry on a fresh
+  // connection, OutboundSession::retryFresh; no test forces that timing.)
+  startB("[tunnel]\nkeepalive = \"300ms\"\n");
+  startA("[tunnel]\nidle_timeout = \"1h\"\n");
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "one"), "one");
+  std::this_thread::sleep_for(800ms);
+  for (int i = 0; i < 4; ++i)
+    EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "again"), "again");
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 5));
+  for (const char* reason : {"peer_closed", "peer_refused", "cached_no_sidecar"}) {
+    EXPECT_EQ(metricA("dmm_sidecar_fallbacks_total", {{"reason", reason}, {"action", "direct"}}), 0)
+        << reason;
+  }
+  // Closing an idle connection is housekeeping, not a rejected handshake.
+  EXPECT_EQ(metricB("dmm_sidecar_handshake_rejections_total",
+                    {{"role", "inbound"}, {"reason", "timeout"}}),
+            0);
+}
+
+TEST_F(SidecarPair, PlainAndFramingSidecarsInteroperate) {
+  // A sidecar with reuse off speaks plain v1 sessions; either side may be the old one.
+  for (bool a_reuses : {false, true}) {
+    a_.reset();
+    b_.reset();
+    startB(a_reuses ? "[tunnel]\nreuse = false\n" : "");
+    startA(a_reuses ? "" : "[tunnel]\nreuse = false\n");
+    ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+      // Half-close both ways: the client's end, then the server's.
+      std::string got = readToEof(conn.get());
+      writeAll(conn.get(), got.data(), got.size());
+      ::shutdown(conn.get(), SHUT_WR);
+    });
+    for (int i = 0; i < 3; ++i) {
+      std::string payload(300000, static_cast<char>('a' + i));
+      EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload);
+    }
+    EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                           {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 3));
+    EXPECT_EQ(metricA("dmm_sidecar_tunnel_reuses_total", {{"role", "outbound"}}), 0);
+  }
+}
+
 TEST_F(SidecarPair, ThousandConcurrentConnectionsByteExact) {
   startB();
   startA();
