@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -137,9 +138,24 @@ Worker::Worker(SidecarContext& context, unsigned index)
   auto shortest = std::min(c.idle_timeout, c.half_closed_timeout);
   auto period =
       std::clamp(shortest / 4, std::chrono::milliseconds(100), std::chrono::milliseconds(1000));
-  tick_ = loop_.newEvent(-1, EV_PERSIST, &Worker::onTick, this);
-  auto tv = toTimeval(period);
-  event_add(tick_.get(), &tv);
+  // A timerfd rather than a libevent timer: with no timer pending, the loop blocks in
+  // epoll_wait() without a timeout, so a wake-up does not arm and cancel an hrtimer each time
+  // (in a VM each costs an exit to program the APIC timer). The timerfd's own timer is armed
+  // once per period.
+  tick_fd_ = UniqueFd(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (tick_fd_) {
+    itimerspec spec{};
+    spec.it_interval.tv_sec = static_cast<time_t>(period.count() / 1000);
+    spec.it_interval.tv_nsec = static_cast<long>((period.count() % 1000) * 1'000'000);
+    spec.it_value = spec.it_interval;
+    ::timerfd_settime(tick_fd_.get(), 0, &spec, nullptr);
+    tick_ = loop_.newEvent(tick_fd_.get(), EV_READ | EV_PERSIST, &Worker::onTick, this);
+    event_add(tick_.get(), nullptr);
+  } else {  // no timerfd (out of fds): a libevent timer does the same
+    tick_ = loop_.newEvent(-1, EV_PERSIST, &Worker::onTick, this);
+    auto tv = toTimeval(period);
+    event_add(tick_.get(), &tv);
+  }
   resume_event_ = loop_.newEvent(-1, 0, &Worker::onResume, this);
 }
 
@@ -271,7 +287,11 @@ void Worker::accepted(Listener& listener, UniqueFd fd) {
   }
 }
 
-void Worker::onTick(evutil_socket_t, short, void* arg) {
+void Worker::onTick(evutil_socket_t fd, short, void* arg) {
+  if (fd >= 0) {
+    std::uint64_t expirations = 0;
+    (void)!::read(fd, &expirations, sizeof expirations);
+  }
   static_cast<Worker*>(arg)->sweep();
 }
 

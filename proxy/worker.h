@@ -165,6 +165,7 @@ class Worker {
   EventLoop loop_;
   std::thread thread_;
   std::vector<std::unique_ptr<Listener>> listeners_;
+  UniqueFd tick_fd_;
   EventPtr tick_;
   EventPtr resume_event_;
   IntrusiveList<Relay, TimeoutListTag> open_relays_;         // by last activity
