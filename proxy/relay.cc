@@ -193,6 +193,15 @@ Relay::Step Relay::copyThrough(Flow& f, std::size_t& written) {
   return {Status::kOk, r.bytes, 0, r.drained};
 }
 
+Relay::Step Relay::readHeader(Flow& f) {
+  std::byte header[framing::kHeaderSize];
+  std::size_t want = f.decoder.headerWanted();
+  auto r = f.src->read({header, want});
+  if (r.status != Status::kOk) return {r.status, 0, r.err, false};
+  if (decodeRead(f, header, r.bytes) != 0) return {Status::kError, 0, EPROTO, false};
+  return {Status::kOk, r.bytes, 0, r.drained};
+}
+
 Relay::Step Relay::writeOut(Flow& f) {
   auto r = f.dst->write({f.buffer + f.head, f.pending});
   if (r.status == Status::kOk) {
@@ -237,8 +246,21 @@ Relay::Step Relay::flush(Flow& f, std::size_t& written) {
   while (f.dst_writable) {
     Step s{Status::kOk, 0, 0, false};
     if (f.header_off < f.header_len) {
-      auto r = f.dst->write({f.header + f.header_off, std::size_t{f.header_len} - f.header_off});
-      s = {r.status, r.bytes, r.err, false};
+      if (f.pipe_read >= 0 && f.pending > 0) {
+        // A header for the pipe's bytes: MSG_MORE lets the kernel send it in one segment with
+        // the spliced payload that follows, rather than as a 4-byte segment of its own.
+        ssize_t n = ::send(f.dst->fd(), f.header + f.header_off, f.header_len - f.header_off,
+                           MSG_MORE | MSG_NOSIGNAL);
+        if (n >= 0) {
+          s = {Status::kOk, static_cast<std::size_t>(n), 0, false};
+        } else {
+          auto r = IoResult::fromErrno(errno);
+          s = {r.status, 0, r.err, false};
+        }
+      } else {
+        auto r = f.dst->write({f.header + f.header_off, std::size_t{f.header_len} - f.header_off});
+        s = {r.status, r.bytes, r.err, false};
+      }
       if (s.status == Status::kOk) {
         f.header_off += static_cast<std::uint8_t>(s.bytes);
         if (f.header_off == f.header_len && f.end_frame) f.shut = true;
@@ -309,7 +331,14 @@ bool Relay::pump(Flow& f) {
           fail(Step{Status::kError, 0, errno != 0 ? errno : EMFILE, false});
           return false;
         }
-        Step s = use_pipe ? spliceIn(f) : f.pending > 0 ? readIn(f, moved) : copyThrough(f, moved);
+        // A bulk decode flow at a frame boundary reads just the next header, so the payload
+        // after it is spliced rather than copied.
+        const bool header_only = !use_pipe && f.decode && f.pending == 0 && f.splice && f.bulk &&
+                                 f.decoder.frameLeft() == 0;
+        Step s = use_pipe        ? spliceIn(f)
+                 : header_only   ? readHeader(f)
+                 : f.pending > 0 ? readIn(f, moved)
+                                 : copyThrough(f, moved);
         if (s.status == Status::kOk) {
           progress = true;
           if (s.drained) f.src_readable = false;

@@ -130,6 +130,8 @@ class Relay final : public Deferrable,
   bool pump(Flow& f);
   // Appends to the held buffer; an encode flow adds the payload it took to `taken`.
   Step readIn(Flow& f, std::size_t& taken);
+  // Decode flows in bulk: reads only what is missing of the next frame header.
+  Step readHeader(Flow& f);
   // Writes what dst takes of: a pending frame header, then the held bytes.
   Step flush(Flow& f, std::size_t& written);
   // Decodes `n` bytes just read at `at` (a decode flow): payload stays at `at`, returns its

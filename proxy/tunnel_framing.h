@@ -42,6 +42,8 @@ class Decoder {
   // `n` (<= frameLeft()) payload bytes were taken by other means (splice()).
   void took(std::uint32_t n) { frame_left_ -= n; }
   bool ended() const { return ended_; }
+  // Bytes of the current header still missing (at a frame boundary: a whole header).
+  std::size_t headerWanted() const { return kHeaderSize - header_got_; }
 
  private:
   std::uint32_t frame_left_ = 0;
