@@ -10,7 +10,7 @@ FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
   for (;;) {
     if (bytes_.size() < need_) {
       std::size_t have = bytes_.size();
-      bytes_.resize(need_);
+      bytes_.resize(greedy_ ? handshake::kPrefixSize + max_body_ : need_);
       auto r = conn.read(std::as_writable_bytes(std::span(bytes_).subspan(have)));
       bytes_.resize(have + (r.status == IoResult::Status::kOk ? r.bytes : 0));
       switch (r.status) {
@@ -25,7 +25,11 @@ FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
       }
       if (bytes_.size() < need_) continue;
     }
-    if (auto s = checkPrefix(); s != Step::kWouldBlock) return s;
+    if (auto s = checkPrefix(); s != Step::kWouldBlock) {
+      if (s == Step::kDone && bytes_.size() > need_) return Step::kError;  // greedy: past it
+      return s;
+    }
+    if (bytes_.size() > need_) return Step::kError;
   }
 }
 

@@ -26,8 +26,11 @@ class FrameReader {
     kDone,        // frame() holds the whole frame
   };
 
-  FrameReader(handshake::MessageType type, std::size_t max_body)
-      : type_(type), max_body_(max_body) {}
+  // `greedy`: read as much as a whole frame could be at once (one read for a whole HELLO),
+  // for frames nothing may follow before they are answered; bytes beyond the frame are then an
+  // error (kError).
+  FrameReader(handshake::MessageType type, std::size_t max_body, bool greedy = false)
+      : type_(type), max_body_(max_body), greedy_(greedy) {}
 
   // Reads what is available, up to the end of the frame.
   Step read(stacks::StackConnection& conn);
@@ -42,6 +45,7 @@ class FrameReader {
  private:
   handshake::MessageType type_;
   std::size_t max_body_;
+  bool greedy_ = false;
   std::vector<std::uint8_t> bytes_;
   std::size_t need_ = handshake::kPrefixSize;
   bool prefix_checked_ = false;

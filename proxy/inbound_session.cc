@@ -22,7 +22,9 @@ void InboundSession::start(Worker& worker, UniqueFd control) {
 }
 
 InboundSession::InboundSession(Worker& worker, UniqueFd control)
-    : Session(worker), reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
+    : Session(worker),
+      // Nothing may follow a HELLO before our REPLY: one read can take it whole.
+      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes, true) {
   // Registering the socket reports bytes that already arrived as a first readable edge.
   control_ = std::make_unique<KernelConnection>(worker.loop(), std::move(control), *this, false);
 }
@@ -30,7 +32,7 @@ InboundSession::InboundSession(Worker& worker, UniqueFd control)
 InboundSession::InboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> control)
     : Session(worker),
       control_(std::move(control)),
-      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes) {
+      reader_(handshake::MessageType::kHello, worker.config().max_header_bytes, true) {
   control_->setCallbacks(*this);
 }
 

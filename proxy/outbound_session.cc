@@ -128,7 +128,7 @@ void OutboundSession::onConnectFailed(stacks::StackConnection& conn, Error error
 void OutboundSession::sendHello() {
   const auto& ctx = worker_.context();
   handshake::Hello hello;
-  RAND_bytes(nonce_.data(), static_cast<int>(nonce_.size()));
+  worker_.randomBytes(nonce_);
   hello.nonce = nonce_;
   hello.timestamp_ms = unixMillis();
   hello.original_dst = destination_;

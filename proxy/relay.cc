@@ -32,7 +32,7 @@ void Relay::start(Worker& worker, const Info& info,
   auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
   worker.relayStarted(*relay);
   worker.metrics().connectionOpened(info.role);  // finish() closes it in the same place
-  // Readiness edges may have fired during the handshake: assume both sides are ready.
+  // Readiness edges may have fired during the handshake: read whatever may hold bytes.
   if (!relay->pump(relay->flows_[0])) return;
   if (!relay->pump(relay->flows_[1])) return;
   relay->settle();
@@ -53,8 +53,10 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
   flows_[0].dst = upstream_.get();
   flows_[1].src = upstream_.get();
   flows_[1].dst = downstream_.get();
-  for (auto& f : flows_)
+  for (auto& f : flows_) {
     f.splice = splice;
+    f.src_readable = f.src->mayBeReadable();
+  }
   if (info_.framed) {
     // flows_[0] goes towards upstream: it encodes when upstream is the tunnel.
     flows_[0].encode = info_.tunnel_is_upstream;

@@ -1,6 +1,7 @@
 #include "proxy/worker.h"
 
 #include <fcntl.h>
+#include <openssl/rand.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -172,6 +173,9 @@ Result<bool> Worker::bindListeners() {
                  const SocketAddress& destination = {}) -> Result<bool> {
     auto fd = net::listenTcp(addr, net::ListenOptions{});
     if (!fd) return fd.error();
+    // Accepted sockets inherit SO_LINGER {on, 0}: reset on close unless closed gracefully
+    // (KernelConnection), without a setsockopt() per connection.
+    if (auto s = net::setAbortOnClose(fd->get(), true); !s) return s.error();
     auto l = std::make_unique<Listener>();
     l->worker = this;
     l->kind = kind;
@@ -307,6 +311,25 @@ void Worker::sweep() {
     r->expire(Outcome::kHalfClosedTimeout);
   }
   tunnels_.sweep(now, c.tunnel_idle_timeout);
+}
+
+void Worker::randomBytes(std::span<std::uint8_t> out) {
+  while (!out.empty()) {
+    if (random_used_ == random_.size()) {
+      if (RAND_bytes(random_.data(), static_cast<int>(random_.size())) != 1) {
+        // No randomness: never hand out stale bytes.
+        RAND_bytes(out.data(), static_cast<int>(out.size()));
+        return;
+      }
+      random_used_ = 0;
+    }
+    std::size_t n = std::min(out.size(), random_.size() - random_used_);
+    std::memcpy(out.data(), random_.data() + random_used_, n);
+    // Each byte is handed out once.
+    std::memset(random_.data() + random_used_, 0, n);
+    random_used_ += n;
+    out = out.subspan(n);
+  }
 }
 
 void Worker::tunnelReleased(const Relay::Info& info,

@@ -3,6 +3,7 @@
 // connections need without locks: pipe and buffer pools, timeout lists, a resume queue for
 // relays that used up their wake-up budget. A connection lives on one worker for its life.
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -134,6 +135,9 @@ class Worker {
   void tunnelReleased(const Relay::Info& info, std::unique_ptr<stacks::StackConnection> tunnel,
                       std::vector<std::byte> leftover);
   TunnelPool& tunnels() { return tunnels_; }
+  // Fills `out` with fresh random bytes from a per-worker batch: one RAND_bytes() (and the
+  // getpid() OpenSSL does for fork safety) per 4 KiB rather than per handshake.
+  void randomBytes(std::span<std::uint8_t> out);
   // Session bookkeeping (loop thread).
   void sessionStarted(Session& session);
   void sessionEnded(Session& session);
@@ -179,6 +183,8 @@ class Worker {
   BufferPool buffers_;
   std::unique_ptr<std::byte[]> scratch_;
   TunnelPool tunnels_;
+  std::array<std::uint8_t, 4096> random_{};
+  std::size_t random_used_ = sizeof(random_);
   bool splice_usable_ = true;
   bool stopping_ = false;
 };

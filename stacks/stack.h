@@ -97,6 +97,10 @@ class StackConnection {
   virtual void close(CloseType type) = 0;
   // The kernel socket when the stack has kCanSplice, -1 otherwise.
   virtual int fd() const { return -1; }
+  // False when the connection is known to hold nothing to read until its next onReadable()
+  // (its last read() found it empty); true when unknown. Lets a new owner skip a read that
+  // would only see kWouldBlock.
+  virtual bool mayBeReadable() const { return true; }
   virtual std::optional<SocketAddress> peerAddress() const = 0;
 };
 

@@ -11,8 +11,13 @@ namespace dmm::stacks::kernel {
 
 KernelConnection::KernelConnection(EventLoop& loop, UniqueFd fd, ConnectionCallbacks& callbacks,
                                    bool connecting)
-    : fd_(std::move(fd)), callbacks_(&callbacks), connecting_(connecting) {
-  (void)net::setAbortOnClose(fd_.get(), true);
+    : fd_(std::move(fd)),
+      callbacks_(&callbacks),
+      connecting_(connecting),
+      // Nothing can wait on a socket still connecting; an accepted one may hold bytes already.
+      maybe_readable_(!connecting) {
+  // Accepted sockets inherit it from their listener (Worker::bindListeners).
+  if (connecting) (void)net::setAbortOnClose(fd_.get(), true);
   // EV_CLOSED (EPOLLRDHUP) tells a short read that leaves a FIN or RST behind from one that
   // drained the socket: only the latter may skip the read that would return EAGAIN.
   event_ = loop.newEvent(fd_.get(), EV_READ | EV_WRITE | EV_CLOSED | EV_PERSIST | EV_ET,
@@ -30,6 +35,7 @@ void KernelConnection::onEvent(evutil_socket_t, short what, void* arg) {
     self->peer_closed_ = true;
     what |= EV_READ;
   }
+  if ((what & EV_READ) != 0) self->maybe_readable_ = true;
   if (self->connecting_) {
     if ((what & EV_WRITE) == 0 && (what & EV_READ) == 0) return;
     self->connecting_ = false;
@@ -56,9 +62,12 @@ IoResult KernelConnection::read(std::span<std::byte> buffer) {
     // Edge-triggered: bytes arriving after this read raise a new edge, so a short read with no
     // FIN or RST seen has emptied the socket.
     auto got = static_cast<std::size_t>(n);
-    return IoResult::ok(got, got < buffer.size() && !peer_closed_);
+    bool drained = got < buffer.size() && !peer_closed_;
+    maybe_readable_ = !drained;
+    return IoResult::ok(got, drained);
   }
   if (n == 0) return IoResult::eof();
+  if (errno == EAGAIN) maybe_readable_ = false;
   return IoResult::fromErrno(errno);
 }
 

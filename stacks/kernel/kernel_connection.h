@@ -23,6 +23,7 @@ class KernelConnection final : public StackConnection {
   void shutdownWrite() override;
   void close(CloseType type) override;
   int fd() const override { return fd_.get(); }
+  bool mayBeReadable() const override { return maybe_readable_; }
   std::optional<SocketAddress> peerAddress() const override;
 
  private:
@@ -35,6 +36,8 @@ class KernelConnection final : public StackConnection {
   // The peer's FIN or RST was seen (EPOLLRDHUP): reads go on to the end, a short read no longer
   // means drained.
   bool peer_closed_ = false;
+  // False once a read() found the socket empty, until the next readable edge.
+  bool maybe_readable_;
 };
 
 }  // namespace dmm::stacks::kernel
