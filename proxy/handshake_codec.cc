@@ -3,6 +3,9 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/params.h>
+
+#include <algorithm>
 
 #include <cstring>
 
@@ -84,25 +87,51 @@ class Writer {
     out_.resize(out_.size() + kMacSize);
     // The MAC covers the frame up to the AUTH TLV header, then `extra`.
     std::uint8_t mac[EVP_MAX_MD_SIZE];
-    computeMac(key, std::span(out_.data(), covered), extra, mac);
+    (void)computeMac(key, std::span(out_.data(), covered), extra, mac);  // zeros: peer rejects
     std::memcpy(out_.data() + mac_at, mac, kMacSize);
     return std::move(out_);
   }
 
-  static void computeMac(std::span<const std::uint8_t> key, std::span<const std::uint8_t> data,
+  // False (and an all-zero MAC) if OpenSSL failed.
+  static bool computeMac(std::span<const std::uint8_t> key, std::span<const std::uint8_t> data,
                          std::span<const std::uint8_t> extra, std::uint8_t* mac) {
-    unsigned int len = 0;
-    if (extra.empty()) {
-      HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data.data(), data.size(), mac,
-           &len);
-      return;
+    // HMAC() fetches the algorithm from the provider (locks, name lookups) and re-derives the
+    // key pads on every call. One keyed context per thread, re-initialised with the same key
+    // (EVP_MAC_init with no key keeps it), costs neither; a different key rekeys it.
+    struct Cached {
+      EVP_MAC* alg = EVP_MAC_fetch(nullptr, "HMAC", nullptr);
+      EVP_MAC_CTX* ctx = alg != nullptr ? EVP_MAC_CTX_new(alg) : nullptr;
+      std::vector<std::uint8_t> key;
+      bool keyed = false;
+      ~Cached() {
+        EVP_MAC_CTX_free(ctx);
+        EVP_MAC_free(alg);
+        OPENSSL_cleanse(key.data(), key.size());
+      }
+    };
+    thread_local Cached c;
+    bool ok = c.ctx != nullptr;
+    if (ok && c.keyed && std::equal(key.begin(), key.end(), c.key.begin(), c.key.end())) {
+      ok = EVP_MAC_init(c.ctx, nullptr, 0, nullptr) == 1;
+    } else if (ok) {
+      char digest[] = "SHA256";
+      OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string("digest", digest, 0),
+                             OSSL_PARAM_construct_end()};
+      static const std::uint8_t kEmpty = 0;
+      ok = EVP_MAC_init(c.ctx, key.empty() ? &kEmpty : key.data(), key.size(), params) == 1;
+      OPENSSL_cleanse(c.key.data(), c.key.size());
+      c.key.assign(key.begin(), key.end());
+      c.keyed = ok;
     }
-    // A reply is small: concatenate rather than keep an HMAC context.
-    thread_local std::vector<std::uint8_t> scratch;
-    scratch.assign(data.begin(), data.end());
-    scratch.insert(scratch.end(), extra.begin(), extra.end());
-    HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), scratch.data(), scratch.size(),
-         mac, &len);
+    std::size_t len = 0;
+    ok = ok && EVP_MAC_update(c.ctx, data.data(), data.size()) == 1 &&
+         (extra.empty() || EVP_MAC_update(c.ctx, extra.data(), extra.size()) == 1) &&
+         EVP_MAC_final(c.ctx, mac, &len, kMacSize) == 1 && len == kMacSize;
+    if (!ok) {
+      c.keyed = false;
+      std::memset(mac, 0, kMacSize);
+    }
+    return ok;
   }
 
  private:
@@ -188,7 +217,7 @@ bool macMatches(std::span<const std::uint8_t> key, std::span<const std::uint8_t>
                 std::span<const std::uint8_t> mac) {
   if (key.empty()) return false;
   std::uint8_t expected[EVP_MAX_MD_SIZE];
-  Writer::computeMac(key, frame.first(auth_at), extra, expected);
+  if (!Writer::computeMac(key, frame.first(auth_at), extra, expected)) return false;
   return CRYPTO_memcmp(expected, mac.data(), kMacSize) == 0;
 }
 
