@@ -25,11 +25,15 @@ FrameReader::Step FrameReader::read(stacks::StackConnection& conn) {
       }
       if (bytes_.size() < need_) continue;
     }
-    if (auto s = checkPrefix(); s != Step::kWouldBlock) {
-      if (s == Step::kDone && bytes_.size() > need_) return Step::kError;  // greedy: past it
-      return s;
+    auto s = checkPrefix();
+    if (s == Step::kBadPrefix) return s;
+    if (bytes_.size() >= need_ && prefix_checked_) {
+      // Greedy: what came behind the frame is kept for whoever reads on.
+      surplus_.insert(surplus_.end(), reinterpret_cast<std::byte*>(bytes_.data() + need_),
+                      reinterpret_cast<std::byte*>(bytes_.data() + bytes_.size()));
+      bytes_.resize(need_);
+      return Step::kDone;
     }
-    if (bytes_.size() > need_) return Step::kError;
   }
 }
 
@@ -47,7 +51,10 @@ FrameReader::Step FrameReader::checkPrefix() {
 
 FrameReader::Step FrameReader::feed(std::span<const std::byte> bytes) {
   while (!bytes.empty()) {
-    if (bytes_.size() == need_ && prefix_checked_) return Step::kError;  // past the frame
+    if (bytes_.size() == need_ && prefix_checked_) {  // past the frame: kept for the session
+      surplus_.insert(surplus_.end(), bytes.begin(), bytes.end());
+      return Step::kDone;
+    }
     std::size_t take = std::min(need_ - bytes_.size(), bytes.size());
     auto* p = reinterpret_cast<const std::uint8_t*>(bytes.data());
     bytes_.insert(bytes_.end(), p, p + take);

@@ -26,27 +26,29 @@ class FrameReader {
     kDone,        // frame() holds the whole frame
   };
 
-  // `greedy`: read as much as a whole frame could be at once (one read for a whole HELLO),
-  // for frames nothing may follow before they are answered; bytes beyond the frame are then an
-  // error (kError).
+  // `greedy`: read as much as a whole frame could be at once (one read for a whole HELLO);
+  // bytes that came behind the frame are kept in surplus() (early session data, which the
+  // session accepts or rejects).
   FrameReader(handshake::MessageType type, std::size_t max_body, bool greedy = false)
       : type_(type), max_body_(max_body), greedy_(greedy) {}
 
   // Reads what is available, up to the end of the frame.
   Step read(stacks::StackConnection& conn);
-  // Takes bytes already received (by whoever had the connection before). kError if they run
-  // past the end of the frame: nothing may follow it before it is answered.
+  // Takes bytes already received (by whoever had the connection before); what runs past the
+  // end of the frame goes to surplus().
   Step feed(std::span<const std::byte> bytes);
 
   handshake::PrefixError prefixError() const { return prefix_error_; }
   const std::vector<std::uint8_t>& frame() const { return bytes_; }
   bool empty() const { return bytes_.empty(); }
+  std::vector<std::byte>& surplus() { return surplus_; }
 
  private:
   handshake::MessageType type_;
   std::size_t max_body_;
   bool greedy_ = false;
   std::vector<std::uint8_t> bytes_;
+  std::vector<std::byte> surplus_;
   std::size_t need_ = handshake::kPrefixSize;
   bool prefix_checked_ = false;
   handshake::PrefixError prefix_error_ = handshake::PrefixError::kNone;

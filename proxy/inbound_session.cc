@@ -135,6 +135,13 @@ void InboundSession::onHello() {
   }
   hello_ = std::move(result.hello);
   hello_valid_ = true;
+  // Early data (framed session bytes right behind the HELLO) comes only with framing, which
+  // this side must agree to; otherwise nothing may follow a HELLO before our REPLY.
+  if (!reader_.surplus().empty() &&
+      !(hello_.framing == handshake::kFramingV1 && config.tunnel_reuse)) {
+    reject(handshake::RejectReason::kMalformed);
+    return;
+  }
 
   auto now_ms = static_cast<std::int64_t>(unixMillis());
   auto skew = static_cast<std::int64_t>(config.max_clock_skew.count());
@@ -279,7 +286,7 @@ void InboundSession::startRelay() {
   info.framed = framed_;
   info.tunnel_is_upstream = false;
   end();
-  Relay::start(worker_, info, std::move(*adopted), std::move(server_));
+  Relay::start(worker_, info, std::move(*adopted), std::move(server_), reader_.surplus());
 }
 
 void InboundSession::drop(RejectionLabel label, bool count) {

@@ -10,6 +10,7 @@
 #include "proxy/capture.h"
 #include "proxy/relay.h"
 #include "proxy/session_util.h"
+#include "proxy/tunnel_framing.h"
 #include "stacks/kernel/kernel_connection.h"
 
 namespace dmm::proxy {
@@ -148,7 +149,29 @@ void OutboundSession::sendHello() {
     fallBack(FallbackReason::kPeerNoCommonStack, false);
     return;
   }
-  writer_.set(handshake::encodeHello(hello, ctx.config.psk));
+  auto frame = handshake::encodeHello(hello, ctx.config.psk);
+  if (reused_ && early_.empty()) {
+    // This peer frames (it did on this connection before): the client's first bytes can go
+    // with the HELLO as early data, saving the peer a wake-up and the session a round trip.
+    // They are kept until the REPLY, for a fallback or a retry.
+    std::byte buf[kEarlyDataMax];
+    auto r = client_->read(buf);
+    if (r.status == IoResult::Status::kOk) {
+      early_.assign(buf, buf + r.bytes);
+    } else if (r.status == IoResult::Status::kReset || r.status == IoResult::Status::kError) {
+      refuse(Outcome::kReset, worker_.metrics().noStack(), "client reset");
+      return;
+    }
+  }
+  early_sent_ = reused_ && !early_.empty();
+  if (early_sent_) {
+    std::size_t at = frame.size();
+    frame.resize(at + framing::kHeaderSize + early_.size());
+    framing::putHeader(reinterpret_cast<std::byte*>(frame.data() + at),
+                       static_cast<std::uint32_t>(early_.size()));
+    std::memcpy(frame.data() + at + framing::kHeaderSize, early_.data(), early_.size());
+  }
+  writer_.set(std::move(frame));
   state_ = State::kHandshaking;
   // The peer answers only once it has reached the destination, which may take it up to its
   // own timeouts.connect; waiting less would mistake a slow destination for a missing sidecar.
@@ -166,6 +189,7 @@ void OutboundSession::flushHello() {
 bool OutboundSession::retryFresh() {
   if (!reused_) return false;
   reused_ = false;
+  early_sent_ = false;  // sent on the dead connection only: the relay sends them
   retireUpstream();
   reader_ = FrameReader(handshake::MessageType::kReply, worker_.config().max_header_bytes);
   connectPeer();
@@ -316,7 +340,12 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   info.tunnel_is_upstream = true;
   info.peer = peer_;
   end();
-  Relay::start(worker_, info, std::move(client_), std::move(upstream));
+  // Early bytes already carried by the peer are only counted; otherwise (a fallback, a retry
+  // on a new connection) they go out first.
+  bool carried = early_sent_ && info.framed;
+  if (carried) info.early_bytes = early_.size();
+  Relay::start(worker_, info, std::move(client_), std::move(upstream),
+               carried ? std::span<const std::byte>() : std::span<const std::byte>(early_));
 }
 
 void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why) {

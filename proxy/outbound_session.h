@@ -73,6 +73,11 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   bool reused_ = false;                      // upstream_ came from the worker's tunnel pool
   std::size_t tuned_for_ = SIZE_MAX;         // reused: the stack instance it is tuned for
   bool framed_ = false;                      // the REPLY accepted framing
+  // The client's first bytes, read before the REPLY (only on a reused connection, whose peer
+  // frames); sent with the HELLO when early_sent_, else by the relay.
+  static constexpr std::size_t kEarlyDataMax = 16 * 1024;
+  std::vector<std::byte> early_;
+  bool early_sent_ = false;
   FrameWriter writer_;
   FrameReader reader_;  // the REPLY
 };

@@ -27,11 +27,22 @@ Relay::Clock::time_point nowTime() {
 
 void Relay::start(Worker& worker, const Info& info,
                   std::unique_ptr<stacks::StackConnection> downstream,
-                  std::unique_ptr<stacks::StackConnection> upstream) {
+                  std::unique_ptr<stacks::StackConnection> upstream,
+                  std::span<const std::byte> preload) {
   // The relay owns itself from here: it hands itself to deferDelete() when it finishes.
   auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
   worker.relayStarted(*relay);
   worker.metrics().connectionOpened(info.role);  // finish() closes it in the same place
+  if (info.early_bytes > 0) {
+    relay->flows_[0].bytes += info.early_bytes;
+    worker.metrics()
+        .bytes(info.role, info.stack, Direction::kUpstream)
+        .Increment(static_cast<double>(info.early_bytes));
+  }
+  if (!preload.empty() && !relay->preload(preload)) {
+    relay->fail(Step{Status::kError, 0, EPROTO, false});
+    return;
+  }
   // Readiness edges may have fired during the handshake: read whatever may hold bytes.
   if (!relay->pump(relay->flows_[0])) return;
   if (!relay->pump(relay->flows_[1])) return;
@@ -64,6 +75,31 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
     flows_[0].decode = !info_.tunnel_is_upstream;
     flows_[1].encode = !info_.tunnel_is_upstream;
   }
+}
+
+bool Relay::preload(std::span<const std::byte> bytes) {
+  Flow& f = flows_[0];
+  const std::size_t reserve = f.encode ? framing::kHeaderSize : 0;
+  if (bytes.size() + reserve > worker_.buffers().bufferSize() || !acquireSpace(f, false))
+    return false;
+  std::memcpy(f.buffer + reserve, bytes.data(), bytes.size());
+  std::size_t held = bytes.size();
+  if (f.decode) {
+    long payload = decodeRead(f, f.buffer, bytes.size());
+    if (payload < 0) return false;
+    held = static_cast<std::size_t>(payload);
+  } else if (f.encode) {
+    framing::putHeader(f.buffer, static_cast<std::uint32_t>(bytes.size()));
+    held += reserve;
+    f.bytes += bytes.size();  // encode flows count payload as it is taken
+    worker_.metrics()
+        .bytes(info_.role, info_.stack, Direction::kUpstream)
+        .Increment(static_cast<double>(bytes.size()));
+  }
+  f.head = 0;
+  f.pending = static_cast<std::uint32_t>(held);
+  if (f.pending == 0) releaseSpace(f);
+  return true;
 }
 
 Relay::~Relay() {

@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "common/event_loop.h"
@@ -54,13 +55,17 @@ class Relay final : public Deferrable,
     bool framed = false;
     bool tunnel_is_upstream = true;  // outbound: upstream; inbound: downstream
     SocketAddress peer;              // outbound: the peer sidecar (the pool's key)
+    std::size_t early_bytes = 0;     // client bytes already sent with the HELLO (counted here)
   };
 
   // Starts relaying between `downstream` (towards the client) and `upstream` (towards the
   // server). Both must be established. Bytes already waiting on either are picked up at once.
+  // `preload`: bytes of the upstream direction read before the relay existed, moved first:
+  // the client's early bytes (outbound) or framed early data behind the HELLO (inbound).
   static void start(Worker& worker, const Info& info,
                     std::unique_ptr<stacks::StackConnection> downstream,
-                    std::unique_ptr<stacks::StackConnection> upstream);
+                    std::unique_ptr<stacks::StackConnection> upstream,
+                    std::span<const std::byte> preload = {});
 
   ~Relay() override;
 
@@ -122,6 +127,8 @@ class Relay final : public Deferrable,
 
   Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConnection> downstream,
         std::unique_ptr<stacks::StackConnection> upstream);
+  // Puts `bytes` ahead of everything in flows_[0]. False on a protocol error or no memory.
+  bool preload(std::span<const std::byte> bytes);
 
   Direction direction(const Flow& f) const {
     return &f == &flows_[0] ? Direction::kUpstream : Direction::kDownstream;

@@ -551,6 +551,35 @@ TEST_F(SidecarPair, AnIdleConnectionThePeerClosedLeavesThePoolNoFallback) {
             0);
 }
 
+TEST_F(SidecarPair, EarlyDataSurvivesARejectOnAReusedConnection) {
+  // B's replay cache is tiny, so once it fills, HELLOs on reused connections are rejected as
+  // overloaded and A falls back direct. The client's first bytes went out with those HELLOs
+  // as early data: the direct connection must still deliver every byte, in order.
+  // ([security] comes from securitySection() in startB(), so B is configured here.)
+  b_ = std::make_unique<SidecarProcess>(
+      hosts_.b(),
+      sidecarConfig("[security]\npsk = \"" + std::string(kKey) +
+                    "\"\nreplay_cache_size = 1024\n\n[timeouts]\nconnect = \"2s\"\n"),
+      "b");
+  startA();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  int fallbacks_seen_at = -1;
+  for (int i = 0; i < 2000 && fallbacks_seen_at < 0; ++i) {
+    std::string payload = "request " + std::to_string(i) + std::string(3000, 'e');
+    ASSERT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload) << i;
+    if (metricA("dmm_sidecar_fallbacks_total",
+                {{"reason", "peer_overloaded"}, {"action", "direct"}}) >= 1)
+      fallbacks_seen_at = i;
+  }
+  ASSERT_GE(fallbacks_seen_at, 0) << "the replay cache never filled";
+  // A few more after the first fallback, all whole.
+  for (int i = 0; i < 20; ++i) {
+    std::string payload(5000, static_cast<char>('A' + i));
+    EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload);
+  }
+  EXPECT_GE(metricA("dmm_sidecar_tunnel_reuses_total", {{"role", "outbound"}}), 1);
+}
+
 TEST_F(SidecarPair, PlainAndFramingSidecarsInteroperate) {
   // A sidecar with reuse off speaks plain v1 sessions; either side may be the old one.
   for (bool a_reuses : {false, true}) {
