@@ -39,7 +39,6 @@ class TunnelPool {
   // Closes connections idle for `timeout` or longer.
   void sweep(Clock::time_point now, std::chrono::milliseconds timeout);
   void clear();
-  std::size_t size() const { return entries_.size(); }
 
  private:
   struct Entry final : Deferrable, stacks::ConnectionCallbacks {
