@@ -325,9 +325,7 @@ void Worker::randomBytes(std::span<std::uint8_t> out) {
     }
     std::size_t n = std::min(out.size(), random_.size() - random_used_);
     std::memcpy(out.data(), random_.data() + random_used_, n);
-    // Each byte is handed out once.
-    std::memset(random_.data() + random_used_, 0, n);
-    random_used_ += n;
+    random_used_ += n;  // each byte is handed out once
     out = out.subspan(n);
   }
 }
