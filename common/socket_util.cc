@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 
 #include <cerrno>
+#include <cstddef>
 
 namespace dmm::net {
 
@@ -82,6 +83,16 @@ Status setAbortOnClose(int fd, bool abort) {
   linger l{abort ? 1 : 0, 0};
   if (::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l) != 0) return Error{errno, "so_linger"};
   return {};
+}
+
+std::optional<std::chrono::microseconds> tcpSmoothedRtt(int fd) {
+  tcp_info info{};
+  socklen_t len = sizeof info;
+  if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) != 0) return std::nullopt;
+  // A kernel older than our headers may fill less; tcpi_rtt must be inside what it filled.
+  if (len < offsetof(tcp_info, tcpi_rtt) + sizeof info.tcpi_rtt) return std::nullopt;
+  if (info.tcpi_rtt == 0) return std::nullopt;
+  return std::chrono::microseconds(info.tcpi_rtt);
 }
 
 std::uint64_t raiseFileLimit() {

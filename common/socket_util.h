@@ -2,6 +2,7 @@
 // Thin, errno-preserving wrappers around the kernel socket calls the proxy and the kernel stack
 // share. All sockets are created non-blocking and close-on-exec.
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 
@@ -35,6 +36,10 @@ std::optional<SocketAddress> peerAddress(int fd);
 Status setNoDelay(int fd, bool on);
 // SO_LINGER with a zero timeout (close() sends RST) or off (close() sends FIN after the data).
 Status setAbortOnClose(int fd, bool abort);
+
+// The kernel's smoothed round-trip time of a connected TCP socket (TCP_INFO tcpi_rtt); nullopt
+// when getsockopt fails or no RTT has been sampled yet (tcpi_rtt 0).
+std::optional<std::chrono::microseconds> tcpSmoothedRtt(int fd);
 
 // Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
 std::uint64_t raiseFileLimit();
