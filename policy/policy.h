@@ -137,7 +137,11 @@ struct Decision {
   const Rule* rule = nullptr;  // nullptr: no rule matched, `action` is the default
   const Action* action = nullptr;
   std::uint64_t version = 0;  // the policy snapshot that decided
-  std::string_view ruleName() const { return rule != nullptr ? rule->name : "default"; }
+  // (Both arms are views: `rule->name : "default"` would copy the name into a temporary
+  // std::string and return a view of it after it is gone.)
+  std::string_view ruleName() const {
+    return rule != nullptr ? std::string_view(rule->name) : std::string_view("default");
+  }
 };
 
 class Policy {
