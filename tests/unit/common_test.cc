@@ -1,4 +1,4 @@
-// Addresses, CIDRs, port ranges, durations, the intrusive list and runCommand().
+// Addresses, CIDRs, port ranges, durations, TOML positions, the intrusive list and runCommand().
 
 #include <gtest/gtest.h>
 
@@ -6,6 +6,7 @@
 #include "common/duration.h"
 #include "common/intrusive_list.h"
 #include "common/socket_address.h"
+#include "common/toml_table.h"
 
 namespace dmm {
 namespace {
@@ -81,6 +82,52 @@ TEST(Duration, ParsesUnitsAndCompounds) {
   EXPECT_FALSE(parseDuration("5d"));
   EXPECT_EQ(formatDuration(Millis(90000)), "90s");
   EXPECT_EQ(formatDuration(Millis(120000)), "2m");
+}
+
+// positionOf() keeps an index of line starts per source; it must give toml11's own numbers for
+// every value, also when documents alternate and when one is freed and another parsed.
+TEST(TomlPosition, AgreesWithToml11ForEveryValue) {
+  auto text = [](int tables, const char* indent) {
+    std::string t = "# header\n\n";
+    for (int i = 0; i < tables; ++i) {
+      t += std::string(indent) + "[[t]]\n" + indent + "a = " + std::to_string(i) +
+           "\nb = [\"x\", \n  \"y\"]\ns = \"\"\"\nline\nline\"\"\"\nc = { d = 1, e = \"f\" }\n\n";
+    }
+    return t;
+  };
+  auto check = [](const toml::value& v) {
+    auto loc = v.location();
+    auto pos = positionOf(v);
+    EXPECT_EQ(pos.file, loc.file_name());
+    EXPECT_EQ(pos.line, loc.line());
+    EXPECT_EQ(pos.column, loc.column());
+    return pos.line;
+  };
+  auto walk = [&](const toml::value& doc, std::size_t i) {
+    const auto& t = doc.at("t").as_array().at(i);
+    std::uint32_t line = check(t);
+    check(t.at("a"));
+    check(t.at("b"));
+    check(t.at("b").as_array().at(1));
+    check(t.at("s"));
+    check(t.at("c").at("e"));
+    return line;
+  };
+  Diagnostics diags;
+  auto a = loadTomlString(text(300, ""), "a.toml", diags);
+  auto b = loadTomlString(text(200, "  "), "b.toml", diags);
+  ASSERT_TRUE(a && b) << diags.formatAll();
+  for (std::size_t i = 0; i < 200; ++i) {
+    walk(*a, i);
+    walk(*b, i);
+  }
+  EXPECT_EQ(walk(*a, 299), 3u + 299u * 9u);  // two header lines, nine per table
+  a.reset();
+  auto c = loadTomlString(text(50, "\t"), "c.toml", diags);
+  ASSERT_TRUE(c);
+  for (std::size_t i = 0; i < 50; ++i)
+    walk(*c, i);
+  EXPECT_EQ(positionOf(c->at("t").as_array().at(1).at("a")).column, 6u);  // "\ta = 1": bytes
 }
 
 struct Tag;
