@@ -194,14 +194,41 @@ void Index::build(const std::vector<Rule>& rules) {
     }
   }
   builder.finish(rules);
+  prefilters.resize(rules.size());
+  for (std::size_t i = 0; i < rules.size(); ++i) {
+    const Rule& r = rules[i];
+    Prefilter& p = prefilters[i];
+    if (!r.ports.empty()) {
+      p.port_min = 65535;
+      p.port_max = 0;
+      for (const auto& range : r.ports) {
+        p.port_min = std::min(p.port_min, range.first);
+        p.port_max = std::max(p.port_max, range.last);
+      }
+    }
+    if (!r.uids.empty()) p.needs |= Prefilter::kUid;
+    if (!r.apps.empty()) p.needs |= Prefilter::kApp;
+    if (!r.qos.empty()) p.needs |= Prefilter::kQos;
+    if (!r.peer_stacks.empty()) p.needs |= Prefilter::kPeerStacks;
+  }
 }
 
 std::uint32_t Index::lookup(const std::vector<Rule>& rules, const Facts& facts) const {
   std::uint32_t best = kNone;
+  const std::uint32_t port = facts.dst.valid() ? facts.dst.port() : 0;
+  std::uint8_t unknown = 0;  // the facts a rule may need that are not known
+  if (!facts.uid) unknown |= Prefilter::kUid;
+  if (facts.app.empty()) unknown |= Prefilter::kApp;
+  if (!facts.qos) unknown |= Prefilter::kQos;
+  if (facts.peer_stacks.empty()) unknown |= Prefilter::kPeerStacks;
+  auto mayMatch = [&](std::uint32_t id) {
+    const Prefilter& p = prefilters[id];
+    return port >= p.port_min && port <= p.port_max && (p.needs & unknown) == 0;
+  };
   // Scans ascending rule indices until the first full match or one past the best so far.
   auto scan = [&](const std::uint32_t* it, const std::uint32_t* end) {
     for (; it != end && *it < best; ++it) {
-      if (matchesExceptDst(rules[*it], facts)) {
+      if (mayMatch(*it) && matchesExceptDst(rules[*it], facts)) {
         best = *it;
         return;
       }
@@ -213,7 +240,6 @@ std::uint32_t Index::lookup(const std::vector<Rule>& rules, const Facts& facts) 
     return best;
   }
   const Key key = keyOf(facts.dst.ip());
-  const std::uint32_t port = facts.dst.port();
   std::uint32_t id = facts.dst.family() == AF_INET ? 0 : 1;
   while (id != kNone) {
     const Node& n = nodes[id];
@@ -239,7 +265,7 @@ std::uint32_t Index::lookup(const std::vector<Rule>& rules, const Facts& facts) 
           next = *c++;
         }
         if (next >= best) break;
-        if (matchesExceptDst(rules[next], facts)) {
+        if (mayMatch(next) && matchesExceptDst(rules[next], facts)) {
           best = next;
           break;
         }

@@ -11,7 +11,8 @@
 // with the ascending rules whose `ports` cover it, plus the node's rules without `ports`), so
 // rules that cannot match the port are not looked at.
 //
-// Everything lives in flat vectors built once; lookup() allocates nothing.
+// Everything lives in flat vectors built once; lookup() allocates nothing. Before a rule is
+// checked in full, a few bytes per rule (Prefilter) reject most candidates that cannot match.
 
 #include <cstdint>
 #include <memory>
@@ -45,6 +46,16 @@ struct MatchIndex {
     std::uint32_t ports = kNone;  // index into `port_indexes`, or kNone
   };
 
+  // What a lookup can reject a rule by without touching the Rule (a cache miss or two): the
+  // span of its ports and the facts it needs known. A necessary condition only; a rule that
+  // passes is checked in full.
+  struct Prefilter {
+    enum : std::uint8_t { kUid = 1, kApp = 2, kQos = 4, kPeerStacks = 8 };
+    std::uint16_t port_min = 0;  // no `ports`: every port, even 0 (no destination)
+    std::uint16_t port_max = 65535;
+    std::uint8_t needs = 0;
+  };
+
   struct PortIndex {
     std::uint32_t bounds_begin = 0;  // [begin, end) in `bounds`: interval starts, first is 0
     std::uint32_t bounds_end = 0;
@@ -62,6 +73,7 @@ struct MatchIndex {
   std::vector<std::uint32_t> interval_rules;
   std::uint32_t no_dst_begin = 0;  // [begin, end) in `rule_ids`: rules without `dst`
   std::uint32_t no_dst_end = 0;
+  std::vector<Prefilter> prefilters;  // one per rule
 
   // Fills an empty index from the rules.
   void build(const std::vector<Rule>& rules);
