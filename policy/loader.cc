@@ -83,8 +83,10 @@ const std::function<std::optional<RttClass>(std::string_view)> kParseRtt =
   return std::nullopt;
 };
 
-// What the shadowing check compares first: the presence of the open-ended keys and the
-// enumerable keys as bit sets (an absent key is every value, including "unknown").
+// What the shadowing check compares first, so that most pairs are rejected in a few
+// instructions: the presence of the open-ended keys, the enumerable keys as bit sets (an absent
+// key is every value, including "unknown"), the spans of the port and uid ranges, and the names
+// (apps, peer stack kinds) as 64-bit Bloom masks.
 struct MatchSummary {
   enum : std::uint8_t { kDst = 1, kPorts = 2, kUids = 4, kApps = 8, kPeerStacks = 16 };
   std::uint8_t present = 0;
@@ -92,14 +94,42 @@ struct MatchSummary {
   std::uint8_t peers = 0;
   std::uint8_t rtts = 0;
   std::uint8_t qos = 0;  // one bit per class; bit 7: an unknown QoS (only when `qos` is absent)
+  std::uint16_t port_min = 0;
+  std::uint16_t port_max = 65535;
+  std::uint32_t uid_min = 0;
+  std::uint32_t uid_max = 0xFFFFFFFFu;
+  std::uint64_t apps = ~std::uint64_t{0};
+  std::uint64_t kinds = ~std::uint64_t{0};
 
   static MatchSummary of(const Rule& r) {
     MatchSummary s;
     if (!r.dst.empty()) s.present |= kDst;
-    if (!r.ports.empty()) s.present |= kPorts;
-    if (!r.uids.empty()) s.present |= kUids;
-    if (!r.apps.empty()) s.present |= kApps;
-    if (!r.peer_stacks.empty()) s.present |= kPeerStacks;
+    if (!r.ports.empty()) {
+      s.present |= kPorts;
+      s.port_min = 65535;
+      s.port_max = 0;
+      for (const auto& p : r.ports) {
+        s.port_min = std::min(s.port_min, p.first);
+        s.port_max = std::max(s.port_max, p.last);
+      }
+    }
+    if (!r.uids.empty()) {
+      s.present |= kUids;
+      s.uid_min = 0xFFFFFFFFu;
+      s.uid_max = 0;
+      for (const auto& u : r.uids) {
+        s.uid_min = std::min(s.uid_min, u.first);
+        s.uid_max = std::max(s.uid_max, u.last);
+      }
+    }
+    if (!r.apps.empty()) {
+      s.present |= kApps;
+      s.apps = bloom(r.apps);
+    }
+    if (!r.peer_stacks.empty()) {
+      s.present |= kPeerStacks;
+      s.kinds = bloom(r.peer_stacks);
+    }
     s.roles = r.role ? static_cast<std::uint8_t>(1u << static_cast<unsigned>(*r.role)) : 0x3;
     s.peers = bits(r.peer, 0x7);
     s.rtts = bits(r.rtt, 0xF);
@@ -116,10 +146,20 @@ struct MatchSummary {
     return static_cast<std::uint8_t>(out);
   }
 
-  // Whether a rule summarised by `this` could match everything one summarised by `b` does.
+  static std::uint64_t bloom(const std::vector<std::string>& names) {
+    std::uint64_t out = 0;
+    for (const auto& n : names)
+      out |= std::uint64_t{1} << (std::hash<std::string>{}(n) % 64);
+    return out;
+  }
+
+  // Whether a rule summarised by `this` could match everything one summarised by `b` does
+  // (a necessary condition; covers() decides).
   bool mayCover(const MatchSummary& b) const {
     return (present & ~b.present) == 0 && (b.roles & ~roles) == 0 && (b.peers & ~peers) == 0 &&
-           (b.rtts & ~rtts) == 0 && (b.qos & ~qos) == 0;
+           (b.rtts & ~rtts) == 0 && (b.qos & ~qos) == 0 && port_min <= b.port_min &&
+           b.port_max <= port_max && uid_min <= b.uid_min && b.uid_max <= uid_max &&
+           (b.apps & ~apps) == 0 && (b.kinds & ~kinds) == 0;
   }
 };
 
