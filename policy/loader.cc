@@ -307,8 +307,8 @@ class PolicyBuilder {
     if (diags_.errorCount() == errors_before) policy_->rules_.push_back(std::move(rule));
   }
 
-  // A list key: when present, non-empty (an empty list would read as "nothing" but means
-  // "anything").
+  // A list key into `target`. An empty list is accepted (it means "any", like an absent key)
+  // with a warning, since it reads as "nothing".
   template <class T>
   void list(TomlTable& t, std::string_view key, std::string_view what,
             const std::function<std::optional<T>(std::string_view)>& parse,
