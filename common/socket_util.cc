@@ -40,11 +40,29 @@ Result<UniqueFd> listenTcp(const SocketAddress& addr, const ListenOptions& optio
 }
 
 Result<UniqueFd> connectTcp(const SocketAddress& remote, std::uint32_t mark) {
+  return connectTcp(remote, mark, std::nullopt, {});
+}
+
+Result<UniqueFd> connectTcp(const SocketAddress& remote, std::uint32_t mark,
+                            const std::optional<IpAddress>& source,
+                            const std::function<Status(int)>& prepare) {
   UniqueFd fd(::socket(remote.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, IPPROTO_TCP));
   if (!fd) return Error{errno, "socket"};
   if (mark != 0) {
     if (auto s = setInt(fd.get(), SOL_SOCKET, SO_MARK, static_cast<int>(mark), "so_mark"); !s)
       return s.error();
+  }
+  if (source && source->family() == remote.family()) {
+    // The port is picked at connect() time, against the full 4-tuple, not at bind().
+    if (auto s = setInt(fd.get(), IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1, "bind_no_port"); !s)
+      return s.error();
+    sockaddr_storage local{};
+    socklen_t local_len = SocketAddress(*source, 0).toSockaddr(local);
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&local), local_len) != 0)
+      return Error{errno, "bind"};
+  }
+  if (prepare) {
+    if (auto s = prepare(fd.get()); !s) return s.error();
   }
   sockaddr_storage ss{};
   socklen_t len = remote.toSockaddr(ss);

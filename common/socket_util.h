@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 
 #include "common/result.h"
@@ -25,6 +26,12 @@ Result<UniqueFd> listenTcp(const SocketAddress& addr, const ListenOptions& optio
 // capture rules skip the sidecar's own connections. On success the connect may still be in
 // progress: wait for writability, then check connectError().
 Result<UniqueFd> connectTcp(const SocketAddress& remote, std::uint32_t mark);
+// The same, leaving from `source` (any port) when it is of the remote's family, and calling
+// `prepare` on the socket before the SYN goes out (options that must precede it: buffer sizes
+// that set the window scale, the congestion control).
+Result<UniqueFd> connectTcp(const SocketAddress& remote, std::uint32_t mark,
+                            const std::optional<IpAddress>& source,
+                            const std::function<Status(int)>& prepare);
 
 // The pending error of a socket (SO_ERROR), 0 when none.
 int socketError(int fd);

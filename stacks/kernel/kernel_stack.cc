@@ -54,9 +54,9 @@ Status KernelStack::tune(int fd) const {
 Result<std::unique_ptr<StackConnection>> KernelStack::connect(EventLoop& loop,
                                                               const ConnectOptions& options,
                                                               ConnectionCallbacks& callbacks) {
-  auto fd = net::connectTcp(options.remote, options.mark);
+  auto fd = net::connectTcp(options.remote, options.mark, options_.source,
+                            [this](int s) { return tune(s); });
   if (!fd) return fd.error();
-  if (auto s = tune(fd->get()); !s) return s.error();
   return std::unique_ptr<StackConnection>(
       std::make_unique<KernelConnection>(loop, std::move(*fd), callbacks, true));
 }
@@ -85,6 +85,13 @@ std::unique_ptr<StackOptions> KernelStackFactory::parseOptions(TomlTable& table)
   constexpr std::int64_t kMaxBuffer = 1LL << 30;
   if (auto v = table.getInt("send_buffer", 0, kMaxBuffer)) options->send_buffer = *v;
   if (auto v = table.getInt("receive_buffer", 0, kMaxBuffer)) options->receive_buffer = *v;
+  if (auto v = table.getString("source")) {
+    if (auto ip = IpAddress::parse(*v)) {
+      options->source = *ip;
+    } else {
+      table.error("source", "\"" + *v + "\" is not an IP address such as \"10.0.0.2\"");
+    }
+  }
   if (table.diagnostics().errorCount() != errors_before) return nullptr;
   return options;
 }

@@ -16,6 +16,9 @@ struct KernelOptions : StackOptions {
   std::string congestion;           // TCP_CONGESTION, empty: the system default
   std::int64_t send_buffer = 0;     // SO_SNDBUF bytes, 0: kernel autotuning
   std::int64_t receive_buffer = 0;  // SO_RCVBUF bytes, 0: kernel autotuning
+  // The local address this instance's connections leave from (peers of its family); picks the
+  // interface and path, e.g. one instance per NIC. Unset: the routing table decides.
+  std::optional<IpAddress> source;
 };
 
 class KernelStack final : public Stack {
