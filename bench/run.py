@@ -212,7 +212,7 @@ def haproxy_conf(variant, hop, threads):
 PSK = "bench-pre-shared-key-0123456789"
 
 
-def sidecar_conf(variant, hop, workers, log_level, relay=""):
+def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp"):
     """Hop B (1) serves the tunnel; hop A (2) has one [[forward]] listener per service, each bound
     for that service's address, which it reaches through B."""
     tunnel = port(variant, 1, "iperf3") + 9  # x9: B's tunnel port
@@ -225,6 +225,9 @@ def sidecar_conf(variant, hop, workers, log_level, relay=""):
         "[timeouts]", 'idle = "10m"',
         "[relay]", relay.replace(";", "\n"),
     ]
+    if variant != "dmmb":  # a --compare-sidecar binary may predate these tables
+        common += ["[admin]", f'socket = "{state_dir}/admin.sock"',
+                   "[policy]", f'dir = "{state_dir}/policy.d"']
     if hop == 1:
         lines = common + ["[tunnel]", f'listen = "127.0.0.1:{tunnel}"',
                           "[inbound]", "allow_local = false",
@@ -310,7 +313,8 @@ http {{
             conf = os.path.join(d, "sidecar.toml")
             with open(conf, "w") as f:
                 relay = self.args.compare_relay if variant == "dmmb" else self.args.sidecar_relay
-                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level, relay))
+                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level, relay,
+                                     state_dir=d))
             check = subprocess.run([self.sidecar if variant != "dmmb" else
                                     self.args.compare_sidecar, "--mode", "validate", "-c", conf],
                                    capture_output=True, text=True)

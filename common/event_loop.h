@@ -5,6 +5,7 @@
 
 #include <event2/event.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -13,6 +14,12 @@
 #include "common/unique_fd.h"
 
 namespace dmm {
+
+// A libevent timeout from a duration.
+inline timeval toTimeval(std::chrono::milliseconds ms) {
+  return timeval{static_cast<time_t>(ms.count() / 1000),
+                 static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
+}
 
 struct EventDeleter {
   void operator()(event* e) const { event_free(e); }

@@ -57,6 +57,12 @@ class IntrusiveList {
     head_.prev_ = &h;
   }
   static void remove(T& item) { static_cast<Hook&>(item).unlinkFromList(); }
+  // Calls fn(const T&) for each item, front to back; fn must not change the list.
+  template <class Fn>
+  void forEach(Fn&& fn) const {
+    for (const Hook* h = head_.next_; h != &head_; h = h->next_)
+      fn(static_cast<const T&>(*h));
+  }
   std::size_t size() const {
     std::size_t n = 0;
     for (const Hook* h = head_.next_; h != &head_; h = h->next_)

@@ -254,6 +254,45 @@ void loadMetrics(TomlTable t, Config& c) {
   t.rejectUnknown();
 }
 
+void loadPolicy(TomlTable t, Config& c) {
+  if (auto v = t.getString("dir")) {
+    if (v->empty()) {
+      t.error("dir", "must name a directory");
+    } else {
+      c.policy_dir = *v;
+    }
+  }
+  auto local = t.getDuration("rtt_local");
+  auto lan = t.getDuration("rtt_lan");
+  if (local) c.rtt.local = *local;
+  if (lan) c.rtt.lan = *lan;
+  if (c.rtt.local.count() <= 0) t.error("rtt_local", "must be positive");
+  if (c.rtt.lan <= c.rtt.local) t.error("rtt_lan", "must be above rtt_local");
+  if (auto v = t.getInt("breaker_failures", 1, 1000))
+    c.breaker_failures = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getDuration("breaker_open_for")) {
+    if (v->count() <= 0) {
+      t.error("breaker_open_for", "must be positive");
+    } else {
+      c.breaker_open_for = *v;
+    }
+  }
+  t.rejectUnknown();
+}
+
+void loadAdmin(TomlTable t, Config& c) {
+  if (auto v = t.getBool("enabled")) c.admin_enabled = *v;
+  if (auto v = t.getString("socket")) {
+    // sun_path holds 107 characters and a NUL.
+    if (v->empty() || v->size() > 107 || (*v)[0] != '/') {
+      t.error("socket", "must be an absolute path of at most 107 characters");
+    } else {
+      c.admin_socket = *v;
+    }
+  }
+  t.rejectUnknown();
+}
+
 void loadStacks(TomlTable& root, const stacks::StackRegistry& registry, Config& c) {
   std::set<std::string> names;
   int index = 0;
@@ -315,6 +354,8 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
   section("relay", loadRelay);
   section("security", loadSecurity);
   section("metrics", loadMetrics);
+  section("policy", loadPolicy);
+  section("admin", loadAdmin);
   loadStacks(root, registry, c);
   loadForwards(root, c);
   root.rejectUnknown();
@@ -379,6 +420,15 @@ const StackInstanceConfig* Config::findStack(std::string_view name) const {
     if (s.name == name) return &s;
   }
   return nullptr;
+}
+
+policy::Environment Config::policyEnvironment(const stacks::StackRegistry& registry) const {
+  policy::Environment env;
+  for (const auto& s : stacks)
+    env.stacks.push_back({s.name, s.kind});
+  env.kinds = registry.kinds();
+  env.attempt_timeout = connect_timeout;
+  return env;
 }
 
 std::optional<Config> loadConfig(const std::string& path, const stacks::StackRegistry& registry,

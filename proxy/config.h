@@ -14,6 +14,7 @@
 #include "common/duration.h"
 #include "common/log.h"
 #include "common/socket_address.h"
+#include "policy/policy.h"
 #include "stacks/stack.h"
 
 namespace dmm::proxy {
@@ -103,11 +104,26 @@ struct Config {
   bool metrics_enabled = true;
   SocketAddress metrics_listen;  // default 127.0.0.1:17090
 
+  // [policy]: protocol routing rules and the facts they use.
+  std::string policy_dir = "/etc/dmm-sidecar/policy.d";
+  policy::RttThresholds rtt;  // rtt_local, rtt_lan
+  // The circuit breaker per peer and stack instance: after `breaker_failures` failed attempts
+  // in a row the instance is skipped toward that peer for `breaker_open_for`, then one probe
+  // attempt decides whether it is used again.
+  std::uint32_t breaker_failures = 3;
+  Millis breaker_open_for{30'000};
+
+  // [admin]: the Unix socket `dmm-sidecar ctl` talks to.
+  bool admin_enabled = true;
+  std::string admin_socket = "/run/dmm-sidecar/admin.sock";
+
   // [[stack]]
   std::vector<StackInstanceConfig> stacks;  // default: one kernel instance named "kernel"
 
   unsigned effectiveWorkers() const;
   const StackInstanceConfig* findStack(std::string_view name) const;
+  // What the policy loader needs to know of this configuration.
+  policy::Environment policyEnvironment(const stacks::StackRegistry& registry) const;
 };
 
 // Reads and validates `path`. Returns nullopt when there is any error; all errors and warnings

@@ -2,9 +2,11 @@
 // SidecarContext: what every worker shares for the life of the process. The config and the
 // stack instances are read-only after start-up; the tables and metrics are thread-safe.
 
+#include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "policy/policy.h"
 #include "proxy/config.h"
 #include "proxy/metrics.h"
 #include "proxy/peer_table.h"
@@ -19,6 +21,8 @@ struct SidecarContext {
   Metrics& metrics;
   PeerTable& peers;
   ReplayCache& replay;
+  policy::PolicyStore& policy;  // swapped on reload; a connection keeps the snapshot it used
+  std::vector<std::uint8_t> stackKinds;  // StackKind values of the instances (REPLY's peer facts)
 };
 
 }  // namespace dmm::proxy

@@ -26,6 +26,7 @@ enum Tlv : std::uint16_t {
   kTlvResult = 0x0010,
   kTlvChosen = 0x0011,
   kTlvSessionToken = 0x0012,
+  kTlvStackKinds = 0x0013,  // REPLY: the stack kinds the responder runs (peer facts)
   kTlvAuth = 0x00FF,
 };
 constexpr std::uint16_t kCritical = 0x8000;
@@ -497,6 +498,12 @@ std::vector<std::uint8_t> encodeReply(const Reply& reply, std::span<const std::u
     w.u8(reply.framing);
     w.endTlv(at);
   }
+  if (!reply.stack_kinds.empty()) {
+    at = w.beginTlv(kTlvStackKinds);
+    for (std::size_t i = 0; i < reply.stack_kinds.size() && i < kMaxOffers; ++i)
+      w.u8(reply.stack_kinds[i]);
+    w.endTlv(at);
+  }
   return w.finish(key, request_nonce);
 }
 
@@ -507,7 +514,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
     result.error = e;
     return result;
   }
-  static constexpr std::uint16_t kKnown[] = {kTlvResult, kTlvChosen, kTlvSessionToken, kTlvFraming};
+  static constexpr std::uint16_t kKnown[] = {kTlvResult, kTlvChosen, kTlvSessionToken, kTlvFraming,
+                                             kTlvStackKinds};
   std::vector<TlvView> tlvs;
   std::size_t auth_at = 0;
   std::span<const std::uint8_t> mac;
@@ -519,11 +527,13 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   const TlvView* chosen = nullptr;
   const TlvView* token = nullptr;
   const TlvView* framing = nullptr;
+  const TlvView* kinds = nullptr;
   for (const auto& t : tlvs) {
-    const TlvView** slot = t.type == kTlvResult    ? &res
-                           : t.type == kTlvChosen  ? &chosen
-                           : t.type == kTlvFraming ? &framing
-                                                   : &token;
+    const TlvView** slot = t.type == kTlvResult       ? &res
+                           : t.type == kTlvChosen     ? &chosen
+                           : t.type == kTlvFraming    ? &framing
+                           : t.type == kTlvStackKinds ? &kinds
+                                                      : &token;
     if (*slot != nullptr) {
       result.error = RejectReason::kMalformed;
       return result;
@@ -534,7 +544,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
                   (chosen == nullptr ||
                    (chosen->value.size() >= 2 && chosen->value.size() == 2u + chosen->value[1])) &&
                   (token == nullptr || token->value.size() == kTokenSize) &&
-                  (framing == nullptr || framing->value.size() == 1);
+                  (framing == nullptr || framing->value.size() == 1) &&
+                  (kinds == nullptr || kinds->value.size() <= kMaxOffers);
   if (!sizes_ok) {
     result.error = RejectReason::kMalformed;
     return result;
@@ -571,6 +582,7 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
     r.token = t;
   }
   if (framing != nullptr) r.framing = framing->value[0];
+  if (kinds != nullptr) r.stack_kinds.assign(kinds->value.begin(), kinds->value.end());
   return result;
 }
 

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "common/socket_util.h"
+#include "proxy/classify.h"
 #include "proxy/relay.h"
 #include "proxy/session_util.h"
 #include "stacks/kernel/kernel_connection.h"
@@ -164,10 +165,28 @@ void InboundSession::onHello() {
     reject(handshake::RejectReason::kDestinationNotAllowed);
     return;
   }
-  // The first offer, in the initiator's order, that this sidecar runs and is healthy.
+  // This side's policy decides which of its instances it allows for this session; the first
+  // offer, in the initiator's order, of a kind it allows (and runs healthy) is chosen.
+  policy_ = ctx.policy.current();
+  policy::Facts facts;
+  facts.role = policy::Role::kInbound;
+  facts.dst = hello_.original_dst;
+  if (hello_.qos < policy::kQosClasses.size()) facts.qos = hello_.qos;
+  facts.peer = policy::PeerSidecar::kYes;
+  std::uint32_t offered = 0;
+  for (const auto& o : hello_.offers)
+    offered |= 1u << static_cast<unsigned>(o.kind);
+  facts.peer_stacks = stackKindNames(offered);
+  facts.rtt = config.rtt.classify(net::tcpSmoothedRtt(control_->fd()));
+  decision_ = policy_->classify(facts);
+  facts_ = std::move(facts);
+  worker_.metrics()
+      .rule(decision_.ruleName())
+      .decisions[static_cast<std::size_t>(Role::kInbound)]
+      ->Increment();
   bool found = false;
   for (std::size_t i = 0; i < hello_.offers.size() && !found; ++i) {
-    for (std::size_t j = 0; j < ctx.stacks.size(); ++j) {
+    for (std::size_t j : decision_.action->stacks) {
       const auto& stack = *ctx.stacks[j];
       if (stack.kind() == handshake::stackKindName(hello_.offers[i].kind) && stack.healthy()) {
         chosen_offer_ = static_cast<std::uint8_t>(i);
@@ -202,6 +221,7 @@ void InboundSession::onConnected(stacks::StackConnection& conn) {
   // Framed data, and the connection kept for the peer's next session, when both want it.
   framed_ = hello_.framing == handshake::kFramingV1 && config.tunnel_reuse;
   if (framed_) reply.framing = handshake::kFramingV1;
+  reply.stack_kinds = worker_.context().stackKinds;
   writer_.set(handshake::encodeReply(reply, config.psk, hello_.nonce));
   state_ = State::kAccepting;
   armTimer(config.handshake_timeout);
@@ -285,6 +305,9 @@ void InboundSession::startRelay() {
   info.started = started_;
   info.framed = framed_;
   info.tunnel_is_upstream = false;
+  info.rule = decision_.ruleName();
+  info.policy_version = decision_.version;
+  info.facts = std::move(facts_);
   end();
   Relay::start(worker_, info, std::move(*adopted), std::move(server_), reader_.surplus());
 }

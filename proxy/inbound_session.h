@@ -12,6 +12,7 @@
 
 #include "common/event_loop.h"
 #include "common/unique_fd.h"
+#include "policy/policy.h"
 #include "proxy/frame_io.h"
 #include "proxy/handshake_codec.h"
 #include "proxy/metrics.h"
@@ -66,6 +67,11 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   std::size_t tuned_for_ = SIZE_MAX;  // reused: the stack instance control_ is tuned for
   bool framed_ = false;               // this session's data is framed
   FrameWriter writer_;
+  // This side's policy decision (which of its instances it allows); the snapshot is kept alive
+  // while its rule and action are in use.
+  std::shared_ptr<const policy::Policy> policy_;
+  policy::Decision decision_;
+  policy::Facts facts_;
 };
 
 }  // namespace dmm::proxy

@@ -3,6 +3,7 @@
 //   dmm-sidecar [-c FILE]                     serve
 //   dmm-sidecar -c FILE --mode validate       check the config, print every problem, exit
 //   dmm-sidecar capture install|remove -c FILE   manage the iptables capture rules
+//   dmm-sidecar ctl [-c FILE | --socket PATH] COMMAND...   talk to the running sidecar
 //   dmm-sidecar --version
 
 #include <event2/event.h>
@@ -16,6 +17,8 @@
 #include "common/event_loop.h"
 #include "common/log.h"
 #include "common/socket_util.h"
+#include "proxy/admin_commands.h"
+#include "proxy/admin_socket.h"
 #include "proxy/capture.h"
 #include "proxy/config.h"
 #include "proxy/sidecar.h"
@@ -30,11 +33,17 @@ constexpr int kExitOk = 0;
 constexpr int kExitInvalidConfig = 2;
 constexpr int kExitRuntime = 1;
 
+// Loads the config and, with `check_policy`, the policy it points to: every problem of both
+// is printed in one pass.
 std::optional<Config> load(const std::string& path, const dmm::stacks::StackRegistry& registry,
-                           bool print_warnings) {
+                           bool print_warnings, bool check_policy) {
   dmm::Diagnostics diags;
   auto config = dmm::proxy::loadConfig(path, registry, diags);
-  if (!config || print_warnings) std::cerr << diags.formatAll();
+  bool ok = config.has_value();
+  if (config && check_policy)
+    ok = dmm::proxy::loadPolicyFor(*config, registry, 1, diags) != nullptr;
+  if (!ok || print_warnings) std::cerr << diags.formatAll();
+  if (!ok) return std::nullopt;
   return config;
 }
 
@@ -42,6 +51,7 @@ struct SignalContext {
   dmm::EventLoop* loop;
   std::string config_path;
   const dmm::stacks::StackRegistry* registry;
+  dmm::proxy::Sidecar* sidecar = nullptr;
 };
 
 void onStopSignal(evutil_socket_t sig, short, void* arg) {
@@ -52,18 +62,21 @@ void onStopSignal(evutil_socket_t sig, short, void* arg) {
 
 void onHangup(evutil_socket_t, short, void* arg) {
   // Listeners, stacks and keys are fixed for the life of the process; a reload re-validates
-  // the file and applies what can change without dropping connections: the log level.
+  // the file and applies what can change without dropping connections: the log level, and the
+  // policy (a new snapshot for new connections; established ones keep theirs).
   auto* ctx = static_cast<SignalContext*>(arg);
   dmm::Diagnostics diags;
   auto config = dmm::proxy::loadConfig(ctx->config_path, *ctx->registry, diags);
   if (!config) {
     spdlog::error("reload: {} is invalid, keeping the running configuration:\n{}", ctx->config_path,
                   diags.formatAll());
-    return;
+  } else {
+    dmm::log::setLevel(config->log_level);
+    spdlog::info("reload: {} is valid; log level now {}", ctx->config_path,
+                 spdlog::level::to_string_view(config->log_level));
   }
-  dmm::log::setLevel(config->log_level);
-  spdlog::info("reload: {} is valid; log level now {}", ctx->config_path,
-               spdlog::level::to_string_view(config->log_level));
+  std::string report;
+  if (ctx->sidecar != nullptr) ctx->sidecar->reloadPolicy(report);
 }
 
 int serve(Config config, const dmm::stacks::StackRegistry& registry) {
@@ -85,7 +98,21 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
     spdlog::critical("cannot start: {}", err);
     return kExitRuntime;
   }
+  sctx.sidecar = &sidecar;
+  std::unique_ptr<dmm::proxy::AdminServer> admin;
+  if (sidecar.config().admin_enabled) {
+    admin = std::make_unique<dmm::proxy::AdminServer>(
+        main_loop, [&sidecar](const std::vector<std::string>& args, std::string& out) {
+          return dmm::proxy::runAdminCommand(sidecar, args, out);
+        });
+    if (auto err = admin->listen(sidecar.config().admin_socket, 0660); !err.empty()) {
+      spdlog::critical("cannot start: admin socket {}: {}", sidecar.config().admin_socket, err);
+      sidecar.stop();
+      return kExitRuntime;
+    }
+  }
   main_loop.run();
+  admin.reset();
   sidecar.stop();
   spdlog::info("stopped");
   return kExitOk;
@@ -113,13 +140,42 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"install", "remove"}));
   capture->add_option("-c,--config", config_path, "configuration file")->capture_default_str();
 
+  auto* ctl = app.add_subcommand(
+      "ctl",
+      "talk to the running sidecar over its admin socket (try: ctl --help, ctl policy "
+      "explain --dst 10.0.0.2:80)");
+  std::string admin_socket;
+  ctl->add_option("-c,--config", config_path, "configuration file (for the socket path)")
+      ->capture_default_str();
+  ctl->add_option("--socket", admin_socket, "admin socket path (default: [admin] socket)");
+  ctl->prefix_command();  // everything after the options is the command, passed on as it is
+
   CLI11_PARSE(app, argc, argv);
 
   dmm::stacks::StackRegistry registry;
   dmm::stacks::registerBuiltinStacks(registry);
 
+  if (ctl->parsed()) {
+    if (admin_socket.empty()) {
+      dmm::Diagnostics diags;
+      auto config = dmm::proxy::loadConfig(config_path, registry, diags);
+      admin_socket = config ? config->admin_socket : Config{}.admin_socket;
+    }
+    auto words = ctl->remaining();
+    if (words.empty()) words.push_back("--help");
+    std::string out;
+    std::string error;
+    int status = dmm::proxy::adminRequest(admin_socket, words, out, error);
+    std::cout << out;
+    if (status < 0) {
+      std::cerr << "dmm-sidecar ctl: " << error << "\n";
+      return kExitRuntime;
+    }
+    return status;
+  }
+
   if (capture->parsed()) {
-    auto config = load(config_path, registry, false);
+    auto config = load(config_path, registry, false, false);
     if (!config) return kExitInvalidConfig;
     auto err = action == "install" ? dmm::proxy::installCaptureRules(*config)
                                    : dmm::proxy::removeCaptureRules(*config);
@@ -131,12 +187,12 @@ int main(int argc, char** argv) {
   }
 
   if (mode == "validate") {
-    auto config = load(config_path, registry, true);
+    auto config = load(config_path, registry, true, true);
     if (!config) return kExitInvalidConfig;
     std::cout << config_path << ": ok\n";
     return kExitOk;
   }
-  auto config = load(config_path, registry, true);
+  auto config = load(config_path, registry, true, false);  // serve() loads the policy
   if (!config) return kExitInvalidConfig;
   return serve(std::move(*config), registry);
 }

@@ -56,6 +56,31 @@ const char* fallbackReasonName(FallbackReason r) {
       return "peer_overloaded";
     case FallbackReason::kCachedNoSidecar:
       return "cached_no_sidecar";
+    case FallbackReason::kBreakerOpen:
+      return "breaker_open";
+    default:
+      return "unknown";
+  }
+}
+
+const char* attemptOutcomeName(AttemptOutcome o) {
+  switch (o) {
+    case AttemptOutcome::kWon:
+      return "won";
+    case AttemptOutcome::kLostRace:
+      return "lost_race";
+    case AttemptOutcome::kFailedRefused:
+      return "failed_refused";
+    case AttemptOutcome::kFailedTimeout:
+      return "failed_timeout";
+    case AttemptOutcome::kFailedUnreachable:
+      return "failed_unreachable";
+    case AttemptOutcome::kFailedClosed:
+      return "failed_closed";
+    case AttemptOutcome::kRejected:
+      return "rejected";
+    case AttemptOutcome::kSkippedBreaker:
+      return "skipped_breaker_open";
     default:
       return "unknown";
   }
@@ -212,6 +237,74 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                           .Help("Relays that fell back from splice() to read/write copies.")
                           .Register(*registry_)
                           .Add({});
+
+  stack_names_ = stack_names;
+  policy_version_ = &BuildGauge()
+                         .Name("dmm_sidecar_policy_version")
+                         .Help(
+                             "Version of the policy snapshot in force (1 at start, +1 per "
+                             "successful reload).")
+                         .Register(*registry_)
+                         .Add({});
+  auto& reloads = BuildCounter()
+                      .Name("dmm_sidecar_policy_reloads_total")
+                      .Help(
+                          "Policy reloads by result: success (swapped in) or failure (invalid, "
+                          "the old policy stays).")
+                      .Register(*registry_);
+  policy_reloads_[0] = &reloads.Add({{"result", "success"}});
+  policy_reloads_[1] = &reloads.Add({{"result", "failure"}});
+  decisions_family_ = &BuildCounter()
+                           .Name("dmm_sidecar_policy_decisions_total")
+                           .Help(
+                               "Connections classified, by role and the rule that decided "
+                               "(\"default\" when none matched).")
+                           .Register(*registry_);
+  attempts_family_ = &BuildCounter()
+                          .Name("dmm_sidecar_stack_attempts_total")
+                          .Help(
+                              "Candidate stack attempts toward peer sidecars, by rule, stack "
+                              "instance and outcome.")
+                          .Register(*registry_);
+  rule_fallbacks_family_ = &BuildCounter()
+                                .Name("dmm_sidecar_policy_fallbacks_total")
+                                .Help(
+                                    "Connections that bypassed the peer sidecar, by rule and "
+                                    "reason.")
+                                .Register(*registry_);
+  auto& breakers = BuildCounter()
+                       .Name("dmm_sidecar_breaker_transitions_total")
+                       .Help(
+                           "Circuit breaker transitions (per peer and stack instance), by "
+                           "stack instance and the state entered.")
+                       .Register(*registry_);
+  for (const auto& name : stack_names) {
+    for (const char* state : {"open", "half_open", "closed"})
+      breaker_transitions_.push_back(&breakers.Add({{"stack", name}, {"state", state}}));
+  }
+}
+
+RuleMetrics& Metrics::rule(std::string_view name) {
+  std::lock_guard lock(rules_mutex_);
+  auto it = rules_.find(name);
+  if (it != rules_.end()) return *it->second;
+  auto m = std::make_unique<RuleMetrics>();
+  std::string rule(name);
+  for (Role r : {Role::kOutbound, Role::kInbound})
+    m->decisions[idx(r)] = &decisions_family_->Add({{"role", roleName(r)}, {"rule", rule}});
+  for (const auto& stack : stack_names_) {
+    for (std::size_t o = 0; o < static_cast<std::size_t>(AttemptOutcome::kCount); ++o) {
+      m->attempts.push_back(&attempts_family_->Add(
+          {{"rule", rule},
+           {"stack", stack},
+           {"outcome", attemptOutcomeName(static_cast<AttemptOutcome>(o))}}));
+    }
+  }
+  for (std::size_t r = 0; r < static_cast<std::size_t>(FallbackReason::kCount); ++r) {
+    m->fallbacks.push_back(&rule_fallbacks_family_->Add(
+        {{"rule", rule}, {"reason", fallbackReasonName(static_cast<FallbackReason>(r))}}));
+  }
+  return *rules_.emplace(std::move(rule), std::move(m)).first->second;
 }
 
 }  // namespace dmm::proxy

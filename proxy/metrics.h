@@ -14,6 +14,16 @@
 // dmm_sidecar_capture_refusals_total{reason}                   counter
 // dmm_sidecar_accept_errors_total{listener}                    counter
 // dmm_sidecar_splice_disabled_total                            counter
+// dmm_sidecar_tunnel_reuses_total{role}                        counter
+// dmm_sidecar_policy_version                                   gauge
+// dmm_sidecar_policy_reloads_total{result}                     counter
+// dmm_sidecar_policy_decisions_total{role,rule}                counter
+// dmm_sidecar_stack_attempts_total{rule,stack,outcome}         counter
+// dmm_sidecar_policy_fallbacks_total{rule,reason}              counter
+// dmm_sidecar_breaker_transitions_total{stack,state}           counter
+//
+// The rule label takes the operator's rule names (few, and "default"); its handles are made
+// on a rule's first use and kept (RuleMetrics).
 
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
@@ -22,8 +32,11 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace dmm::proxy {
@@ -61,6 +74,7 @@ enum class FallbackReason : std::uint8_t {
   kPeerNoCommonStack,       // the peer supports none of the stacks we offered
   kPeerOverloaded,          // the peer asked us to go elsewhere
   kCachedNoSidecar,         // the peer was recently found to have no sidecar
+  kBreakerOpen,             // every candidate stack's circuit breaker toward the peer is open
   kCount
 };
 const char* fallbackReasonName(FallbackReason r);
@@ -89,6 +103,33 @@ enum class RejectionLabel : std::uint8_t {
   kCount
 };
 const char* rejectionLabelName(RejectionLabel r);
+
+// How one attempt of a candidate stack ended.
+enum class AttemptOutcome : std::uint8_t {
+  kWon,                // it carried the connection
+  kLostRace,           // another candidate was established first; this one was cancelled
+  kFailedRefused,      // connection refused
+  kFailedTimeout,      // no connection within attempt_timeout
+  kFailedUnreachable,  // other connect errors
+  kFailedClosed,       // the peer closed, broke or timed out the connection before its REPLY
+  kRejected,           // the peer sidecar answered with a reject
+  kSkippedBreaker,     // not tried: its circuit breaker toward the peer is open
+  kCount
+};
+const char* attemptOutcomeName(AttemptOutcome o);
+
+enum class BreakerState : std::uint8_t { kOpen, kHalfOpen, kClosed, kCount };
+
+// The handles of one policy rule, made on its first decision and kept.
+struct RuleMetrics {
+  std::array<prometheus::Counter*, 2> decisions{};  // by Role
+  std::vector<prometheus::Counter*> attempts;       // [stack][AttemptOutcome]
+  std::vector<prometheus::Counter*> fallbacks;      // [FallbackReason]
+  prometheus::Counter& attempt(std::size_t stack, AttemptOutcome o) {
+    return *attempts[stack * static_cast<std::size_t>(AttemptOutcome::kCount) +
+                     static_cast<std::size_t>(o)];
+  }
+};
 
 class Metrics {
  public:
@@ -130,6 +171,14 @@ class Metrics {
   void spliceDisabled() { splice_disabled_->Increment(); }
   void tunnelReused(Role role) { tunnel_reuses_[idx(role)]->Increment(); }
 
+  // Policy. Any thread.
+  RuleMetrics& rule(std::string_view name);
+  void policyLoaded(std::uint64_t version) { policy_version_->Set(static_cast<double>(version)); }
+  void policyReload(bool ok) { policy_reloads_[ok ? 0 : 1]->Increment(); }
+  void breaker(std::size_t stack, BreakerState state) {
+    breaker_transitions_[stack * 3 + idx(state)]->Increment();
+  }
+
  private:
   template <class E>
   static std::size_t idx(E e) {
@@ -151,6 +200,15 @@ class Metrics {
   std::array<prometheus::Counter*, 2> accept_errors_{};
   prometheus::Counter* splice_disabled_ = nullptr;
   std::array<prometheus::Counter*, 2> tunnel_reuses_{};
+  std::vector<std::string> stack_names_;
+  prometheus::Gauge* policy_version_ = nullptr;
+  std::array<prometheus::Counter*, 2> policy_reloads_{};
+  prometheus::Family<prometheus::Counter>* decisions_family_ = nullptr;
+  prometheus::Family<prometheus::Counter>* attempts_family_ = nullptr;
+  prometheus::Family<prometheus::Counter>* rule_fallbacks_family_ = nullptr;
+  std::vector<prometheus::Counter*> breaker_transitions_;
+  std::mutex rules_mutex_;
+  std::map<std::string, std::unique_ptr<RuleMetrics>, std::less<>> rules_;
 };
 
 }  // namespace dmm::proxy

@@ -3,11 +3,14 @@
 #include <openssl/rand.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
+#include "common/sock_diag.h"
 #include "common/socket_util.h"
 #include "proxy/capture.h"
+#include "proxy/classify.h"
 #include "proxy/relay.h"
 #include "proxy/session_util.h"
 #include "proxy/tunnel_framing.h"
@@ -78,50 +81,198 @@ void OutboundSession::retireUpstream() {
 
 void OutboundSession::begin() {
   auto& ctx = worker_.context();
-  if (ctx.peers.knownNoSidecar(destination_.ip(), Clock::now())) {
+  policy_ = ctx.policy.current();
+  facts_ = outboundFacts(ctx, destination_, std::nullopt);
+  if (policy_->usesUid()) {
+    // The client socket's owner; REDIRECT keeps its 4-tuple as (client, original destination).
+    if (auto client = client_->peerAddress())
+      facts_.uid = net::socketOwnerUid(*client, destination_);
+  }
+  decision_ = policy_->classify(facts_);
+  rule_metrics_ = &worker_.metrics().rule(decision_.ruleName());
+  rule_metrics_->decisions[static_cast<std::size_t>(Role::kOutbound)]->Increment();
+  if (facts_.peer == policy::PeerSidecar::kNo) {
     fallBack(FallbackReason::kCachedNoSidecar, false);
     return;
   }
-  connectPeer();
-}
-
-void OutboundSession::connectPeer() {
-  const auto& config = worker_.config();
-  if (config.tunnel_reuse) {
-    auto pooled = worker_.tunnels().take(peer_);
-    if (pooled.conn) {
-      upstream_ = std::move(pooled.conn);
-      upstream_->setCallbacks(*this);
-      reused_ = true;
-      tuned_for_ = pooled.stack;
-      sendHello();
-      return;
+  // The candidates: the decision's stacks this side can offer now, without those the peer is
+  // known not to run, and without those whose breaker toward the peer is open.
+  std::uint32_t peer_kinds = 0;
+  for (const auto& k : facts_.peer_stacks)
+    peer_kinds |= stackKindBit(k);
+  bool skipped_by_breaker = false;
+  auto now = Clock::now();
+  for (std::size_t stack : decision_.action->stacks) {
+    const auto& s = *ctx.stacks[stack];
+    auto bit = stackKindBit(s.kind());
+    if (bit == 0 || !s.healthy()) continue;
+    if (peer_kinds != 0 && (peer_kinds & bit) == 0) continue;
+    PeerTable::Transition t;
+    auto verdict = ctx.peers.breakerCheck(destination_.ip(), stack, now, &t);
+    if (t == PeerTable::Transition::kHalfOpened)
+      worker_.metrics().breaker(stack, BreakerState::kHalfOpen);
+    if (verdict == PeerTable::Verdict::kSkip) {
+      rule_metrics_->attempt(stack, AttemptOutcome::kSkippedBreaker).Increment();
+      skipped_by_breaker = true;
+      continue;
     }
+    candidates_.push_back(stack);
+    if (verdict == PeerTable::Verdict::kProbe) probes_.push_back(stack);
   }
-  auto fd = net::connectTcp(peer_, config.mark);
-  if (!fd) {
-    fallBack(reasonForConnectError(fd.error().code), true);
+  if (candidates_.empty()) {
+    fallBack(skipped_by_breaker ? FallbackReason::kBreakerOpen : FallbackReason::kPeerNoCommonStack,
+             false);
     return;
   }
   state_ = State::kConnectingPeer;
-  upstream_ = std::make_unique<KernelConnection>(worker_.loop(), std::move(*fd), *this, true);
-  armTimer(config.connect_timeout);
+  startNextAttempt();
+}
+
+bool OutboundSession::startNextAttempt() {
+  auto& ctx = worker_.context();
+  const auto& config = ctx.config;
+  const auto& action = *decision_.action;
+  while (next_candidate_ < candidates_.size()) {
+    std::size_t stack = candidates_[next_candidate_++];
+    auto attempt = std::make_unique<Attempt>();
+    attempt->session = this;
+    attempt->stack = stack;
+    attempt->probe = std::find(probes_.begin(), probes_.end(), stack) != probes_.end();
+    if (config.tunnel_reuse) {
+      // An idle connection to the peer over this stack is an attempt established at once.
+      auto pooled = worker_.tunnels().take(peer_, stack);
+      if (pooled) {
+        pooled->setCallbacks(*this);
+        attempt->conn = std::move(pooled);
+        reused_ = true;
+        attempts_.push_back(std::move(attempt));
+        onEstablished(attempts_.back().get());
+        return true;
+      }
+    }
+    stacks::ConnectOptions options;
+    options.remote = peer_;
+    options.mark = config.mark;
+    auto conn = ctx.stacks[stack]->connect(worker_.loop(), options, *this);
+    if (!conn) {
+      // Known at once (no route, no memory): this candidate failed; try the next.
+      attempts_.push_back(std::move(attempt));
+      attemptFailed(attempts_.back().get(), conn.error().code);
+      return true;
+    }
+    attempt->conn = std::move(*conn);
+    attempt->timer = worker_.loop().newEvent(-1, 0, onAttemptTimer, attempt.get());
+    auto tv = toTimeval(action.attempt_timeout);
+    evtimer_add(attempt->timer.get(), &tv);
+    attempts_.push_back(std::move(attempt));
+    if (action.mode == policy::Mode::kRace && next_candidate_ < candidates_.size()) {
+      // Happy Eyeballs across stacks: the next candidate starts after the stagger delay
+      // unless this one is established (or fails) first.
+      if (!stagger_) stagger_ = worker_.loop().newEvent(-1, 0, onStaggerTimer, this);
+      auto st = toTimeval(action.stagger);
+      evtimer_add(stagger_.get(), &st);
+    }
+    return true;
+  }
+  return false;
+}
+
+void OutboundSession::onStaggerTimer(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<OutboundSession*>(arg);
+  if (self->state_ == State::kConnectingPeer) self->startNextAttempt();
+}
+
+void OutboundSession::onAttemptTimer(evutil_socket_t, short, void* arg) {
+  auto* attempt = static_cast<Attempt*>(arg);
+  attempt->session->attemptFailed(attempt, ETIMEDOUT);
+}
+
+OutboundSession::Attempt* OutboundSession::findAttempt(const stacks::StackConnection& conn) {
+  for (auto& a : attempts_) {
+    if (a->conn.get() == &conn) return a.get();
+  }
+  return nullptr;
+}
+
+void OutboundSession::breakerResult(std::size_t stack, bool ok) {
+  PeerTable::BreakerPolicy bp{worker_.config().breaker_failures, worker_.config().breaker_open_for};
+  auto t = worker_.context().peers.breakerResult(destination_.ip(), stack, ok, bp, Clock::now());
+  if (t == PeerTable::Transition::kOpened) {
+    worker_.metrics().breaker(stack, BreakerState::kOpen);
+    spdlog::warn("stack {} toward {}: circuit breaker open for {} after {} failed attempt(s)",
+                 worker_.context().stacks[stack]->name(), peer_.ip().toString(),
+                 formatDuration(worker_.config().breaker_open_for),
+                 worker_.config().breaker_failures);
+  } else if (t == PeerTable::Transition::kClosed) {
+    worker_.metrics().breaker(stack, BreakerState::kClosed);
+    spdlog::info("stack {} toward {}: circuit breaker closed",
+                 worker_.context().stacks[stack]->name(), peer_.ip().toString());
+  }
+}
+
+void OutboundSession::attemptFailed(Attempt* attempt, int err) {
+  AttemptOutcome outcome = err == ECONNREFUSED ? AttemptOutcome::kFailedRefused
+                           : err == ETIMEDOUT  ? AttemptOutcome::kFailedTimeout
+                                               : AttemptOutcome::kFailedUnreachable;
+  rule_metrics_->attempt(attempt->stack, outcome).Increment();
+  last_failure_ = reasonForConnectError(err);
+  spdlog::debug("conn {:x}: stack {} toward {} failed: {}", id_,
+                worker_.context().stacks[attempt->stack]->name(), peer_.toString(),
+                std::strerror(err));
+  breakerResult(attempt->stack, false);
+  if (attempt->conn) {
+    attempt->conn->close(CloseType::kAbort);
+    retired_.push_back(std::move(attempt->conn));
+  }
+  std::erase_if(attempts_, [attempt](const auto& a) { return a.get() == attempt; });
+  // The next candidate starts now: in a race a failure does not wait for the stagger.
+  if (startNextAttempt()) return;
+  if (attempts_.empty()) fallBack(last_failure_, true);
+}
+
+void OutboundSession::cancelAttempts(const Attempt* keep) {
+  for (auto& a : attempts_) {
+    if (a.get() == keep) continue;
+    rule_metrics_->attempt(a->stack, AttemptOutcome::kLostRace).Increment();
+    // A cancelled probe proved nothing: let the next connection probe.
+    if (a->probe) worker_.context().peers.breakerAbandon(destination_.ip(), a->stack);
+    if (a->conn) {
+      a->conn->close(CloseType::kAbort);
+      retired_.push_back(std::move(a->conn));
+    }
+  }
+  std::erase_if(attempts_, [keep](const auto& a) { return a.get() != keep; });
+  if (stagger_) evtimer_del(stagger_.get());
+}
+
+void OutboundSession::onEstablished(Attempt* attempt) {
+  cancelAttempts(attempt);
+  winner_ = attempt->stack;
+  winner_probe_ = attempt->probe;
+  tuned_for_ = attempt->stack;  // its stack's connect() (or an earlier session) tuned it
+  upstream_ = std::move(attempt->conn);
+  attempts_.clear();
+  sendHello();
 }
 
 void OutboundSession::onConnected(stacks::StackConnection& conn) {
-  if (&conn != upstream_.get()) return;
   if (state_ == State::kConnectingPeer) {
-    sendHello();
-  } else if (state_ == State::kConnectingDirect) {
+    if (auto* a = findAttempt(conn)) onEstablished(a);
+    return;
+  }
+  if (&conn != upstream_.get()) return;
+  if (state_ == State::kConnectingDirect) {
     startRelay(std::move(upstream_), worker_.metrics().directStack());
   }
 }
 
 void OutboundSession::onConnectFailed(stacks::StackConnection& conn, Error error) {
-  if (&conn != upstream_.get()) return;
   if (state_ == State::kConnectingPeer) {
-    fallBack(reasonForConnectError(error.code), true);
-  } else if (state_ == State::kConnectingDirect) {
+    if (auto* a = findAttempt(conn)) attemptFailed(a, error.code);
+    return;
+  }
+  if (&conn != upstream_.get()) return;
+  if (state_ == State::kConnectingDirect) {
     refuse(Outcome::kConnectFailed, worker_.metrics().directStack(), std::strerror(error.code));
   }
 }
@@ -136,18 +287,20 @@ void OutboundSession::sendHello() {
   hello.key_id = ctx.config.key_id;
   hello.connection_id = id_;
   if (ctx.config.tunnel_reuse) hello.framing = handshake::kFramingV1;
+  if (facts_.qos) hello.qos = *facts_.qos;
+  // The candidates in the policy's order, the one whose connection won first: the receiver
+  // picks the first it runs and its own policy allows.
   offered_stacks_.clear();
-  for (std::size_t i = 0; i < ctx.stacks.size() && hello.offers.size() < handshake::kMaxOffers;
-       ++i) {
+  auto offer = [&](std::size_t i) {
     const auto& stack = *ctx.stacks[i];
     auto kind = handshake::stackKindFromName(stack.kind());
-    if (!kind || !stack.healthy()) continue;
+    if (!kind || hello.offers.size() >= handshake::kMaxOffers) return;
     hello.offers.push_back({*kind, stack.name(), stack.advertise()});
     offered_stacks_.push_back(i);
-  }
-  if (hello.offers.empty()) {
-    fallBack(FallbackReason::kPeerNoCommonStack, false);
-    return;
+  };
+  offer(winner_);
+  for (std::size_t i : candidates_) {
+    if (i != winner_) offer(i);
   }
   auto frame = handshake::encodeHello(hello, ctx.config.psk);
   if (reused_ && early_.empty()) {
@@ -192,7 +345,11 @@ bool OutboundSession::retryFresh() {
   early_sent_ = false;  // sent on the dead connection only: the relay sends them
   retireUpstream();
   reader_ = FrameReader(handshake::MessageType::kReply, worker_.config().max_header_bytes);
-  connectPeer();
+  // The same candidate again, on a new connection (or the next idle one).
+  candidates_.insert(candidates_.begin() + static_cast<std::ptrdiff_t>(next_candidate_), winner_);
+  if (winner_probe_) probes_.push_back(winner_);
+  state_ = State::kConnectingPeer;
+  startNextAttempt();
   return true;
 }
 
@@ -241,9 +398,25 @@ void OutboundSession::readReply() {
   onReply(result.reply);
 }
 
+void OutboundSession::winnerDone(AttemptOutcome outcome) {
+  if (winner_ == SIZE_MAX || winner_counted_) return;
+  winner_counted_ = true;
+  rule_metrics_->attempt(winner_, outcome).Increment();
+  // A reject is an answer: the stack reached the peer's sidecar.
+  breakerResult(winner_, outcome == AttemptOutcome::kWon || outcome == AttemptOutcome::kRejected);
+}
+
 void OutboundSession::onReply(const handshake::Reply& reply) {
   auto& ctx = worker_.context();
-  ctx.peers.markSidecar(destination_.ip());
+  winnerDone(reply.accepted ? AttemptOutcome::kWon : AttemptOutcome::kRejected);
+  std::uint32_t kinds = 0;
+  for (auto k : reply.stack_kinds) {
+    if (k > 0 && k < 32) kinds |= 1u << k;
+  }
+  // The control connection's smoothed RTT: a handshake's worth of samples, smoothed further
+  // per peer by the table.
+  ctx.peers.markSidecar(destination_.ip(), kinds,
+                        upstream_ ? net::tcpSmoothedRtt(upstream_->fd()) : std::nullopt);
   if (reply.accepted) {
     if (reply.chosen_index >= offered_stacks_.size()) {
       fallBack(FallbackReason::kPeerProtocolError, false);
@@ -284,20 +457,32 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
   }
 }
 
+policy::NoSidecar OutboundSession::noSidecarAction() const {
+  auto action =
+      decision_.action != nullptr ? decision_.action->no_sidecar : policy::NoSidecar::kDefault;
+  if (action != policy::NoSidecar::kDefault) return action;
+  return worker_.config().fallback == FallbackMode::kDirect ? policy::NoSidecar::kDirect
+                                                            : policy::NoSidecar::kRefuse;
+}
+
 void OutboundSession::fallBack(FallbackReason reason, bool no_sidecar) {
   auto& ctx = worker_.context();
   const auto& config = ctx.config;
+  if (state_ == State::kHandshaking) winnerDone(AttemptOutcome::kFailedClosed);
+  cancelAttempts(nullptr);
   retireUpstream();
+  bool direct = noSidecarAction() == policy::NoSidecar::kDirect;
   if (no_sidecar) {
     ctx.peers.markNoSidecar(destination_.ip(), config.no_sidecar_ttl, Clock::now());
     // Logged once per peer per no_sidecar_ttl: later connections hit the cache quietly.
-    spdlog::warn(
-        "no usable sidecar at {} ({}); {} for {}", peer_.toString(), fallbackReasonName(reason),
-        config.fallback == FallbackMode::kDirect ? "connecting directly" : "refusing connections",
-        formatDuration(config.no_sidecar_ttl));
+    spdlog::warn("no usable sidecar at {} ({}); {} for {}", peer_.toString(),
+                 fallbackReasonName(reason),
+                 direct ? "connecting directly" : "refusing connections",
+                 formatDuration(config.no_sidecar_ttl));
   }
-  bool direct = config.fallback == FallbackMode::kDirect;
   worker_.metrics().fallback(reason, direct);
+  if (rule_metrics_ != nullptr)
+    rule_metrics_->fallbacks[static_cast<std::size_t>(reason)]->Increment();
   if (!direct) {
     refuse(Outcome::kRefused, worker_.metrics().noStack(), fallbackReasonName(reason));
     return;
@@ -339,6 +524,9 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   info.framed = framed_ && stack != worker_.metrics().directStack();
   info.tunnel_is_upstream = true;
   info.peer = peer_;
+  info.rule = decision_.ruleName();
+  info.policy_version = decision_.version;
+  info.facts = std::move(facts_);
   end();
   // Early bytes already carried by the peer are only counted; otherwise (a fallback, a retry
   // on a new connection) they go out first.
@@ -349,6 +537,8 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
 }
 
 void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why) {
+  if (state_ == State::kHandshaking) winnerDone(AttemptOutcome::kRejected);
+  cancelAttempts(nullptr);
   // Counted before the client can see the reset, so that whoever observes it finds it counted.
   worker_.metrics().connectionFailed(Role::kOutbound, stack, outcome);
   // The client's connect() already succeeded (to us): a reset is the closest we can come to
@@ -366,6 +556,7 @@ void OutboundSession::shutdown() {
       Role::kOutbound,
       state_ == State::kConnectingDirect ? metrics.directStack() : metrics.noStack(),
       Outcome::kShutdown);
+  cancelAttempts(nullptr);
   if (client_) client_->close(CloseType::kAbort);
   retireUpstream();
   end();

@@ -5,10 +5,15 @@
 // has no usable sidecar it falls back to a direct kernel connection (or refuses, per
 // fallback.mode), counts why, and remembers sidecar-less peers for fallback.no_sidecar_ttl.
 //
-//   accept -> [peer known sidecar-less?] -> connect peer tunnel -> send HELLO -> read REPLY
-//             |                              | refused/timeout     | closed/timeout/garbage
-//             v                              v                     v
-//          direct connect  <------------  fall back  <-------------+
+//   accept -> classify (policy: rule -> candidate stacks, mode, timeouts, no_sidecar action)
+//          -> [peer known sidecar-less?] -> attempts: connect the peer's tunnel port over each
+//             candidate stack (sequential: one after another; race: staggered starts, the
+//             first established wins, the others are cancelled), skipping candidates whose
+//             circuit breaker toward the peer is open
+//          -> send HELLO on the winner -> read REPLY
+//             | every attempt failed       | closed/timeout/garbage
+//             v                            v
+//          direct connect or refuse  <--  fall back (the rule's no_sidecar, else [fallback])
 //   REPLY accepted -> Relay over the chosen stack;  REPLY rejected -> fall back or refuse,
 //   depending on the reason (docs/handshake.md lists which).
 
@@ -19,6 +24,7 @@
 #include "common/event_loop.h"
 #include "common/socket_address.h"
 #include "common/unique_fd.h"
+#include "policy/policy.h"
 #include "proxy/frame_io.h"
 #include "proxy/handshake_codec.h"
 #include "proxy/metrics.h"
@@ -44,9 +50,29 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
  private:
   enum class State { kConnectingPeer, kHandshaking, kConnectingDirect };
 
+  // One candidate stack's try at reaching the peer sidecar.
+  struct Attempt {
+    OutboundSession* session = nullptr;
+    std::size_t stack = 0;  // index in context().stacks
+    std::unique_ptr<stacks::StackConnection> conn;
+    EventPtr timer;      // attempt_timeout
+    bool probe = false;  // its circuit breaker let it through as the one probe
+  };
+
   OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination);
   void begin();
-  void connectPeer();
+  // Starts the next candidate's attempt; false when none is left.
+  bool startNextAttempt();
+  Attempt* findAttempt(const stacks::StackConnection& conn);
+  void attemptFailed(Attempt* attempt, int err);
+  void onEstablished(Attempt* attempt);
+  // Ends every attempt but `keep` (lost the race, or the session is over).
+  void cancelAttempts(const Attempt* keep);
+  void breakerResult(std::size_t stack, bool ok);
+  // Counts how the winning attempt ended (once) and tells its breaker.
+  void winnerDone(AttemptOutcome outcome);
+  static void onAttemptTimer(evutil_socket_t fd, short what, void* arg);
+  static void onStaggerTimer(evutil_socket_t fd, short what, void* arg);
   void sendHello();
   void flushHello();
   void readReply();
@@ -56,6 +82,7 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   // a HELLO, which the peer never answered). False if this was not a reused connection.
   bool retryFresh();
   void connectDirect();
+  policy::NoSidecar noSidecarAction() const;
   void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack);
   void refuse(Outcome outcome, std::size_t stack, const char* why);
   void retireUpstream();
@@ -63,6 +90,20 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
 
   SocketAddress destination_;
   SocketAddress peer_;
+  // The policy decision; the snapshot is kept alive while its rule and action are in use.
+  std::shared_ptr<const policy::Policy> policy_;
+  policy::Decision decision_;
+  policy::Facts facts_;
+  RuleMetrics* rule_metrics_ = nullptr;
+  std::vector<std::size_t> candidates_;  // stacks to try, in order (after breakers)
+  std::size_t next_candidate_ = 0;
+  std::vector<std::size_t> probes_;  // candidates let through as their breaker's one probe
+  std::vector<std::unique_ptr<Attempt>> attempts_;  // in flight
+  EventPtr stagger_;
+  std::size_t winner_ = SIZE_MAX;  // the stack whose connection carries the HELLO
+  bool winner_probe_ = false;
+  bool winner_counted_ = false;
+  FallbackReason last_failure_ = FallbackReason::kPeerTimeout;
   State state_ = State::kConnectingPeer;
   std::unique_ptr<stacks::StackConnection> client_;
   std::unique_ptr<stacks::StackConnection> upstream_;

@@ -21,11 +21,13 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "common/event_loop.h"
 #include "common/intrusive_list.h"
 #include "common/socket_address.h"
+#include "policy/policy.h"
 #include "proxy/metrics.h"
 #include "proxy/tunnel_framing.h"
 #include "stacks/stack.h"
@@ -56,6 +58,11 @@ class Relay final : public Deferrable,
     bool tunnel_is_upstream = true;  // outbound: upstream; inbound: downstream
     SocketAddress peer;              // outbound: the peer sidecar (the pool's key)
     std::size_t early_bytes = 0;     // client bytes already sent with the HELLO (counted here)
+    // The policy decision: the rule that chose the stack, the snapshot it came from, and the
+    // facts it was classified by (for `ctl connections` and `ctl policy diff`).
+    std::string rule = "default";
+    std::uint64_t policy_version = 0;
+    policy::Facts facts;
   };
 
   // Starts relaying between `downstream` (towards the client) and `upstream` (towards the
@@ -74,6 +81,9 @@ class Relay final : public Deferrable,
   void expire(Outcome why);
   // Called by the worker when this relay asked to continue after its wake-up budget.
   void resume();
+  // One line for `ctl connections`: id, role, stack, rule, policy version, facts, bytes, age.
+  std::string describe() const;
+  const Info& info() const { return info_; }
   // Called when the worker stops: ends the connection at once.
   void shutdown();
 

@@ -3,8 +3,12 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstring>
+#include <future>
+#include <iterator>
 
+#include "proxy/handshake_codec.h"
 #include "proxy/version.h"
 
 namespace dmm::proxy {
@@ -28,11 +32,24 @@ std::string Sidecar::start(EventLoop& main_loop) {
     stacks_.push_back(std::move(*stack));
     names.push_back(s.name);
   }
+  Diagnostics diags;
+  auto initial = loadPolicyFor(config_, registry_, 1, diags);
+  if (!initial) return "invalid policy in " + config_.policy_dir + ":\n" + diags.formatAll();
+  for (const auto& d : diags.sorted())
+    spdlog::warn("{}", d.format());
   metrics_ = std::make_unique<Metrics>(names, DMM_VERSION, DMM_GIT_COMMIT);
+  metrics_->policyLoaded(initial->version());
   peers_ = std::make_unique<PeerTable>();
   replay_ = std::make_unique<ReplayCache>(2 * config_.max_clock_skew, config_.replay_cache_size);
-  context_ = std::make_unique<SidecarContext>(
-      SidecarContext{config_, stacks_, *metrics_, *peers_, *replay_});
+  policy_store_ = std::make_unique<policy::PolicyStore>(std::move(initial));
+  std::vector<std::uint8_t> kinds;
+  for (const auto& stack : stacks_) {
+    auto k = handshake::stackKindFromName(stack->kind());
+    if (k && std::find(kinds.begin(), kinds.end(), static_cast<std::uint8_t>(*k)) == kinds.end())
+      kinds.push_back(static_cast<std::uint8_t>(*k));
+  }
+  context_ = std::make_unique<SidecarContext>(SidecarContext{
+      config_, stacks_, *metrics_, *peers_, *replay_, *policy_store_, std::move(kinds)});
 
   if (config_.metrics_enabled) {
     metrics_server_ = std::make_unique<MetricsServer>(main_loop, metrics_->registry());
@@ -75,6 +92,49 @@ std::string Sidecar::start(EventLoop& main_loop) {
   spdlog::info("dmm-sidecar {} started: {} workers, {} stacks,{}", DMM_VERSION, n, stacks_.size(),
                listeners);
   return {};
+}
+
+std::shared_ptr<const policy::Policy> loadPolicyFor(const Config& config,
+                                                    const stacks::StackRegistry& registry,
+                                                    std::uint64_t version, Diagnostics& diags) {
+  return policy::loadPolicyDir(config.policy_dir, config.policyEnvironment(registry), version,
+                               diags);
+}
+
+bool Sidecar::reloadPolicy(std::string& report) {
+  auto current = policy_store_->current();
+  Diagnostics diags;
+  auto next = loadPolicyFor(config_, registry_, current->version() + 1, diags);
+  report = diags.formatAll();
+  metrics_->policyReload(next != nullptr);
+  if (!next) {
+    spdlog::error("policy reload: {} is invalid, keeping version {}:\n{}", config_.policy_dir,
+                  current->version(), report);
+    return false;
+  }
+  for (const auto& d : diags.sorted())
+    spdlog::warn("{}", d.format());
+  auto version = next->version();
+  auto rules = next->rules().size();
+  policy_store_->swap(std::move(next));
+  metrics_->policyLoaded(version);
+  spdlog::info("policy reload: version {} in force ({} rules from {})", version, rules,
+               config_.policy_dir);
+  return true;
+}
+
+std::vector<Worker::ConnectionView> Sidecar::connections() {
+  std::vector<Worker::ConnectionView> all;
+  for (auto& w : workers_) {
+    auto promise = std::make_shared<std::promise<std::vector<Worker::ConnectionView>>>();
+    auto future = promise->get_future();
+    Worker* worker = w.get();
+    worker->loop().post([worker, promise] { promise->set_value(worker->connections()); });
+    if (future.wait_for(std::chrono::seconds(2)) != std::future_status::ready) continue;
+    auto part = future.get();
+    std::move(part.begin(), part.end(), std::back_inserter(all));
+  }
+  return all;
 }
 
 void Sidecar::stop() {

@@ -18,6 +18,11 @@
 
 namespace dmm::proxy {
 
+// Loads config.policy_dir for `config` as snapshot `version`; nullptr when invalid (see diags).
+std::shared_ptr<const policy::Policy> loadPolicyFor(const Config& config,
+                                                    const stacks::StackRegistry& registry,
+                                                    std::uint64_t version, Diagnostics& diags);
+
 class Sidecar {
  public:
   Sidecar(Config config, const stacks::StackRegistry& registry);
@@ -34,6 +39,16 @@ class Sidecar {
 
   const Config& config() const { return config_; }
 
+  // Policy (main thread). reloadPolicy() loads policy.d again: a valid policy is swapped in
+  // with the next version, an invalid one is refused and the running one stays; `report` gets
+  // every diagnostic. Established connections are never touched.
+  bool reloadPolicy(std::string& report);
+  std::shared_ptr<const policy::Policy> policy() const { return policy_store_->current(); }
+  policy::Environment policyEnvironment() const { return config_.policyEnvironment(registry_); }
+  SidecarContext& context() { return *context_; }
+  // Every worker's live connections (asks each worker on its own loop; waits up to 2 s each).
+  std::vector<Worker::ConnectionView> connections();
+
  private:
   Config config_;
   const stacks::StackRegistry& registry_;
@@ -41,6 +56,7 @@ class Sidecar {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<PeerTable> peers_;
   std::unique_ptr<ReplayCache> replay_;
+  std::unique_ptr<policy::PolicyStore> policy_store_;
   std::unique_ptr<SidecarContext> context_;
   std::unique_ptr<MetricsServer> metrics_server_;
   std::vector<std::unique_ptr<Worker>> workers_;

@@ -7,14 +7,15 @@ namespace dmm::proxy {
 // Outside any callback: entries can go at once (their connections close with a reset).
 TunnelPool::~TunnelPool() = default;
 
-TunnelPool::Taken TunnelPool::take(const SocketAddress& peer) {
+std::unique_ptr<stacks::StackConnection> TunnelPool::take(const SocketAddress& peer,
+                                                          std::size_t stack) {
   for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
-    if ((*it)->peer != peer) continue;
-    Taken t{std::move((*it)->conn), (*it)->stack};
+    if ((*it)->peer != peer || (*it)->stack != stack) continue;
+    auto conn = std::move((*it)->conn);
     entries_.erase(std::next(it).base());
-    return t;
+    return conn;
   }
-  return {};
+  return nullptr;
 }
 
 void TunnelPool::put(const SocketAddress& peer, std::size_t stack,

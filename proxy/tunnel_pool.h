@@ -27,12 +27,9 @@ class TunnelPool {
   TunnelPool(const TunnelPool&) = delete;
   TunnelPool& operator=(const TunnelPool&) = delete;
 
-  struct Taken {
-    std::unique_ptr<stacks::StackConnection> conn;
-    std::size_t stack = 0;  // the stack instance that carried it (already tuned for it)
-  };
-  // The most recently pooled connection to `peer`, or an empty Taken.
-  Taken take(const SocketAddress& peer);
+  // The most recently pooled connection to `peer` over stack instance `stack` (tuned for it, and
+  // on its path), or nullptr.
+  std::unique_ptr<stacks::StackConnection> take(const SocketAddress& peer, std::size_t stack);
   // Keeps `conn` (its callbacks are taken over), or closes it when the pool is full.
   void put(const SocketAddress& peer, std::size_t stack,
            std::unique_ptr<stacks::StackConnection> conn, Clock::time_point now);

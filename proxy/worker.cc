@@ -24,11 +24,6 @@ constexpr timeval kAcceptRetry{0, 100'000};  // after EMFILE: let fds free up, d
 constexpr std::size_t kIdlePipes = 256;
 constexpr std::size_t kIdleBuffers = 256;
 
-timeval toTimeval(std::chrono::milliseconds ms) {
-  return timeval{static_cast<time_t>(ms.count() / 1000),
-                 static_cast<suseconds_t>((ms.count() % 1000) * 1000)};
-}
-
 }  // namespace
 
 // ---- Session ---------------------------------------------------------------------------------
@@ -340,6 +335,14 @@ void Worker::tunnelReleased(const Relay::Info& info,
   } else {
     InboundSession::resume(*this, std::move(tunnel), info.stack, std::move(leftover));
   }
+}
+
+std::vector<Worker::ConnectionView> Worker::connections() const {
+  std::vector<ConnectionView> out;
+  auto add = [&out](const Relay& r) { out.push_back({r.describe(), r.info()}); };
+  open_relays_.forEach(add);
+  half_closed_relays_.forEach(add);
+  return out;
 }
 
 void Worker::relayStarted(Relay& relay) {

@@ -143,6 +143,12 @@ class Worker {
   void sessionEnded(Session& session);
 
   std::size_t relayCount() const { return relay_count_; }
+  // The live relays' descriptions and infos (loop thread; the admin socket posts here).
+  struct ConnectionView {
+    std::string line;  // Relay::describe()
+    Relay::Info info;
+  };
+  std::vector<ConnectionView> connections() const;
 
  private:
   struct Listener {

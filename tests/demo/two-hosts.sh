@@ -51,6 +51,10 @@ workers = 2
 psk_file = "$work/psk"
 [metrics]
 listen = "127.0.0.1:17090"
+[admin]
+socket = "$work/$host-admin.sock"
+[policy]
+dir = "$work/$host-policy.d"
 [[stack]]
 name = "kernel"
 kind = "kernel"

@@ -938,10 +938,12 @@ TEST_F(SidecarPair, OneLogLinePerConnectionOnEachSideAndTheyCorrelate) {
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "twelve bytes"), "twelve bytes");
   const std::regex a_line(
-      R"(^<6>conn ([0-9a-f]+) role=outbound stack=kernel dst=10\.201\.0\.2:9000 up=12 down=12 )"
+      R"(^<6>conn ([0-9a-f]+) role=outbound stack=kernel rule=default policy=1 )"
+      R"(dst=10\.201\.0\.2:9000 up=12 down=12 )"
       R"(duration=[0-9.]+s end=closed$)");
   const std::regex b_line(
-      R"(conn [0-9a-f]+ role=inbound stack=kernel dst=10\.201\.0\.2:9000 up=12 down=12 )"
+      R"(conn [0-9a-f]+ role=inbound stack=kernel rule=default policy=1 )"
+      R"(dst=10\.201\.0\.2:9000 up=12 down=12 )"
       R"(duration=[0-9.]+s end=closed peer_conn=([0-9a-f]+)$)");
   std::string a_id;
   std::string b_peer;

@@ -217,6 +217,8 @@ std::string Process::log() const {
 TwoHosts::TwoHosts() : a_(uniqueName("a")), b_(uniqueName("b")) {
   std::string va = "va" + std::to_string(::getpid() % 100000);
   std::string vb = "vb" + std::to_string(::getpid() % 100000);
+  dev_a_ = va;
+  dev_b_ = vb;
   mustRun({"ip", "link", "add", va, "netns", a_.name(), "type", "veth", "peer", "name", vb, "netns",
            b_.name()});
   a_.mustExec({"ip", "addr", "add", std::string(kIp4A) + "/24", "dev", va});
@@ -247,9 +249,27 @@ listen = "127.0.0.1:17090"
 }
 
 SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
-                               const std::string& name)
+                               const std::string& name,
+                               const std::map<std::string, std::string>& policy)
     : ns_(ns), metrics_address_("127.0.0.1:17090") {
-  config_path_ = dir_.write(name + ".toml", config_text);
+  std::string text = config_text;
+  // The file system is shared by every namespace: each test sidecar gets its own socket and
+  // policy directory.
+  policy_dir_ = dir_.path() + "/" + name + "-policy.d";
+  admin_socket_ = dir_.path() + "/" + name + "-admin.sock";
+  // A test's own [policy] table (breaker settings) gets the directory too, unless it names one.
+  auto policy_at = text.find("\n[policy]\n");
+  if (policy_at == std::string::npos) {
+    text += "\n[policy]\ndir = \"" + policy_dir_ + "\"\n";
+  } else if (text.find("\ndir = ", policy_at) == std::string::npos) {
+    text.insert(policy_at + 10, "dir = \"" + policy_dir_ + "\"\n");
+  }
+  if (text.find("\n[admin]") == std::string::npos && text.rfind("[admin]", 0) != 0)
+    text += "\n[admin]\nsocket = \"" + admin_socket_ + "\"\n";
+  ::mkdir(policy_dir_.c_str(), 0755);
+  for (const auto& [file, content] : policy)
+    writePolicy(file, content);
+  config_path_ = dir_.write(name + ".toml", text);
   process_ =
       std::make_unique<Process>(&ns, std::vector<std::string>{sidecarBinary(), "-c", config_path_},
                                 dir_.path() + "/" + name + ".log");
@@ -265,6 +285,22 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
 }
 
 SidecarProcess::~SidecarProcess() = default;
+
+void SidecarProcess::writePolicy(const std::string& name, const std::string& text) const {
+  // Written aside and renamed, so a reload never reads half a file.
+  std::string path = policy_dir_ + "/" + name;
+  {
+    std::ofstream out(path + ".tmp", std::ios::trunc);
+    out << text;
+  }
+  ::rename((path + ".tmp").c_str(), path.c_str());
+}
+
+CommandResult SidecarProcess::ctl(const std::vector<std::string>& args) const {
+  std::vector<std::string> argv{sidecarBinary(), "ctl", "--socket", admin_socket_};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run(argv);
+}
 
 std::string SidecarProcess::scrape() const {
   auto addr = SocketAddress::parse(metrics_address_);

@@ -99,6 +99,9 @@ class TwoHosts {
   TwoHosts();
   Netns& a() { return a_; }
   Netns& b() { return b_; }
+  // The veth device of each host.
+  const std::string& devA() const { return dev_a_; }
+  const std::string& devB() const { return dev_b_; }
   static constexpr const char* kIp4A = "10.201.0.1";
   static constexpr const char* kIp4B = "10.201.0.2";
   static constexpr const char* kIp6A = "fd00:201::1";
@@ -107,6 +110,8 @@ class TwoHosts {
  private:
   Netns a_;
   Netns b_;
+  std::string dev_a_;
+  std::string dev_b_;
 };
 
 // The path of the dmm-sidecar binary under test.
@@ -114,11 +119,20 @@ std::string sidecarBinary();
 
 // A dmm-sidecar process in a namespace, with its config written to a temp dir. The
 // constructor returns once its metrics endpoint answers (the listeners are bound by then).
+// Unless the config has its own, [admin] socket and [policy] dir are added in the temp dir;
+// `policy` files (name -> text) are written there before the start.
 class SidecarProcess {
  public:
-  SidecarProcess(const Netns& ns, const std::string& config_text, const std::string& name);
+  SidecarProcess(const Netns& ns, const std::string& config_text, const std::string& name,
+                 const std::map<std::string, std::string>& policy = {});
   ~SidecarProcess();
   const std::string& configPath() const { return config_path_; }
+  const std::string& policyDir() const { return policy_dir_; }
+  const std::string& adminSocket() const { return admin_socket_; }
+  // Writes (or replaces) one policy file; the sidecar sees it at its next reload.
+  void writePolicy(const std::string& name, const std::string& text) const;
+  // `dmm-sidecar ctl --socket <its socket> args...`
+  CommandResult ctl(const std::vector<std::string>& args) const;
   Process& process() { return *process_; }
   // The metrics page (empty if it cannot be read).
   std::string scrape() const;
@@ -135,6 +149,8 @@ class SidecarProcess {
   const Netns& ns_;
   TempDir dir_;
   std::string config_path_;
+  std::string policy_dir_;
+  std::string admin_socket_;
   std::unique_ptr<Process> process_;
   std::string metrics_address_;
 };

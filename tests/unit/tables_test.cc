@@ -61,5 +61,61 @@ TEST(PeerTable, StaysBounded) {
   }
 }
 
+TEST(PeerTable, FactsFollowWhatWasLearned) {
+  PeerTable peers(8);
+  auto ip = *IpAddress::parse("10.0.0.2");
+  auto t0 = PeerTable::Clock::now();
+  EXPECT_EQ(peers.facts(ip, t0).sidecar, policy::PeerSidecar::kUnknown);
+  EXPECT_FALSE(peers.facts(ip, t0).rtt);
+  peers.markSidecar(ip, 0b10, std::chrono::microseconds(800));
+  auto f = peers.facts(ip, t0);
+  EXPECT_EQ(f.sidecar, policy::PeerSidecar::kYes);
+  EXPECT_EQ(f.kinds, 0b10u);
+  ASSERT_TRUE(f.rtt);
+  EXPECT_EQ(f.rtt->count(), 800);
+  // Smoothed like TCP's SRTT: one sample of 1600 moves 800 by an eighth of the difference.
+  peers.markSidecar(ip, 0, std::chrono::microseconds(1600));
+  EXPECT_EQ(peers.facts(ip, t0).rtt->count(), 900);
+  EXPECT_EQ(peers.facts(ip, t0).kinds, 0b10u);  // 0 means "not told", not "none"
+  peers.markNoSidecar(ip, 5s, t0);
+  EXPECT_EQ(peers.facts(ip, t0 + 1s).sidecar, policy::PeerSidecar::kNo);
+  EXPECT_EQ(peers.facts(ip, t0 + 6s).sidecar, policy::PeerSidecar::kUnknown);
+}
+
+TEST(PeerTable, BreakerOpensAfterFailuresProbesOnceAndCloses) {
+  using V = PeerTable::Verdict;
+  using T = PeerTable::Transition;
+  PeerTable peers(8);
+  auto ip = *IpAddress::parse("10.0.0.2");
+  auto other = *IpAddress::parse("10.0.0.3");
+  PeerTable::BreakerPolicy bp{3, std::chrono::seconds(10)};
+  auto t0 = PeerTable::Clock::now();
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0), V::kAllow);
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0), T::kNone);
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0), T::kNone);
+  // A success in between resets the count: failures must be in a row.
+  EXPECT_EQ(peers.breakerResult(ip, 1, true, bp, t0), T::kNone);
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0), T::kNone);
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0), T::kNone);
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0), T::kOpened);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 5s), V::kSkip);
+  // Per peer and per stack instance.
+  EXPECT_EQ(peers.breakerCheck(ip, 0, t0 + 5s), V::kAllow);
+  EXPECT_EQ(peers.breakerCheck(other, 1, t0 + 5s), V::kAllow);
+  ASSERT_EQ(peers.openBreakers().size(), 1u);
+  // After open_for: exactly one probe.
+  T t = T::kNone;
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 11s, &t), V::kProbe);
+  EXPECT_EQ(t, T::kHalfOpened);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 11s), V::kSkip);
+  // The probe fails: open again for open_for from now.
+  EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0 + 12s), T::kOpened);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 20s), V::kSkip);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s), V::kProbe);
+  EXPECT_EQ(peers.breakerResult(ip, 1, true, bp, t0 + 23s), T::kClosed);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s), V::kAllow);
+  EXPECT_TRUE(peers.openBreakers().empty());
+}
+
 }  // namespace
 }  // namespace dmm::proxy

@@ -1,0 +1,37 @@
+#include "proxy/classify.h"
+
+#include <chrono>
+
+#include "proxy/handshake_codec.h"
+
+namespace dmm::proxy {
+
+std::vector<std::string> stackKindNames(std::uint32_t mask) {
+  std::vector<std::string> out;
+  for (std::uint32_t k = 1; k < 32; ++k) {
+    if ((mask & (1u << k)) == 0) continue;
+    const char* name = handshake::stackKindName(static_cast<handshake::StackKind>(k));
+    if (std::string_view(name) != "unknown") out.emplace_back(name);
+  }
+  return out;
+}
+
+std::uint32_t stackKindBit(std::string_view kind) {
+  auto k = handshake::stackKindFromName(kind);
+  return k ? 1u << static_cast<unsigned>(*k) : 0;
+}
+
+policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
+                            std::optional<std::uint32_t> uid) {
+  policy::Facts f;
+  f.role = policy::Role::kOutbound;
+  f.dst = dst;
+  f.uid = uid;
+  auto peer = ctx.peers.facts(dst.ip(), std::chrono::steady_clock::now());
+  f.peer = peer.sidecar;
+  f.peer_stacks = stackKindNames(peer.kinds);
+  f.rtt = ctx.config.rtt.classify(peer.rtt);
+  return f;
+}
+
+}  // namespace dmm::proxy

@@ -1,0 +1,25 @@
+#pragma once
+// The facts the policy classifies a connection by, gathered from what this sidecar knows: the
+// destination, the client socket's owner (sock_diag), and the peer facts of PeerTable.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/socket_address.h"
+#include "policy/policy.h"
+#include "proxy/context.h"
+
+namespace dmm::proxy {
+
+// The kind names of a PeerFacts::kinds mask, in StackKind order.
+std::vector<std::string> stackKindNames(std::uint32_t mask);
+// The PeerFacts::kinds bit of a kind name (0 for kinds the handshake has no number for).
+std::uint32_t stackKindBit(std::string_view kind);
+
+// Facts of an outbound connection to `dst`: the peer facts come from ctx.peers.
+policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
+                            std::optional<std::uint32_t> uid);
+
+}  // namespace dmm::proxy
