@@ -139,14 +139,16 @@ int diff(Sidecar& sidecar, const std::vector<std::string>& files, std::string& o
     // Fallback connections bypass every stack; a policy cannot move them.
     if (c.info.stack >= sidecar.context().stacks.size()) continue;
     ++carried;
-    auto next = candidate->classify(c.info.facts);
+    auto next = candidate->classify(c.info.facts.expand(
+        c.info.role == Role::kOutbound ? policy::Role::kOutbound : policy::Role::kInbound,
+        c.info.destination));
     auto now_stack = stackName(sidecar, c.info.stack);
     auto next_stack = firstStack(sidecar, next);
     if (now_stack == next_stack) continue;
     ++changed;
     out += fmt::format("{:x} role={} dst={}: stack={} rule={} (policy {}) -> stack={} rule={}\n",
                        c.info.id, roleName(c.info.role), c.info.destination.toString(), now_stack,
-                       c.info.rule, c.info.policy_version, next_stack, next.ruleName());
+                       c.info.ruleName(), c.info.policyVersion(), next_stack, next.ruleName());
   }
   out += fmt::format("{} of {} carried connections would change stack ({} live in all)\n", changed,
                      carried, all.size());

@@ -21,6 +21,29 @@ std::uint32_t stackKindBit(std::string_view kind) {
   return k ? 1u << static_cast<unsigned>(*k) : 0;
 }
 
+ClassifiedFacts ClassifiedFacts::of(const policy::Facts& f) {
+  ClassifiedFacts c;
+  c.uid = f.uid;
+  c.qos = f.qos;
+  c.peer = f.peer;
+  c.rtt = f.rtt;
+  for (const auto& k : f.peer_stacks)
+    c.peer_kinds |= stackKindBit(k);
+  return c;
+}
+
+policy::Facts ClassifiedFacts::expand(policy::Role role, const SocketAddress& dst) const {
+  policy::Facts f;
+  f.role = role;
+  f.dst = dst;
+  f.uid = uid;
+  f.qos = qos;
+  f.peer = peer;
+  f.rtt = rtt;
+  f.peer_stacks = stackKindNames(peer_kinds);
+  return f;
+}
+
 policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
                             std::optional<std::uint32_t> uid) {
   policy::Facts f;

@@ -13,6 +13,21 @@
 
 namespace dmm::proxy {
 
+// The facts a relay keeps of its classification, compactly (a relay lives as long as its
+// connection; policy::Facts holds strings and a vector). The destination and role are the
+// relay's own. The process name is not kept: no capture path knows it yet (the preload shim
+// will supply it, and it must be kept then).
+struct ClassifiedFacts {
+  std::optional<std::uint32_t> uid;
+  std::optional<std::uint8_t> qos;
+  policy::PeerSidecar peer = policy::PeerSidecar::kUnknown;
+  policy::RttClass rtt = policy::RttClass::kUnknown;
+  std::uint32_t peer_kinds = 0;  // PeerFacts::kinds bits
+
+  static ClassifiedFacts of(const policy::Facts& f);
+  policy::Facts expand(policy::Role role, const SocketAddress& dst) const;
+};
+
 // The kind names of a PeerFacts::kinds mask, in StackKind order.
 std::vector<std::string> stackKindNames(std::uint32_t mask);
 // The PeerFacts::kinds bit of a kind name (0 for kinds the handshake has no number for).

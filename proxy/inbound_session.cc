@@ -177,11 +177,19 @@ void InboundSession::onHello() {
   for (const auto& o : hello_.offers)
     offered |= 1u << static_cast<unsigned>(o.kind);
   facts.peer_stacks = stackKindNames(offered);
-  facts.rtt = config.rtt.classify(net::tcpSmoothedRtt(control_->fd()));
+  // The initiator's RTT: sampled (TCP_INFO) on a fresh control connection and remembered for
+  // the peer; a reused one asks the table instead of the kernel (one syscall less per session).
+  auto peer = control_->peerAddress();
+  if (peer && !reused_) {
+    auto rtt = net::tcpSmoothedRtt(control_->fd());
+    ctx.peers.markSidecar(peer->ip(), offered, rtt);
+    facts.rtt = config.rtt.classify(rtt);
+  } else if (peer) {
+    facts.rtt = config.rtt.classify(ctx.peers.facts(peer->ip(), Clock::now()).rtt);
+  }
   decision_ = policy_->classify(facts);
   facts_ = std::move(facts);
-  worker_.metrics()
-      .rule(decision_.ruleName())
+  worker_.ruleMetrics(decision_.ruleName())
       .decisions[static_cast<std::size_t>(Role::kInbound)]
       ->Increment();
   bool found = false;
@@ -305,9 +313,9 @@ void InboundSession::startRelay() {
   info.started = started_;
   info.framed = framed_;
   info.tunnel_is_upstream = false;
-  info.rule = decision_.ruleName();
-  info.policy_version = decision_.version;
-  info.facts = std::move(facts_);
+  info.policy = policy_;
+  info.rule = decision_.rule;
+  info.facts = ClassifiedFacts::of(facts_);
   end();
   Relay::start(worker_, info, std::move(*adopted), std::move(server_), reader_.surplus());
 }

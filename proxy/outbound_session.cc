@@ -89,7 +89,7 @@ void OutboundSession::begin() {
       facts_.uid = net::socketOwnerUid(*client, destination_);
   }
   decision_ = policy_->classify(facts_);
-  rule_metrics_ = &worker_.metrics().rule(decision_.ruleName());
+  rule_metrics_ = &worker_.ruleMetrics(decision_.ruleName());
   rule_metrics_->decisions[static_cast<std::size_t>(Role::kOutbound)]->Increment();
   if (facts_.peer == policy::PeerSidecar::kNo) {
     fallBack(FallbackReason::kCachedNoSidecar, false);
@@ -414,9 +414,11 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
     if (k > 0 && k < 32) kinds |= 1u << k;
   }
   // The control connection's smoothed RTT: a handshake's worth of samples, smoothed further
-  // per peer by the table.
-  ctx.peers.markSidecar(destination_.ip(), kinds,
-                        upstream_ ? net::tcpSmoothedRtt(upstream_->fd()) : std::nullopt);
+  // per peer by the table. Sampled on fresh connections only (a reused one was sampled when
+  // it was new), saving a syscall per session.
+  ctx.peers.markSidecar(
+      destination_.ip(), kinds,
+      upstream_ && !reused_ ? net::tcpSmoothedRtt(upstream_->fd()) : std::nullopt);
   if (reply.accepted) {
     if (reply.chosen_index >= offered_stacks_.size()) {
       fallBack(FallbackReason::kPeerProtocolError, false);
@@ -524,9 +526,9 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   info.framed = framed_ && stack != worker_.metrics().directStack();
   info.tunnel_is_upstream = true;
   info.peer = peer_;
-  info.rule = decision_.ruleName();
-  info.policy_version = decision_.version;
-  info.facts = std::move(facts_);
+  info.policy = policy_;
+  info.rule = decision_.rule;
+  info.facts = ClassifiedFacts::of(facts_);
   end();
   // Early bytes already carried by the peer are only counted; otherwise (a fallback, a retry
   // on a new connection) they go out first.

@@ -475,7 +475,7 @@ std::string Relay::describe() const {
   const char* stack = info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
   auto age = std::chrono::duration<double>(nowTime() - info_.started).count();
   return fmt::format("{:x} role={} stack={} rule={} policy={} dst={} up={} down={} age={:.1f}s",
-                     info_.id, roleName(info_.role), stack, info_.rule, info_.policy_version,
+                     info_.id, roleName(info_.role), stack, info_.ruleName(), info_.policyVersion(),
                      info_.destination.toString(), flows_[0].bytes, flows_[1].bytes, age);
 }
 
@@ -502,7 +502,7 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   // The one line per connection: id, role, carrying stack, bytes each way, duration, cause.
   std::string line = fmt::format(
       "conn {:x} role={} stack={} rule={} policy={} dst={} up={} down={} duration={:.3f}s end={}",
-      info_.id, roleName(info_.role), stack, info_.rule, info_.policy_version,
+      info_.id, roleName(info_.role), stack, info_.ruleName(), info_.policyVersion(),
       info_.destination.toString(), flows_[0].bytes, flows_[1].bytes, duration,
       outcomeName(outcome));
   // The initiator's id for the same connection, to find its line in the other host's log.

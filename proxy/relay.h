@@ -28,6 +28,7 @@
 #include "common/intrusive_list.h"
 #include "common/socket_address.h"
 #include "policy/policy.h"
+#include "proxy/classify.h"
 #include "proxy/metrics.h"
 #include "proxy/tunnel_framing.h"
 #include "stacks/stack.h"
@@ -58,11 +59,16 @@ class Relay final : public Deferrable,
     bool tunnel_is_upstream = true;  // outbound: upstream; inbound: downstream
     SocketAddress peer;              // outbound: the peer sidecar (the pool's key)
     std::size_t early_bytes = 0;     // client bytes already sent with the HELLO (counted here)
-    // The policy decision: the rule that chose the stack, the snapshot it came from, and the
-    // facts it was classified by (for `ctl connections` and `ctl policy diff`).
-    std::string rule = "default";
-    std::uint64_t policy_version = 0;
-    policy::Facts facts;
+    // The policy decision: the snapshot that classified the connection (kept alive with it),
+    // the rule of that snapshot that decided (nullptr: the default action), and the facts
+    // (for `ctl connections` and `ctl policy diff`).
+    std::shared_ptr<const policy::Policy> policy;
+    const policy::Rule* rule = nullptr;
+    ClassifiedFacts facts;
+    std::string_view ruleName() const {
+      return rule != nullptr ? std::string_view(rule->name) : std::string_view("default");
+    }
+    std::uint64_t policyVersion() const { return policy ? policy->version() : 0; }
   };
 
   // Starts relaying between `downstream` (towards the client) and `upstream` (towards the

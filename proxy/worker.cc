@@ -337,6 +337,14 @@ void Worker::tunnelReleased(const Relay::Info& info,
   }
 }
 
+RuleMetrics& Worker::ruleMetrics(std::string_view rule) {
+  auto it = rule_metrics_.find(rule);
+  if (it != rule_metrics_.end()) return *it->second;
+  auto& m = metrics().rule(rule);
+  rule_metrics_.emplace(std::string(rule), &m);
+  return m;
+}
+
 std::vector<Worker::ConnectionView> Worker::connections() const {
   std::vector<ConnectionView> out;
   auto add = [&out](const Relay& r) { out.push_back({r.describe(), r.info()}); };

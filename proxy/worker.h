@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "common/event_loop.h"
@@ -135,6 +136,8 @@ class Worker {
   void tunnelReleased(const Relay::Info& info, std::unique_ptr<stacks::StackConnection> tunnel,
                       std::vector<std::byte> leftover);
   TunnelPool& tunnels() { return tunnels_; }
+  // A rule's metric handles, from this worker's cache (Metrics::rule() takes a lock).
+  RuleMetrics& ruleMetrics(std::string_view rule);
   // Fills `out` with fresh random bytes from a per-worker batch: one RAND_bytes() (and the
   // getpid() OpenSSL does for fork safety) per 4 KiB rather than per handshake.
   void randomBytes(std::span<std::uint8_t> out);
@@ -189,6 +192,11 @@ class Worker {
   BufferPool buffers_;
   std::unique_ptr<std::byte[]> scratch_;
   TunnelPool tunnels_;
+  struct NameHash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>()(s); }
+  };
+  std::unordered_map<std::string, RuleMetrics*, NameHash, std::equal_to<>> rule_metrics_;
   std::array<std::uint8_t, 4096> random_{};
   std::size_t random_used_ = sizeof(random_);
   bool splice_usable_ = true;

@@ -5,9 +5,12 @@
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 
+#include <sys/stat.h>
 #include <atomic>
 #include <chrono>
+
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <regex>
 #include <thread>
@@ -462,6 +465,32 @@ stacks = ["k2"]
   EXPECT_EQ(metricA("dmm_sidecar_stack_attempts_total",
                     {{"rule", "everyone-else"}, {"stack", "k2"}, {"outcome", "won"}}),
             1);
+}
+
+}  // namespace
+}  // namespace dmm::testbed
+
+namespace dmm::testbed {
+namespace {
+
+TEST(PolicyCli, ValidateChecksThePolicyDirectoryToo) {
+  TempDir dir;
+  std::string pdir = dir.path() + "/policy.d";
+  ::mkdir(pdir.c_str(), 0755);
+  auto config =
+      dir.write("s.toml", "[security]\npsk = \"" + std::string(kKey) +
+                              "\"\n[admin]\nenabled = false\n[policy]\ndir = \"" + pdir + "\"\n");
+  auto ok = run({sidecarBinary(), "--mode", "validate", "-c", config});
+  EXPECT_EQ(ok.status, 0) << ok.output;
+  {
+    std::ofstream out(pdir + "/10-bad.toml");
+    out << "[[rule]]\nname = \"x\"\nstacks = [\"kernel\", \"gone\"]\nmode = \"fastest\"\n";
+  }
+  auto bad = run({sidecarBinary(), "--mode", "validate", "-c", config});
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  // Every problem, each as file:line:col, in one pass.
+  EXPECT_NE(bad.output.find(pdir + "/10-bad.toml:3:21: error: "), std::string::npos) << bad.output;
+  EXPECT_NE(bad.output.find(pdir + "/10-bad.toml:4:8: error: "), std::string::npos) << bad.output;
 }
 
 }  // namespace
