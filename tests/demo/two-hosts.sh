@@ -58,8 +58,24 @@ dir = "$work/$host-policy.d"
 [[stack]]
 name = "kernel"
 kind = "kernel"
+[[stack]]
+name = "lan"
+kind = "kernel"
+congestion = "reno"
 TOML
+  mkdir -p "$work/$host-policy.d"
 done
+# Host A's policy: web traffic on the LAN goes over the "lan" instance, raced against "kernel".
+cat > "$work/a-policy.d/10-lan.toml" <<TOML
+[[rule]]
+name = "lan-web"
+match.dst = ["10.88.0.0/24"]
+match.ports = ["80", "8080"]
+stacks = ["lan", "kernel"]
+mode = "race"
+stagger = "50ms"
+TOML
+"$bin" --mode validate -c "$work/a.toml" | sed 's/^/   /'
 
 step "host B: an ordinary HTTP server (python3 -m http.server) on 10.88.0.2:8080"
 mkdir -p "$work/www"
@@ -95,12 +111,14 @@ sleep 0.3
 
 metrics() {  # namespace
   ip netns exec "$1" curl -s http://127.0.0.1:17090/metrics |
-    grep -E '^dmm_sidecar_(connections_total|relay_bytes_total|fallbacks_total|handshake_duration_seconds_count)' |
+    grep -E '^dmm_sidecar_(connections_total|relay_bytes_total|fallbacks_total|handshake_duration_seconds_count|policy_decisions_total|stack_attempts_total)' |
     grep -v ' 0$' | sed 's/^/   /'
 }
 
-step "which stack carried it (sidecar A's connection log)"
+step "which stack and rule carried it (sidecar A's connection log)"
 grep -E 'conn .* role=outbound' "$work/a.log" | sed 's/^.* conn /   conn /'
+step "why: dmm-sidecar ctl policy explain --dst 10.88.0.2:8080 (over A's admin socket)"
+"$bin" ctl --socket "$work/a-admin.sock" policy explain --dst 10.88.0.2:8080 | sed 's/^/   /'
 step "sidecar A metrics (non-zero)"
 metrics "$ns_a"
 step "sidecar B metrics (non-zero)"
