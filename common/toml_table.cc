@@ -109,6 +109,16 @@ std::optional<toml::value> loadTomlFile(const std::string& path, Diagnostics& di
 // 10,000 [[rule]] tables spent seconds there. Instead, one index of line starts per source (kept
 // for the thread's last source) makes each position a binary search; same numbers as toml11's
 // (line: 1 + newlines before the value; column: 1 + bytes since the line's start).
+bool isConfigName(std::string_view name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 SourcePosition positionOf(const toml::value& v) {
   const auto* region = dynamic_cast<const toml::detail::region*>(toml::detail::get_region(v));
   if (region == nullptr || !region->is_ok()) {

@@ -27,6 +27,10 @@ std::optional<toml::value> loadTomlFile(const std::string& path, Diagnostics& di
 std::optional<toml::value> loadTomlString(const std::string& text, const std::string& file_name,
                                           Diagnostics& diags);
 
+// A name an operator gives in a config file (stack instances, rules, chains): 1-64 characters
+// of [A-Za-z0-9_.-], safe in log lines and metric labels.
+bool isConfigName(std::string_view name);
+
 // Position of a value in its file.
 SourcePosition positionOf(const toml::value& v);
 

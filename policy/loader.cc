@@ -16,18 +16,6 @@ namespace dmm::policy {
 
 namespace {
 
-// The alphabet of stack names in sidecar.toml (proxy/config.cc), so rule names are as safe in
-// log lines and metric labels.
-bool validName(const std::string& name) {
-  if (name.empty() || name.size() > 64) return false;
-  for (char c : name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '-' || c == '.';
-    if (!ok) return false;
-  }
-  return true;
-}
-
 std::string positionText(const SourcePosition& p) {
   return p.file + ":" + std::to_string(p.line) + ":" + std::to_string(p.column);
 }
@@ -279,7 +267,7 @@ class PolicyBuilder {
     if (entry.is_table()) {
       auto it = entry.as_table().find("name");
       if (it != entry.as_table().end() && it->second.is_string() &&
-          validName(it->second.as_string().str))
+          isConfigName(it->second.as_string().str))
         label = "[[rule]] '" + it->second.as_string().str + "'";
     }
     const std::size_t errors_before = diags_.errorCount();
@@ -287,7 +275,7 @@ class PolicyBuilder {
     Rule rule;
     rule.where = t.position();
     if (auto name = t.getString("name")) {
-      if (!validName(*name)) {
+      if (!isConfigName(*name)) {
         t.error("name", "\"" + *name + "\" is not 1-64 characters of [A-Za-z0-9_.-]");
       } else if (auto first = names_.find(*name); first != names_.end()) {
         t.error("name", "\"" + *name + "\" is already the name of the rule at " +

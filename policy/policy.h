@@ -96,10 +96,10 @@ struct Environment {
 // names them (a rule with `uid = [1000]` does not match a connection whose uid is unknown).
 struct Facts {
   Role role = Role::kOutbound;
-  SocketAddress dst;                   // the original destination
-  std::optional<std::uint32_t> uid;    // owner of the client socket
-  std::string app;                     // process name; empty: unknown
-  std::optional<std::uint8_t> qos;     // index into kQosClasses
+  SocketAddress dst;                 // the original destination
+  std::optional<std::uint32_t> uid;  // owner of the client socket
+  std::string app;                   // process name; empty: unknown
+  std::optional<std::uint8_t> qos;   // index into kQosClasses
   PeerSidecar peer = PeerSidecar::kUnknown;
   std::vector<std::string> peer_stacks;  // kinds the peer offered; empty: unknown
   RttClass rtt = RttClass::kUnknown;

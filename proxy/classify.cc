@@ -45,7 +45,7 @@ policy::Facts ClassifiedFacts::expand(policy::Role role, const SocketAddress& ds
 }
 
 policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
-                            std::optional<std::uint32_t> uid) {
+                            std::optional<std::uint32_t> uid, std::uint32_t* peer_kinds) {
   policy::Facts f;
   f.role = policy::Role::kOutbound;
   f.dst = dst;
@@ -53,6 +53,7 @@ policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
   auto peer = ctx.peers.facts(dst.ip(), std::chrono::steady_clock::now());
   f.peer = peer.sidecar;
   f.peer_stacks = stackKindNames(peer.kinds);
+  if (peer_kinds != nullptr) *peer_kinds = peer.kinds;
   f.rtt = ctx.config.rtt.classify(peer.rtt);
   return f;
 }

@@ -33,8 +33,9 @@ std::vector<std::string> stackKindNames(std::uint32_t mask);
 // The PeerFacts::kinds bit of a kind name (0 for kinds the handshake has no number for).
 std::uint32_t stackKindBit(std::string_view kind);
 
-// Facts of an outbound connection to `dst`: the peer facts come from ctx.peers.
+// Facts of an outbound connection to `dst`: the peer facts come from ctx.peers. `peer_kinds`,
+// if given, gets the peer's PeerFacts::kinds mask (what facts.peer_stacks names).
 policy::Facts outboundFacts(SidecarContext& ctx, const SocketAddress& dst,
-                            std::optional<std::uint32_t> uid);
+                            std::optional<std::uint32_t> uid, std::uint32_t* peer_kinds = nullptr);
 
 }  // namespace dmm::proxy

@@ -32,16 +32,6 @@ const std::function<std::optional<PortRange>(std::string_view)> kParsePorts =
 const std::function<std::optional<SocketAddress>(std::string_view)> kParseAddress =
     [](std::string_view s) { return SocketAddress::parse(s); };
 
-bool validName(const std::string& name) {
-  if (name.empty() || name.size() > 64) return false;
-  for (char c : name) {
-    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '_' || c == '-' || c == '.';
-    if (!ok) return false;
-  }
-  return true;
-}
-
 std::string trimRight(std::string s) {
   while (!s.empty() &&
          (s.back() == '\n' || s.back() == '\r' || s.back() == ' ' || s.back() == '\t'))
@@ -96,7 +86,7 @@ void loadCapture(TomlTable t, Config& c) {
   if (auto v = t.getBool("ipv6")) c.capture_ipv6 = *v;
   if (auto v = t.getString("chain")) {
     // iptables chain names: up to 28 characters; keep to a safe alphabet.
-    if (v->empty() || v->size() > 28 || !validName(*v)) {
+    if (v->empty() || v->size() > 28 || !isConfigName(*v)) {
       t.error("chain", "must be 1-28 characters of [A-Za-z0-9_.-]");
     } else {
       c.capture_chain = *v;
@@ -302,7 +292,7 @@ void loadStacks(TomlTable& root, const stacks::StackRegistry& registry, Config& 
     auto kind = t.getString("kind");
     if (!name) t.requireKey("name");
     if (!kind) t.requireKey("kind");
-    if (name && !validName(*name)) {
+    if (name && !isConfigName(*name)) {
       t.error("name", "must be 1-64 characters of [A-Za-z0-9_.-]");
       name.reset();
     }

@@ -82,7 +82,8 @@ void OutboundSession::retireUpstream() {
 void OutboundSession::begin() {
   auto& ctx = worker_.context();
   policy_ = ctx.policy.current();
-  facts_ = outboundFacts(ctx, destination_, std::nullopt);
+  std::uint32_t peer_kinds = 0;
+  facts_ = outboundFacts(ctx, destination_, std::nullopt, &peer_kinds);
   if (policy_->usesUid()) {
     // The client socket's owner; REDIRECT keeps its 4-tuple as (client, original destination).
     if (auto client = client_->peerAddress())
@@ -97,9 +98,6 @@ void OutboundSession::begin() {
   }
   // The candidates: the decision's stacks this side can offer now, without those the peer is
   // known not to run, and without those whose breaker toward the peer is open.
-  std::uint32_t peer_kinds = 0;
-  for (const auto& k : facts_.peer_stacks)
-    peer_kinds |= stackKindBit(k);
   bool skipped_by_breaker = false;
   auto now = Clock::now();
   for (std::size_t stack : decision_.action->stacks) {

@@ -26,10 +26,6 @@ constexpr const char* kKey = "policy-integration-key-0123456789";
 // blackhole with one iptables rule.
 constexpr const char* kIp4A2 = "10.201.0.11";
 
-SocketAddress at(const char* ip, std::uint16_t port) {
-  return SocketAddress(*IpAddress::parse(ip), port);
-}
-
 std::string common(const std::string& extra = {}) {
   return sidecarConfig("[security]\npsk = \"" + std::string(kKey) +
                        "\"\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n" + extra);
@@ -49,19 +45,6 @@ kind = "kernel"
 source = "10.201.0.1"
 congestion = "cubic"
 )";
-
-void echoHandler(UniqueFd conn) {
-  std::string data = readToEof(conn.get());
-  writeAll(conn.get(), data.data(), data.size());
-}
-
-std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload) {
-  UniqueFd fd = connectTcp(from, to);
-  if (!fd) return "<connect failed>";
-  if (!writeAll(fd.get(), payload.data(), payload.size())) return "<write failed>";
-  ::shutdown(fd.get(), SHUT_WR);
-  return readToEof(fd.get());
-}
 
 class PolicyPair : public ::testing::Test {
  protected:

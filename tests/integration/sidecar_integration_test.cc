@@ -35,10 +35,6 @@ std::string securitySection(const std::string& key = kKey, const std::string& ti
          timeouts + "\n";
 }
 
-SocketAddress at(const char* ip, std::uint16_t port) {
-  return SocketAddress(*IpAddress::parse(ip), port);
-}
-
 class SidecarPair : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -86,15 +82,6 @@ class SidecarPair : public ::testing::Test {
   std::unique_ptr<SidecarProcess> a_;
 };
 
-// A request/response echo through both sidecars; returns what came back.
-std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload) {
-  UniqueFd fd = connectTcp(from, to);
-  if (!fd) return "<connect failed>";
-  if (!writeAll(fd.get(), payload.data(), payload.size())) return "<write failed>";
-  ::shutdown(fd.get(), SHUT_WR);
-  return readToEof(fd.get());
-}
-
 // Connects from `from` to `to`, sends `payload` if any, and checks that the connection then
 // ends in a reset with nothing received: what a refused captured connection looks like (its
 // connect() already succeeded, to the sidecar).
@@ -112,11 +99,6 @@ std::string echoOnce(const Netns& from, const SocketAddress& to, const std::stri
            << ", not a reset";
   }
   return ::testing::AssertionSuccess();
-}
-
-void echoHandler(UniqueFd conn) {
-  std::string data = readToEof(conn.get());
-  writeAll(conn.get(), data.data(), data.size());
 }
 
 TEST_F(SidecarPair, Transfers256MiBEachWayByteExact) {
@@ -941,10 +923,9 @@ TEST_F(SidecarPair, OneLogLinePerConnectionOnEachSideAndTheyCorrelate) {
       R"(^<6>conn ([0-9a-f]+) role=outbound stack=kernel rule=default policy=1 )"
       R"(dst=10\.201\.0\.2:9000 up=12 down=12 )"
       R"(duration=[0-9.]+s end=closed$)");
-  const std::regex b_line(
-      R"(conn [0-9a-f]+ role=inbound stack=kernel rule=default policy=1 )"
-      R"(dst=10\.201\.0\.2:9000 up=12 down=12 )"
-      R"(duration=[0-9.]+s end=closed peer_conn=([0-9a-f]+)$)");
+  const std::regex b_line(R"(conn [0-9a-f]+ role=inbound stack=kernel rule=default policy=1 )"
+                          R"(dst=10\.201\.0\.2:9000 up=12 down=12 )"
+                          R"(duration=[0-9.]+s end=closed peer_conn=([0-9a-f]+)$)");
   std::string a_id;
   std::string b_peer;
   ASSERT_TRUE(eventually([&] {

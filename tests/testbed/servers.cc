@@ -13,6 +13,23 @@
 
 namespace dmm::testbed {
 
+SocketAddress at(const char* ip, std::uint16_t port) {
+  return SocketAddress(*IpAddress::parse(ip), port);
+}
+
+void echoHandler(UniqueFd conn) {
+  std::string data = readToEof(conn.get());
+  writeAll(conn.get(), data.data(), data.size());
+}
+
+std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload) {
+  UniqueFd fd = connectTcp(from, to);
+  if (!fd) return "<connect failed>";
+  if (!writeAll(fd.get(), payload.data(), payload.size())) return "<write failed>";
+  ::shutdown(fd.get(), SHUT_WR);
+  return readToEof(fd.get());
+}
+
 ThreadServer::ThreadServer(const Netns& ns, const SocketAddress& at, Handler handler)
     : listen_(listenTcp(ns, at)), handler_(std::move(handler)) {
   acceptor_ = std::thread([this] {

@@ -11,6 +11,16 @@
 
 namespace dmm::testbed {
 
+// "10.0.0.1", 80 -> 10.0.0.1:80.
+SocketAddress at(const char* ip, std::uint16_t port);
+
+// A ThreadServer handler: reads to the client's end of stream, then writes it all back.
+void echoHandler(UniqueFd conn);
+
+// A request/response echo from `from` to `to` (send, half-close, read to EOF); returns what
+// came back, or "<connect failed>" / "<write failed>".
+std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload);
+
 // Accepts connections and runs `handler` for each on its own thread, until destroyed.
 class ThreadServer {
  public:
