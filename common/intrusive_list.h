@@ -63,6 +63,16 @@ class IntrusiveList {
     for (const Hook* h = head_.next_; h != &head_; h = h->next_)
       fn(static_cast<const T&>(*h));
   }
+  // Calls fn(T&) for each item, front to back; fn may remove the item it is given (and only
+  // that one).
+  template <class Fn>
+  void forEachRemovable(Fn&& fn) {
+    for (Hook* h = head_.next_; h != &head_;) {
+      Hook* next = h->next_;
+      fn(static_cast<T&>(*h));
+      h = next;
+    }
+  }
   std::size_t size() const {
     std::size_t n = 0;
     for (const Hook* h = head_.next_; h != &head_; h = h->next_)

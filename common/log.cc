@@ -49,6 +49,46 @@ void setLevel(spdlog::level::level_enum level) {
   spdlog::set_level(level);
 }
 
+spdlog::level::level_enum level() {
+  return spdlog::get_level();
+}
+
+std::string_view levelName(spdlog::level::level_enum level) {
+  using spdlog::level::level_enum;
+  switch (level) {
+    case level_enum::trace:
+      return "trace";
+    case level_enum::debug:
+      return "debug";
+    case level_enum::info:
+      return "info";
+    case level_enum::warn:
+      return "warning";
+    case level_enum::err:
+      return "error";
+    case level_enum::critical:
+      return "critical";
+    default:
+      return "off";
+  }
+}
+
+bool RateLimiter::admit(std::uint64_t& suppressed, Clock::time_point now) {
+  std::lock_guard lock(mutex_);
+  if (in_window_ == 0 || now - window_start_ >= window_) {
+    window_start_ = now;
+    in_window_ = 0;
+  }
+  if (in_window_ >= burst_) {
+    ++suppressed_;
+    return false;
+  }
+  ++in_window_;
+  suppressed = suppressed_;
+  suppressed_ = 0;
+  return true;
+}
+
 std::optional<spdlog::level::level_enum> parseLevel(std::string_view text) {
   using spdlog::level::level_enum;
   if (text == "trace") return level_enum::trace;

@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "common/duration.h"
+#include "common/log.h"
 #include "proxy/classify.h"
 
 namespace dmm::proxy {
@@ -213,6 +214,13 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
       ->delimiter(',');
   pexplain->add_option("--rtt", ea.rtt, "override the RTT class: local, lan, wan, unknown")
       ->check(CLI::IsMember({"local", "lan", "wan", "unknown"}));
+  auto* logc = app.add_subcommand("log", "the log level: show it, or set it until the next reload");
+  auto* llevel = logc->add_subcommand("level", "show or set: trace, debug, info, warning, error");
+  logc->require_subcommand(1);
+  std::string new_level;
+  llevel->add_option("level", new_level, "the new level (omit to show the current one)")
+      ->check(
+          CLI::IsMember({"trace", "debug", "info", "warning", "warn", "error", "critical", "off"}));
   auto* pdiff = pol->add_subcommand(
       "diff", "which live connections a candidate policy would put on another stack");
   std::vector<std::string> files;
@@ -246,6 +254,16 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
               : fmt::format("invalid policy refused; version {} stays in force\n",
                             sidecar.policy()->version());
     return ok ? 0 : 1;
+  }
+  if (llevel->parsed()) {
+    if (!new_level.empty()) {
+      auto before = log::level();
+      log::setLevel(*log::parseLevel(new_level));
+      spdlog::info("log level {} (was {}), set through the admin socket",
+                   log::levelName(log::level()), log::levelName(before));
+    }
+    out += fmt::format("log level {}\n", log::levelName(log::level()));
+    return 0;
   }
   if (pshow->parsed()) return show(sidecar, out);
   if (pexplain->parsed()) return explain(sidecar, ea, out);

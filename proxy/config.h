@@ -47,6 +47,8 @@ struct Config {
   // [sidecar]
   unsigned workers = 0;         // 0: one per online CPU
   std::uint32_t mark = 0x444d;  // SO_MARK on every socket the sidecar opens
+  // SIGTERM: stop accepting, let established connections finish for this long, close the rest.
+  Millis drain_timeout{30'000};
 
   // [log]
   spdlog::level::level_enum log_level = spdlog::level::info;

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/log.h"
 #include "common/socket_util.h"
 #include "proxy/classify.h"
 #include "proxy/relay.h"
@@ -294,8 +295,9 @@ void InboundSession::startRelay() {
                      ? Result<std::unique_ptr<stacks::StackConnection>>(std::move(control_))
                      : ctx.stacks[chosen_stack_]->adopt(std::move(control_));
   if (!adopted) {
-    spdlog::warn("conn {:x}: stack {} cannot carry the session: {}", id_,
-                 ctx.stacks[chosen_stack_]->name(), adopted.error().reason);
+    static log::RateLimiter limiter;
+    log::limited(limiter, spdlog::level::warn, "conn {:x}: stack {} cannot carry the session: {}",
+                 id_, ctx.stacks[chosen_stack_]->name(), adopted.error().reason);
     worker_.metrics().connectionFailed(Role::kInbound, chosen_stack_, Outcome::kError);
     if (server_) server_->close(CloseType::kAbort);
     end();
@@ -339,6 +341,13 @@ void InboundSession::shutdown() {
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
   end();
+}
+
+void InboundSession::drainIdle() {
+  // A reused connection with nothing of a HELLO yet: the peer's next session opens a fresh
+  // one to wherever it goes now (its pool retries a HELLO that crosses this close).
+  if (state_ == State::kReadingHello && reused_ && reader_.empty())
+    drop(RejectionLabel::kTimeout, false);
 }
 
 void InboundSession::onTimeout() {

@@ -33,6 +33,7 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   ~InboundSession() override;
 
   void shutdown() override;
+  void drainIdle() override;
   void onConnected(stacks::StackConnection& conn) override;
   void onConnectFailed(stacks::StackConnection& conn, Error error) override;
   void onReadable(stacks::StackConnection& conn) override;

@@ -7,10 +7,12 @@
 //   dmm-sidecar --version
 
 #include <event2/event.h>
+#include <linux/capability.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 
@@ -21,6 +23,7 @@
 #include "proxy/admin_socket.h"
 #include "proxy/capture.h"
 #include "proxy/config.h"
+#include "proxy/service_manager.h"
 #include "proxy/sidecar.h"
 #include "proxy/version.h"
 #include "stacks/stack.h"
@@ -51,13 +54,53 @@ struct SignalContext {
   dmm::EventLoop* loop;
   std::string config_path;
   const dmm::stacks::StackRegistry* registry;
+  dmm::proxy::ServiceManager* service;
   dmm::proxy::Sidecar* sidecar = nullptr;
+  // Graceful stop: the first SIGTERM starts a drain that ends when no connection is left or
+  // at the deadline; a second SIGTERM, or SIGINT during the drain, stops at once.
+  dmm::EventPtr drain_timer{};
+  std::chrono::steady_clock::time_point drain_deadline{};
+  dmm::EventPtr status_timer{};
 };
+
+std::string statusLine(dmm::proxy::Sidecar& sidecar) {
+  return std::to_string(sidecar.liveConnections()) + " connections open; policy version " +
+         std::to_string(sidecar.policy()->version());
+}
+
+void onDrainTick(evutil_socket_t, short, void* arg) {
+  auto* ctx = static_cast<SignalContext*>(arg);
+  auto left = ctx->sidecar->liveConnections();
+  auto now = std::chrono::steady_clock::now();
+  if (left == 0 || now >= ctx->drain_deadline) {
+    if (left > 0) spdlog::info("drain timeout: closing {} connections", left);
+    event_base_loopbreak(ctx->loop->base());
+    return;
+  }
+  ctx->service->status("draining: " + std::to_string(left) + " connections left");
+  static constexpr timeval kTick{0, 100'000};
+  event_add(ctx->drain_timer.get(), &kTick);
+}
 
 void onStopSignal(evutil_socket_t sig, short, void* arg) {
   auto* ctx = static_cast<SignalContext*>(arg);
-  spdlog::info("received {}, stopping", sig == SIGINT ? "SIGINT" : "SIGTERM");
-  event_base_loopbreak(ctx->loop->base());
+  const char* name = sig == SIGINT ? "SIGINT" : "SIGTERM";
+  auto timeout =
+      ctx->sidecar != nullptr ? ctx->sidecar->config().drain_timeout : std::chrono::milliseconds(0);
+  if (ctx->drain_timer || ctx->sidecar == nullptr || timeout.count() == 0) {
+    spdlog::info("received {}, stopping", name);
+    ctx->service->stopping("stopping");
+    event_base_loopbreak(ctx->loop->base());
+    return;
+  }
+  spdlog::info("received {}, draining: no new connections, up to {} ms for open ones", name,
+               timeout.count());
+  ctx->service->stopping("draining");
+  ctx->status_timer.reset();
+  ctx->sidecar->drain();
+  ctx->drain_deadline = std::chrono::steady_clock::now() + timeout;
+  ctx->drain_timer = ctx->loop->newEvent(-1, 0, onDrainTick, ctx);
+  event_active(ctx->drain_timer.get(), 0, 0);
 }
 
 void onHangup(evutil_socket_t, short, void* arg) {
@@ -65,6 +108,8 @@ void onHangup(evutil_socket_t, short, void* arg) {
   // the file and applies what can change without dropping connections: the log level, and the
   // policy (a new snapshot for new connections; established ones keep theirs).
   auto* ctx = static_cast<SignalContext*>(arg);
+  if (ctx->drain_timer) return;  // stopping: nothing to reload into
+  ctx->service->reloading();
   dmm::Diagnostics diags;
   auto config = dmm::proxy::loadConfig(ctx->config_path, *ctx->registry, diags);
   if (!config) {
@@ -76,17 +121,45 @@ void onHangup(evutil_socket_t, short, void* arg) {
                  spdlog::level::to_string_view(config->log_level));
   }
   std::string report;
-  if (ctx->sidecar != nullptr) ctx->sidecar->reloadPolicy(report);
+  if (ctx->sidecar != nullptr) {
+    ctx->sidecar->reloadPolicy(report);
+    ctx->service->ready(statusLine(*ctx->sidecar));
+  }
+}
+
+void onStatusTick(evutil_socket_t, short, void* arg) {
+  auto* ctx = static_cast<SignalContext*>(arg);
+  ctx->service->status(statusLine(*ctx->sidecar));
+}
+
+// The capabilities the configuration needs, checked before anything starts so that a unit
+// without them fails with this message rather than with EPERM on every connection.
+std::string checkCapabilities(const Config& config) {
+  std::vector<int> wanted;
+  if (config.mark != 0) wanted.push_back(CAP_NET_ADMIN);  // SO_MARK
+  auto missing = dmm::proxy::missingCapabilities(wanted);
+  if (missing.empty()) return {};
+  std::string names;
+  for (const auto& m : missing)
+    names += (names.empty() ? "" : ", ") + m;
+  return "missing capability " + names +
+         " ([sidecar] mark sets SO_MARK on the sidecar's own sockets, which needs "
+         "CAP_NET_ADMIN; run as root or grant it, e.g. AmbientCapabilities=CAP_NET_ADMIN)";
 }
 
 int serve(Config config, const dmm::stacks::StackRegistry& registry) {
+  dmm::proxy::ServiceManager service;  // first: takes the listeners systemd passed in
   dmm::log::init(config.log_format, config.log_level);
   ::signal(SIGPIPE, SIG_IGN);  // splice() to a closed socket raises it; errors come back as EPIPE
+  if (auto err = checkCapabilities(config); !err.empty()) {
+    spdlog::critical("cannot start: {}", err);
+    return kExitRuntime;
+  }
   auto files = dmm::net::raiseFileLimit();
   spdlog::debug("open files limit: {}", files);
 
   dmm::EventLoop main_loop;
-  SignalContext sctx{&main_loop, config.path, &registry};
+  SignalContext sctx{&main_loop, config.path, &registry, &service};
   dmm::EventPtr sigterm(evsignal_new(main_loop.base(), SIGTERM, onStopSignal, &sctx));
   dmm::EventPtr sigint(evsignal_new(main_loop.base(), SIGINT, onStopSignal, &sctx));
   dmm::EventPtr sighup(evsignal_new(main_loop.base(), SIGHUP, onHangup, &sctx));
@@ -94,7 +167,7 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
     evsignal_add(ev, nullptr);
 
   dmm::proxy::Sidecar sidecar(std::move(config), registry);
-  if (auto err = sidecar.start(main_loop); !err.empty()) {
+  if (auto err = sidecar.start(main_loop, &service); !err.empty()) {
     spdlog::critical("cannot start: {}", err);
     return kExitRuntime;
   }
@@ -111,7 +184,15 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
       return kExitRuntime;
     }
   }
+  service.ready(statusLine(sidecar));
+  if (service.supervised()) {
+    sctx.status_timer = main_loop.newEvent(-1, EV_PERSIST, onStatusTick, &sctx);
+    static constexpr timeval kStatusPeriod{10, 0};
+    event_add(sctx.status_timer.get(), &kStatusPeriod);
+  }
   main_loop.run();
+  sctx.status_timer.reset();
+  sctx.drain_timer.reset();
   admin.reset();
   sidecar.stop();
   spdlog::info("stopped");

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/log.h"
 #include "common/sock_diag.h"
 #include "common/socket_util.h"
 #include "proxy/capture.h"
@@ -475,8 +476,9 @@ void OutboundSession::fallBack(FallbackReason reason, bool no_sidecar) {
   if (no_sidecar) {
     ctx.peers.markNoSidecar(destination_.ip(), config.no_sidecar_ttl, Clock::now());
     // Logged once per peer per no_sidecar_ttl: later connections hit the cache quietly.
-    spdlog::warn("no usable sidecar at {} ({}); {} for {}", peer_.toString(),
-                 fallbackReasonName(reason),
+    static log::RateLimiter limiter;
+    log::limited(limiter, spdlog::level::warn, "no usable sidecar at {} ({}); {} for {}",
+                 peer_.toString(), fallbackReasonName(reason),
                  direct ? "connecting directly" : "refusing connections",
                  formatDuration(config.no_sidecar_ttl));
   }

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/log.h"
 #include "proxy/worker.h"
 
 namespace dmm::proxy {
@@ -509,7 +510,8 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   if (info_.peer_id != 0) line += fmt::format(" peer_conn={:x}", info_.peer_id);
   if (outcome == Outcome::kError) {
     line += fmt::format(" error=\"{}\"", std::strerror(err));
-    spdlog::warn("{}", line);
+    static log::RateLimiter limiter;
+    log::limited(limiter, spdlog::level::warn, "{}", line);
   } else {
     spdlog::info("{}", line);
   }

@@ -20,7 +20,7 @@ Sidecar::~Sidecar() {
   stop();
 }
 
-std::string Sidecar::start(EventLoop& main_loop) {
+std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
   std::vector<std::string> names;
   for (const auto& s : config_.stacks) {
     const auto* factory = registry_.find(s.kind);
@@ -61,12 +61,30 @@ std::string Sidecar::start(EventLoop& main_loop) {
   unsigned n = config_.effectiveWorkers();
   for (unsigned i = 0; i < n; ++i) {
     auto worker = std::make_unique<Worker>(*context_, i);
-    auto bound = worker->bindListeners();
+    auto bound = worker->bindListeners(service);
     if (!bound) {
       workers_.clear();
       return std::string(bound.error().reason) + ": " + std::strerror(bound.error().code);
     }
     workers_.push_back(std::move(worker));
+  }
+  if (service != nullptr) {
+    auto inherited = service->inheritedCount();
+    auto unused = service->closeUntaken();
+    if (inherited > 0) {
+      spdlog::info("took over {} listening sockets from the service manager", inherited - unused);
+    }
+    std::vector<int> fds;
+    for (const auto& w : workers_) {
+      auto part = w->listenerFds();
+      fds.insert(fds.end(), part.begin(), part.end());
+    }
+    if (auto err = service->storeListeners(fds); !err.empty()) {
+      spdlog::warn(
+          "cannot store the listeners with the service manager ({}): a restart will "
+          "refuse connections while no process listens",
+          err);
+    }
   }
   // Workers do not take the signals the main thread waits for.
   sigset_t block;
@@ -135,6 +153,24 @@ std::vector<Worker::ConnectionView> Sidecar::connections() {
     std::move(part.begin(), part.end(), std::back_inserter(all));
   }
   return all;
+}
+
+void Sidecar::drain() {
+  for (auto& w : workers_)
+    w->drain();
+}
+
+std::size_t Sidecar::liveConnections() {
+  std::size_t total = 0;
+  for (auto& w : workers_) {
+    auto promise = std::make_shared<std::promise<std::size_t>>();
+    auto future = promise->get_future();
+    Worker* worker = w.get();
+    worker->loop().post([worker, promise] { promise->set_value(worker->liveCount()); });
+    if (future.wait_for(std::chrono::seconds(2)) == std::future_status::ready)
+      total += future.get();
+  }
+  return total;
 }
 
 void Sidecar::stop() {

@@ -13,6 +13,7 @@
 #include "proxy/metrics_server.h"
 #include "proxy/peer_table.h"
 #include "proxy/replay_cache.h"
+#include "proxy/service_manager.h"
 #include "proxy/worker.h"
 #include "stacks/stack.h"
 
@@ -31,9 +32,16 @@ class Sidecar {
   Sidecar& operator=(const Sidecar&) = delete;
 
   // Creates the stacks, binds every listener and the metrics endpoint (served on `main_loop`,
-  // the caller's thread), starts the workers. Returns an empty string on success, else why it
-  // could not start (nothing keeps running).
-  std::string start(EventLoop& main_loop);
+  // the caller's thread), starts the workers. Listeners systemd passed in (`service`, may be
+  // null) are used before new ones are bound, and every listener is stored with it for the
+  // next start. Returns an empty string on success, else why it could not start (nothing
+  // keeps running).
+  std::string start(EventLoop& main_loop, ServiceManager* service = nullptr);
+  // Graceful stop, first half: every worker stops accepting and closes idle pooled tunnels;
+  // established connections go on. Then poll liveConnections() and stop().
+  void drain();
+  // Connections still open on all workers (asks each on its loop; waits up to 2 s each).
+  std::size_t liveConnections();
   // Stops the workers (closing every connection) and waits for them.
   void stop();
 

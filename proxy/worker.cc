@@ -11,9 +11,11 @@
 #include <cerrno>
 #include <cstring>
 
+#include "common/log.h"
 #include "common/socket_util.h"
 #include "proxy/inbound_session.h"
 #include "proxy/outbound_session.h"
+#include "proxy/service_manager.h"
 
 namespace dmm::proxy {
 
@@ -162,11 +164,12 @@ Worker::~Worker() {
   loop_.collectGarbage();
 }
 
-Result<bool> Worker::bindListeners() {
+Result<bool> Worker::bindListeners(ServiceManager* inherited) {
   const auto& c = config();
   auto add = [&](const SocketAddress& addr, Listener::Kind kind,
                  const SocketAddress& destination = {}) -> Result<bool> {
-    auto fd = net::listenTcp(addr, net::ListenOptions{});
+    Result<UniqueFd> fd = inherited != nullptr ? inherited->takeListener(addr) : UniqueFd{};
+    if (!fd->valid()) fd = net::listenTcp(addr, net::ListenOptions{});
     if (!fd) return fd.error();
     // Accepted sockets inherit SO_LINGER {on, 0}: reset on close unless closed gracefully
     // (KernelConnection), without a setsockopt() per connection.
@@ -203,6 +206,13 @@ Result<bool> Worker::bindListeners() {
   return true;
 }
 
+std::vector<int> Worker::listenerFds() const {
+  std::vector<int> fds;
+  for (const auto& l : listeners_)
+    fds.push_back(l->fd.get());
+  return fds;
+}
+
 void Worker::start() {
   thread_ = std::thread([this] {
     std::string name = "dmm-worker-" + std::to_string(index_);
@@ -222,6 +232,21 @@ void Worker::stop() {
     listeners_.clear();
     shutdownAll();
     loop_.exit();
+  });
+}
+
+void Worker::drain() {
+  loop_.post([this] {
+    if (draining_ || stopping_) return;
+    draining_ = true;
+    for (auto& l : listeners_) {
+      l->event.reset();
+      l->retry.reset();
+      l->fd.reset();
+    }
+    listeners_.clear();
+    tunnels_.clear();
+    sessions_.forEachRemovable([](Session& s) { s.drainIdle(); });
   });
 }
 
@@ -255,12 +280,16 @@ void Worker::onAccept(evutil_socket_t fd, short, void* arg) {
     if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
       // The pending connection stays in the backlog; stop polling the listener for a moment
       // instead of spinning on a readiness that cannot be served.
-      spdlog::warn("accept on {} failed: {}; pausing this listener for 100ms",
+      static log::RateLimiter limiter;
+      log::limited(limiter, spdlog::level::warn,
+                   "accept on {} failed: {}; pausing this listener for 100ms",
                    l->address.toString(), std::strerror(err));
       event_del(l->event.get());
       event_add(l->retry.get(), &kAcceptRetry);
     } else {
-      spdlog::warn("accept on {} failed: {}", l->address.toString(), std::strerror(err));
+      static log::RateLimiter limiter;
+      log::limited(limiter, spdlog::level::warn, "accept on {} failed: {}", l->address.toString(),
+                   std::strerror(err));
     }
     return;
   }
@@ -328,10 +357,11 @@ void Worker::randomBytes(std::span<std::uint8_t> out) {
 void Worker::tunnelReleased(const Relay::Info& info,
                             std::unique_ptr<stacks::StackConnection> tunnel,
                             std::vector<std::byte> leftover) {
-  if (info.role == Role::kOutbound || stopping_) {
-    // (When stopping, the pool is where it can be closed from inside its own callback.)
+  if (info.role == Role::kOutbound || stopping_ || draining_) {
+    // (When stopping or draining, the pool is where it can be closed from inside its own
+    // callback.)
     tunnels_.put(info.peer, info.stack, std::move(tunnel), Clock::now());
-    if (stopping_) tunnels_.clear();
+    if (stopping_ || draining_) tunnels_.clear();
   } else {
     InboundSession::resume(*this, std::move(tunnel), info.stack, std::move(leftover));
   }

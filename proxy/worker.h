@@ -24,6 +24,7 @@
 
 namespace dmm::proxy {
 
+class ServiceManager;
 struct SessionListTag;
 class Worker;
 
@@ -35,6 +36,9 @@ class Session : public Deferrable, public ListHook<SessionListTag> {
   using Clock = std::chrono::steady_clock;
   // Ends the session at once (the worker is stopping).
   virtual void shutdown() = 0;
+  // The worker drains: a session that carries no connection (an idle reused tunnel waiting
+  // for the peer's next HELLO) ends now; one with work in progress finishes it.
+  virtual void drainIdle() {}
 
  protected:
   explicit Session(Worker& worker);
@@ -102,9 +106,17 @@ class Worker {
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
-  // Opens this worker's listeners (main thread, before start()). Fails with a message.
-  Result<bool> bindListeners();
+  // Opens this worker's listeners (main thread, before start()), taking the sockets systemd
+  // passed in from `inherited` (may be null) before binding new ones. Fails with a message.
+  Result<bool> bindListeners(ServiceManager* inherited);
+  // The listening sockets (main thread, after bindListeners()), for the fd store.
+  std::vector<int> listenerFds() const;
   void start();
+  // Stops accepting and lets established connections finish: idle pooled tunnels close, a
+  // connection that ends does not return its tunnel to the pool. Any thread.
+  void drain();
+  // Connections still open: sessions and relays (loop thread).
+  std::size_t liveCount() const { return sessions_.size() + relay_count_; }
   // Stops accepting, ends every connection, and leaves the loop. Any thread; then join().
   void stop();
   void join();
@@ -201,6 +213,7 @@ class Worker {
   std::size_t random_used_ = sizeof(random_);
   bool splice_usable_ = true;
   bool stopping_ = false;
+  bool draining_ = false;
 };
 
 }  // namespace dmm::proxy

@@ -24,7 +24,7 @@ fi
 # Build and test dependencies, all from Debian 12.
 build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
-  libgtest-dev)
+  libgtest-dev libsystemd-dev)
 run_deps=(iproute2 iptables curl python3 procps)
 # The benchmark's peers, load generators and chart drawing.
 bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server redis-tools

@@ -147,13 +147,23 @@ void Netns::mustExec(const std::vector<std::string>& argv) const {
 
 // ---- Process ---------------------------------------------------------------------------------
 
-Process::Process(const Netns* ns, const std::vector<std::string>& argv, const std::string& log_path)
+Process::Process(const Netns* ns, const std::vector<std::string>& argv, const std::string& log_path,
+                 const std::vector<int>& listen_fds)
     : log_path_(log_path) {
   std::vector<std::string> full;
   if (ns != nullptr) full = {"ip", "netns", "exec", ns->name()};
+  if (!listen_fds.empty()) {
+    // The shell learns its PID ($$) and execs the command in place, keeping it.
+    full.insert(
+        full.end(),
+        {"sh", "-c",
+         "LISTEN_PID=$$ LISTEN_FDS=" + std::to_string(listen_fds.size()) + " exec \"$@\"", "sh"});
+  }
   full.insert(full.end(), argv.begin(), argv.end());
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
+  for (std::size_t i = 0; i < listen_fds.size(); ++i)
+    posix_spawn_file_actions_adddup2(&actions, listen_fds[i], 3 + static_cast<int>(i));
   posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND,
                                    0644);
@@ -241,6 +251,7 @@ std::string sidecarConfig(const std::string& extra, const std::string& log_forma
   return "[log]\nlevel = \"debug\"\nformat = \"" + log_format + "\"\n" + R"(
 [sidecar]
 workers = 2
+drain_timeout = "1s"
 
 [metrics]
 listen = "127.0.0.1:17090"
@@ -250,7 +261,8 @@ listen = "127.0.0.1:17090"
 
 SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
                                const std::string& name,
-                               const std::map<std::string, std::string>& policy)
+                               const std::map<std::string, std::string>& policy,
+                               const std::vector<int>& listen_fds)
     : ns_(ns), metrics_address_("127.0.0.1:17090") {
   std::string text = config_text;
   // The file system is shared by every namespace: each test sidecar gets its own socket and
@@ -272,7 +284,7 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
   config_path_ = dir_.write(name + ".toml", text);
   process_ =
       std::make_unique<Process>(&ns, std::vector<std::string>{sidecarBinary(), "-c", config_path_},
-                                dir_.path() + "/" + name + ".log");
+                                dir_.path() + "/" + name + ".log", listen_fds);
   bool up = eventually(
       [&] {
         if (!process_->running()) return true;

@@ -74,7 +74,10 @@ class Netns {
 class Process {
  public:
   // Starts argv inside `ns` (nullptr: this namespace); stdout+stderr go to `log_path`.
-  Process(const Netns* ns, const std::vector<std::string>& argv, const std::string& log_path);
+  // `listen_fds` are passed as systemd socket activation does: as fds 3, 4, ... with
+  // LISTEN_FDS and LISTEN_PID (this child's PID) in the environment.
+  Process(const Netns* ns, const std::vector<std::string>& argv, const std::string& log_path,
+          const std::vector<int>& listen_fds = {});
   ~Process();
   Process(const Process&) = delete;
   Process& operator=(const Process&) = delete;
@@ -124,7 +127,8 @@ std::string sidecarBinary();
 class SidecarProcess {
  public:
   SidecarProcess(const Netns& ns, const std::string& config_text, const std::string& name,
-                 const std::map<std::string, std::string>& policy = {});
+                 const std::map<std::string, std::string>& policy = {},
+                 const std::vector<int>& listen_fds = {});
   ~SidecarProcess();
   const std::string& configPath() const { return config_path_; }
   const std::string& policyDir() const { return policy_dir_; }
@@ -155,8 +159,8 @@ class SidecarProcess {
   std::string metrics_address_;
 };
 
-// The common config of a test sidecar (debug logs in `log_format`, two workers, metrics on
-// 127.0.0.1:17090), plus `extra` TOML appended.
+// The common config of a test sidecar (debug logs in `log_format`, two workers, a 1 s drain on
+// SIGTERM, metrics on 127.0.0.1:17090), plus `extra` TOML appended.
 std::string sidecarConfig(const std::string& extra = {}, const std::string& log_format = "plain");
 
 // Parses one sample value out of a Prometheus text page.

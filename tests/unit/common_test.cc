@@ -1,10 +1,16 @@
-// Addresses, CIDRs, port ranges, durations, TOML positions, the intrusive list and runCommand().
+// Addresses, CIDRs, port ranges, durations, TOML positions, the intrusive list, the log rate
+// limiter and runCommand().
 
 #include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+#include <vector>
 
 #include "common/command.h"
 #include "common/duration.h"
 #include "common/intrusive_list.h"
+#include "common/log.h"
 #include "common/socket_address.h"
 #include "common/toml_table.h"
 
@@ -156,6 +162,59 @@ TEST(IntrusiveList, MovesAndUnlinksOnDestruction) {
     EXPECT_EQ(b.size(), 2u);
   }
   EXPECT_EQ(b.size(), 1u);
+}
+
+TEST(IntrusiveList, ForEachRemovableLetsEachItemLeave) {
+  IntrusiveList<Item, Tag> list;
+  Item items[4];
+  for (int i = 0; i < 4; ++i) {
+    items[i].v = i;
+    list.pushBack(items[i]);
+  }
+  int seen = 0;
+  list.forEachRemovable([&](Item& item) {
+    seen += 1 << item.v;
+    if (item.v % 2 == 0) IntrusiveList<Item, Tag>::remove(item);
+  });
+  EXPECT_EQ(seen, 0b1111);
+  EXPECT_EQ(list.size(), 2u);
+  EXPECT_EQ(list.front()->v, 1);
+}
+
+TEST(LogRateLimiter, LetsABurstThroughThenCountsWhatItDrops) {
+  using namespace std::chrono_literals;
+  log::RateLimiter limiter(3, 5s);
+  auto t0 = log::RateLimiter::Clock::time_point{} + 100s;
+  std::uint64_t suppressed = 99;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(limiter.admit(suppressed, t0 + std::chrono::milliseconds(i)));
+    EXPECT_EQ(suppressed, 0u);
+  }
+  for (int i = 0; i < 7; ++i)
+    EXPECT_FALSE(limiter.admit(suppressed, t0 + 1s));
+  // Still the same window.
+  EXPECT_FALSE(limiter.admit(suppressed, t0 + 4999ms));
+  // A new window: the first message through reports the 8 dropped, the next reports none.
+  ASSERT_TRUE(limiter.admit(suppressed, t0 + 5s));
+  EXPECT_EQ(suppressed, 8u);
+  ASSERT_TRUE(limiter.admit(suppressed, t0 + 5s));
+  EXPECT_EQ(suppressed, 0u);
+}
+
+TEST(LogRateLimiter, IsSharedSafelyByThreads) {
+  log::RateLimiter limiter(10, std::chrono::hours(1));
+  std::atomic<int> admitted{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      std::uint64_t suppressed = 0;
+      for (int i = 0; i < 1000; ++i)
+        if (limiter.admit(suppressed)) ++admitted;
+    });
+  }
+  for (auto& t : threads)
+    t.join();
+  EXPECT_EQ(admitted.load(), 10);
 }
 
 TEST(RunCommand, PassesInputAndCollectsBothOutputs) {
