@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -315,18 +316,8 @@ CommandResult SidecarProcess::ctl(const std::vector<std::string>& args) const {
 }
 
 std::string SidecarProcess::scrape() const {
-  auto addr = SocketAddress::parse(metrics_address_);
-  UniqueFd fd = ns_.socket(AF_INET, SOCK_STREAM);
-  setTimeouts(fd.get(), 2s);
-  sockaddr_storage ss{};
-  socklen_t len = addr->toSockaddr(ss);
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) return {};
-  std::string req = "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
-  if (!writeAll(fd.get(), req.data(), req.size())) return {};
-  std::string resp = readToEof(fd.get());
-  auto body = resp.find("\r\n\r\n");
-  if (body == std::string::npos) return {};
-  return resp.substr(body + 4);
+  auto response = httpGet(ns_, *SocketAddress::parse(metrics_address_), "/metrics");
+  return response.status == 200 ? response.body : std::string();
 }
 
 std::optional<double> SidecarProcess::metric(
@@ -340,6 +331,23 @@ void SidecarProcess::installCapture() const {
 
 void SidecarProcess::removeCapture() const {
   ns_.mustExec({sidecarBinary(), "capture", "remove", "-c", config_path_});
+}
+
+HttpResponse httpGet(const Netns& ns, const SocketAddress& to, const std::string& target,
+                     std::chrono::milliseconds timeout) {
+  UniqueFd fd = connectTcp(ns, to, timeout);
+  if (!fd) return {};
+  std::string request = "GET " + target + " HTTP/1.0\r\nHost: " + to.toString() + "\r\n\r\n";
+  if (!writeAll(fd.get(), request.data(), request.size())) return {};
+  std::string response = readToEof(fd.get());
+  // "HTTP/1.x NNN reason\r\n" headers "\r\n\r\n" body
+  auto body = response.find("\r\n\r\n");
+  if (response.rfind("HTTP/1.", 0) != 0 || response.size() < 12 || body == std::string::npos)
+    return {};
+  HttpResponse out;
+  out.status = std::atoi(response.substr(9, 3).c_str());
+  out.body = response.substr(body + 4);
+  return out;
 }
 
 std::optional<double> metricValue(const std::string& page, const std::string& name,

@@ -138,6 +138,8 @@ class SidecarProcess {
   // `dmm-sidecar ctl --socket <its socket> args...`
   CommandResult ctl(const std::vector<std::string>& args) const;
   Process& process() { return *process_; }
+  // Where it serves its metrics, inside its namespace ("127.0.0.1:17090").
+  const std::string& metricsAddress() const { return metrics_address_; }
   // The metrics page (empty if it cannot be read).
   std::string scrape() const;
   // The value of one sample, e.g. metric("dmm_sidecar_fallbacks_total",
@@ -162,6 +164,15 @@ class SidecarProcess {
 // The common config of a test sidecar (debug logs in `log_format`, two workers, a 1 s drain on
 // SIGTERM, metrics on 127.0.0.1:17090), plus `extra` TOML appended.
 std::string sidecarConfig(const std::string& extra = {}, const std::string& log_format = "plain");
+
+// The response to one HTTP/1.0 GET; status 0 when no response could be read.
+struct HttpResponse {
+  int status = 0;
+  std::string body;
+};
+// GET `target` (e.g. "/metrics") from `to`, over a socket made inside `ns`.
+HttpResponse httpGet(const Netns& ns, const SocketAddress& to, const std::string& target,
+                     std::chrono::milliseconds timeout = 2s);
 
 // Parses one sample value out of a Prometheus text page.
 std::optional<double> metricValue(const std::string& page, const std::string& name,
