@@ -25,7 +25,9 @@ fi
 build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
   libgtest-dev libsystemd-dev)
-run_deps=(iproute2 iptables curl python3 procps)
+# prometheus: promtool lints the /metrics page, and a real Prometheus server scrapes a sidecar
+# (tests/integration/metrics_integration_test.cc); the tests start their own, never the service.
+run_deps=(iproute2 iptables curl python3 procps prometheus)
 # The benchmark's peers, load generators and chart drawing.
 bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server redis-tools
   python3-matplotlib)
@@ -39,17 +41,24 @@ if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
   if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    # nginx and redis-server would start system-wide daemons on install: the benchmark runs
-    # its own, in a namespace of its own. policy-rc.d tells the packages not to start services.
+    # prometheus, nginx and redis-server would start system-wide daemons on install: the tests
+    # and the benchmark run their own (on ports and in namespaces of their own). policy-rc.d
+    # tells the packages not to start services; both invoke-rc.d (no systemd) and
+    # deb-systemd-invoke (systemd) obey it. It is removed again even if the installation fails.
+    # A policy-rc.d the machine already has is left alone.
     added_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
       printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
       chmod +x /usr/sbin/policy-rc.d
       added_policy=1
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ "$added_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    if [ "$added_policy" = 1 ]; then
+      rm -f /usr/sbin/policy-rc.d
+      trap - EXIT
+    fi
   fi
 fi
 
