@@ -260,6 +260,15 @@ TEST_F(PolicyPair, SighupDuring200ConcurrentTransfersLosesNothingAndNewConnectio
     });
   }
   ASSERT_TRUE(eventually([&] { return halfway == kClients; }, 60s));
+  // A client's write returns once the kernel holds its bytes, which can be before the sidecar
+  // has accepted and classified the connection: on a loaded machine a few were still in the
+  // accept queue, were decided after the reload and went to k2. Wait for all the decisions.
+  bool all_decided = eventually(
+      [&] {
+        return metricA("dmm_sidecar_policy_decisions_total",
+                       {{"role", "outbound"}, {"rule", "to-k1"}}) == kClients;
+      },
+      30s);
   a_->writePolicy("10-main.toml", rule("k2"));
   a_->process().signal(SIGHUP);
   bool swapped = eventually([&] { return metricA("dmm_sidecar_policy_version", {}) == 2; });
@@ -268,6 +277,8 @@ TEST_F(PolicyPair, SighupDuring200ConcurrentTransfersLosesNothingAndNewConnectio
   reloaded = true;
   for (auto& t : clients)
     t.join();
+  ASSERT_TRUE(all_decided) << metricA("dmm_sidecar_policy_decisions_total",
+                                      {{"role", "outbound"}, {"rule", "to-k1"}});
   ASSERT_TRUE(swapped);
   EXPECT_EQ(fresh, "new");
   EXPECT_EQ(ok, kClients);
