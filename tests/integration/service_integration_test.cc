@@ -150,9 +150,24 @@ TEST_F(ServicePair, LogLevelChangesAtRuntimeThroughTheAdminSocket) {
   auto set = a_->ctl({"log", "level", "warning"});
   EXPECT_EQ(set.status, 0) << set.output;
   EXPECT_EQ(set.output, "log level warning\n");
+  auto closed = [&](double n) {
+    return eventually(
+        [&] {
+          return a_->metric("dmm_sidecar_connections_total",
+                            {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}})
+                     .value_or(0) >= n;
+        },
+        5s);
+  };
   EXPECT_EQ(echoOnce(hosts_.a(), at("127.0.0.1", 15000), "quiet"), "quiet");
+  // Counted first, logged next in the same worker callback: `ctl connections` waits for a task
+  // on every worker loop, so once it answers that callback is over.
+  ASSERT_TRUE(closed(1));
+  ASSERT_EQ(a_->ctl({"connections"}).status, 0);
   ASSERT_TRUE(a_->ctl({"log", "level", "info"}).status == 0);
   EXPECT_EQ(echoOnce(hosts_.a(), at("127.0.0.1", 15000), "loud"), "loud");
+  ASSERT_TRUE(closed(2));
+  ASSERT_EQ(a_->ctl({"connections"}).status, 0);
   // Connection lines are logged at info when they close: only the second one's is there.
   std::regex line("role=outbound .* up=(\\d+) ");
   std::string log = a_->log();
