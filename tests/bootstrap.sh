@@ -31,8 +31,12 @@ run_deps=(iproute2 iptables curl python3 procps prometheus)
 # The benchmark's peers, load generators and chart drawing.
 bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server redis-tools
   python3-matplotlib)
+# The package test (tests/package): a Debian root filesystem booted with systemd-nspawn, and
+# CPack's DEB (dpkg-shlibdeps, file) and RPM (rpmbuild) generators.
+package_deps=(debootstrap systemd-container zstd dpkg-dev file rpm)
 wanted=("${build_deps[@]}" "${run_deps[@]}")
 [ "$what" = bench ] && wanted+=("${bench_deps[@]}")
+[ "$what" = test ] && wanted+=("${package_deps[@]}")
 if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${wanted[@]}"; do
