@@ -71,7 +71,7 @@ mkdir -p "$artifacts"
 artifacts=$(cd "$artifacts" && pwd)
 rm -f "$artifacts"/dmm-pkgtest-{journal,console,apt}.txt
 
-pkgtest_need_cmds dpkg-deb:dpkg curl:curl
+pkgtest_need_cmds dpkg-deb:dpkg
 ct_init lifecycle
 T0=$(pkgtest_now)
 
