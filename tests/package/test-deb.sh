@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The dmm-sidecar package's life in a real systemd: the .deb's contents and control fields (and the
 # .rpm's, if given), then, in a freshly booted Debian 12 container: dpkg -i, the system user,
-# enable --now, readiness and status, metrics, the admin command, the capture chain, reload,
-# restart, stop, the journal, remove and purge.
+# enable --now, readiness and status, metrics, the admin command, the capture chain, reload (and
+# a refused one), restart (keeping the listeners' backlog), a crash, stale rules, stop, the
+# journal, remove and purge.
 #
 #   tests/package/test-deb.sh [OPTIONS] PKG.deb [PKG.rpm]
 #   tests/package/test-deb.sh [OPTIONS] --cpack BUILD_DIR    # cpack -G "DEB;RPM" there first
@@ -342,7 +343,7 @@ t_unit_verify() {
   out=$(cx systemd-analyze verify "$UNIT" 2>&1) || rc=$?
   [ "$rc" -eq 0 ] && [ -z "$out" ] && return 0
   echo "$out"
-  warn "systemd-analyze verify $UNIT: exit $rc"
+  fail "systemd-analyze verify $UNIT: exit $rc, or it printed the problems above"
 }
 
 t_enable_now() {
@@ -410,6 +411,100 @@ t_restart() {
   [ "$(unit_prop MainPID)" != "$pid" ] || fail "MainPID unchanged ($pid) after restart"
   chain_present || fail "no chain $CHAIN after restart"
   note "MainPID $pid -> $(unit_prop MainPID)"
+}
+
+# An invalid config: the reload is refused (ExecReload validates first) and the daemon keeps
+# running as it was.
+t_reload_invalid() {
+  local pid rc=0
+  pid=$(unit_prop MainPID)
+  cx cp "$CONFFILE" "$CONFFILE.good"
+  cx sh -c "printf '\n[not_a_key]\nx = 1\n' >> $CONFFILE"
+  CT_EXEC_TIMEOUT=60 cx systemctl reload "$UNIT" || rc=$?
+  cx mv "$CONFFILE.good" "$CONFFILE"
+  [ "$rc" -ne 0 ] || fail "systemctl reload succeeded with an invalid config"
+  [ "$(cx systemctl is-active "$UNIT")" = active ] || fail "not active after a refused reload"
+  [ "$(unit_prop MainPID)" = "$pid" ] || fail "MainPID changed after a refused reload"
+  # journald takes the reload command's output asynchronously.
+  local i
+  for ((i = 0; i < 30; i++)); do
+    cx journalctl -u "$UNIT" -o cat | grep -m1 "not_a_key" && return 0
+    sleep 0.1
+  done
+  cx journalctl -u "$UNIT" -o cat -n 20
+  fail "the validation error is not in the journal"
+}
+
+# A restart keeps the listening sockets (the fd store): a connection made while the old process
+# drains and no process accepts waits in the backlog and is served by the new process. An idle
+# connection to the tunnel port holds the old process's drain open (up to timeouts.handshake,
+# 5 s), so the window is seconds wide rather than a race.
+t_restart_backlog() {
+  local pid before after
+  pid=$(unit_prop MainPID)
+  before=$(cx journalctl "_SYSTEMD_UNIT=$UNIT" -o cat | grep -c "draining" || true)
+  note "fd store: $(unit_prop NFileDescriptorStore) sockets"
+  [ "$(unit_prop NFileDescriptorStore)" -gt 0 ] || fail "nothing in the fd store"
+  CT_EXEC_TIMEOUT=60 cx bash -c '
+    set -e
+    exec 5<>/dev/tcp/127.0.0.1/17002
+    systemctl restart --no-block '"$UNIT"'
+    for i in $(seq 100); do
+      n=$(journalctl _SYSTEMD_UNIT='"$UNIT"' -o cat | grep -c draining || true)
+      [ "$n" -gt '"$before"' ] && break
+      sleep 0.05
+    done
+    [ "$n" -gt '"$before"' ] || { echo "the old process never started draining"; exit 1; }
+    ss -Htln "sport = :17002" | head -3 || true
+    # Listeners closed in the old process, the new one not started: only the fd store holds them.
+    exec 6<>/dev/tcp/127.0.0.1/17002 || { echo "connection refused during the restart"; exit 1; }
+    echo "connected during the drain"
+    printf "GET / HTTP/1.0\r\n\r\n" >&6
+    # The new process accepts it, finds no handshake and closes it.
+    timeout 30 cat <&6 >/dev/null || { echo "not served within 30 s"; exit 1; }
+    echo "served by the new process"
+    exec 5>&- 6>&-
+  '
+  wait_active 30
+  after=$(unit_prop MainPID)
+  [ "$after" != "$pid" ] || fail "MainPID unchanged"
+  cx curl -fsS "$METRICS_URL" | grep '^dmm_sidecar_handshake_rejections_total{.*bad_magic' ||
+    fail "the new process did not count the queued connection"
+}
+
+# A crash: Restart=on-failure brings it back; ExecStopPost removed the rules and ExecStartPre
+# installed them again, once.
+t_crash_restart() {
+  local pid jumps
+  pid=$(unit_prop MainPID)
+  cx kill -KILL "$pid"
+  local i
+  for ((i = 0; i < 100; i++)); do
+    [ "$(unit_prop MainPID)" != "$pid" ] && [ "$(unit_prop MainPID)" != 0 ] &&
+      [ "$(cx systemctl is-active "$UNIT" || true)" = active ] && break
+    sleep 0.1
+  done
+  wait_active 10
+  [ "$(unit_prop MainPID)" != "$pid" ] || fail "not restarted"
+  note "restarted after SIGKILL: MainPID $pid -> $(unit_prop MainPID), NRestarts=$(unit_prop NRestarts)"
+  chain_present || fail "no chain after the restart"
+  jumps=$(cx iptables -w -t nat -S OUTPUT | grep -c -- "-j $CHAIN" || true)
+  [ "$jumps" = 1 ] || fail "$jumps jumps to $CHAIN in OUTPUT"
+}
+
+# Stale rules (a hand-made install, or an older version's): start replaces them.
+t_stale_rules() {
+  local jumps
+  CT_EXEC_TIMEOUT=100 cx systemctl stop "$UNIT"
+  cx iptables -w -t nat -N "$CHAIN"
+  cx iptables -w -t nat -A "$CHAIN" -p tcp --dport 9 -j RETURN
+  cx iptables -w -t nat -A OUTPUT -p tcp -j "$CHAIN"
+  cx iptables -w -t nat -A OUTPUT -p tcp -j "$CHAIN"
+  cx systemctl start "$UNIT"
+  wait_active 30
+  ! cx iptables -w -t nat -S "$CHAIN" | grep -- "--dport 9" || fail "the stale rule survived the start"
+  jumps=$(cx iptables -w -t nat -S OUTPUT | grep -c -- "-j $CHAIN" || true)
+  [ "$jumps" = 1 ] || fail "$jumps jumps to $CHAIN in OUTPUT after the start"
 }
 
 t_stop() {
@@ -538,7 +633,11 @@ step "${R[@]}" service.metrics t_metrics || true
 step "${R[@]}" service.ctl-status t_ctl_status || true
 step "${R[@]}" service.capture-chain t_chain_present || true
 step "${R[@]}" service.reload t_reload || true
+step "${R[@]}" service.reload-invalid t_reload_invalid || true
 step "${R[@]}" service.restart t_restart || true
+step "${R[@]}" service.restart-keeps-backlog t_restart_backlog || true
+step "${R[@]}" service.crash-restart t_crash_restart || true
+step "${R[@]}" service.stale-rules t_stale_rules || true
 step --report "${G[@]}" service.socket t_socket || true
 step "${G[@]}" service.stop t_stop || true
 step "${G[@]}" service.journal t_journal || true
