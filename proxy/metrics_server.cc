@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "common/socket_util.h"
+#include "proxy/process_metrics.h"
 
 namespace dmm::proxy {
 
@@ -47,7 +48,10 @@ void MetricsServer::onRequest(evhttp_request* request, void* arg) {
     return;
   }
   std::ostringstream text;
-  prometheus::TextSerializer().Serialize(text, self->registry_->Collect());
+  auto families = self->registry_->Collect();
+  auto process = collectProcessMetrics();
+  families.insert(families.end(), process.begin(), process.end());
+  prometheus::TextSerializer().Serialize(text, families);
   std::string page = text.str();
   evbuffer_add(body, page.data(), page.size());
   evhttp_add_header(evhttp_request_get_output_headers(request), "Content-Type",

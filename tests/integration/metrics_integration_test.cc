@@ -116,7 +116,8 @@ std::map<std::string, Family> familiesOnPage(const std::string& page) {
 // labels column as backquoted names, with values in parentheses after some of them.
 std::map<std::string, Family> familiesInReference(const std::string& markdown) {
   std::map<std::string, Family> families;
-  static const std::regex row_re(R"re(^\| `(dmm_sidecar_[a-z_]+)` \| ([a-z]+) \| ([^|]*) \|)re");
+  static const std::regex row_re(
+      R"re(^\| `((?:dmm_sidecar|process)_[a-z_]+)` \| ([a-z]+) \| ([^|]*) \|)re");
   static const std::regex name_re("`([a-z_]+)`");
   static const std::regex values_re(R"re(\([^)]*\))re");
   std::istringstream in(markdown);
@@ -371,7 +372,7 @@ TEST_F(MetricsAfterTraffic, TheDashboardNamesOnlyMetricsThatExistAndPlotsEveryOn
   std::set<std::string> on_pages = namesOnPage(a_->scrape());
   on_pages.merge(namesOnPage(b_->scrape()));
   std::set<std::string> on_dashboard;
-  static const std::regex name_re("dmm_sidecar_[a-z_]+");
+  static const std::regex name_re("(?:dmm_sidecar|process)_[a-z_]+");
   for (std::sregex_iterator it(dashboard.begin(), dashboard.end(), name_re), end; it != end; ++it)
     on_dashboard.insert(it->str());
   ASSERT_FALSE(on_dashboard.empty());

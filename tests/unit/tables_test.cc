@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include <ctime>
+#include <map>
+
 #include "proxy/peer_table.h"
+#include "proxy/process_metrics.h"
 #include "proxy/replay_cache.h"
 
 namespace dmm::proxy {
@@ -115,6 +119,31 @@ TEST(PeerTable, BreakerOpensAfterFailuresProbesOnceAndCloses) {
   EXPECT_EQ(peers.breakerResult(ip, 1, true, bp, t0 + 23s), T::kClosed);
   EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s), V::kAllow);
   EXPECT_TRUE(peers.openBreakers().empty());
+}
+
+}  // namespace
+}  // namespace dmm::proxy
+
+namespace dmm::proxy {
+namespace {
+
+TEST(ProcessMetrics, ReadThisProcessPlausibly) {
+  std::vector<char> touched(64 << 20, 1);  // 64 MiB resident for a moment
+  std::map<std::string, double> v;
+  for (const auto& f : collectProcessMetrics())
+    v[f.name] = f.type == prometheus::MetricType::Counter ? f.metric.at(0).counter.value
+                                                          : f.metric.at(0).gauge.value;
+  EXPECT_EQ(v.size(), 6u);
+  EXPECT_GT(v["process_resident_memory_bytes"], 64.0 * (1 << 20));
+  EXPECT_LT(v["process_resident_memory_bytes"], 4.0 * (1 << 30));
+  EXPECT_GE(v["process_virtual_memory_bytes"], v["process_resident_memory_bytes"]);
+  EXPECT_GE(v["process_cpu_seconds_total"], 0);
+  EXPECT_GE(v["process_open_fds"], 3);  // stdin, stdout, stderr at least
+  EXPECT_GE(v["process_max_fds"], v["process_open_fds"]);
+  double now = static_cast<double>(std::time(nullptr));
+  EXPECT_NEAR(v["process_start_time_seconds"], now, 3600);
+  EXPECT_LE(v["process_start_time_seconds"], now + 1);
+  EXPECT_EQ(touched[12345], 1);
 }
 
 }  // namespace
