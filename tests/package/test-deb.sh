@@ -2,8 +2,8 @@
 # The dmm-sidecar package's life in a real systemd: the .deb's contents and control fields (and the
 # .rpm's, if given), then, in a freshly booted Debian 12 container: dpkg -i, the system user,
 # enable --now, readiness and status, metrics, the admin command, the capture chain, reload (and
-# a refused one), restart (keeping the listeners' backlog), a crash, stale rules, stop, the
-# journal, remove and purge.
+# a refused one), restart (keeping the listeners' backlog), a crash, stale rules, an upgrade,
+# stop, the journal, remove and purge.
 #
 #   tests/package/test-deb.sh [OPTIONS] PKG.deb [PKG.rpm]
 #   tests/package/test-deb.sh [OPTIONS] --cpack BUILD_DIR    # cpack -G "DEB;RPM" there first
@@ -507,6 +507,21 @@ t_stale_rules() {
   [ "$jumps" = 1 ] || fail "$jumps jumps to $CHAIN in OUTPUT after the start"
 }
 
+# An upgrade (the same package again goes through prerm upgrade / postinst configure with the
+# old version): the service is not stopped or disabled, it runs the new binary (try-restart),
+# and an edited conffile is kept.
+t_upgrade() {
+  local pid
+  cx sh -c "echo '# edited by the operator' >> $CONFFILE"
+  pid=$(unit_prop MainPID)
+  cx dpkg -i "$IN_CT_DIR/$(basename "$deb")"
+  wait_active 30
+  [ "$(cx systemctl is-enabled "$UNIT")" = enabled ] || fail "not enabled after the upgrade"
+  [ "$(unit_prop MainPID)" != "$pid" ] || fail "still the old process (MainPID $pid): no try-restart"
+  cx grep -q '^# edited by the operator' "$CONFFILE" || fail "the edited conffile was replaced"
+  note "active and enabled; MainPID $pid -> $(unit_prop MainPID); the edited conffile kept"
+}
+
 t_stop() {
   CT_EXEC_TIMEOUT=100 cx systemctl stop "$UNIT"
   local state
@@ -638,6 +653,7 @@ step "${R[@]}" service.restart t_restart || true
 step "${R[@]}" service.restart-keeps-backlog t_restart_backlog || true
 step "${R[@]}" service.crash-restart t_crash_restart || true
 step "${R[@]}" service.stale-rules t_stale_rules || true
+step "${R[@]}" upgrade.dpkg t_upgrade || true
 step --report "${G[@]}" service.socket t_socket || true
 step "${G[@]}" service.stop t_stop || true
 step "${G[@]}" service.journal t_journal || true
