@@ -14,6 +14,8 @@
 #include <exception>
 #include <thread>
 
+#include "common/unix_listener.h"
+
 namespace dmm::proxy {
 
 namespace {
@@ -33,46 +35,6 @@ std::string errnoText(int err) {
 timeval toTimeval(std::chrono::milliseconds d) {
   return timeval{static_cast<time_t>(d.count() / 1000),
                  static_cast<suseconds_t>((d.count() % 1000) * 1000)};
-}
-
-// Fills addr for path; false when the path does not fit sun_path.
-bool unixAddress(const std::string& path, sockaddr_un& addr) {
-  addr = sockaddr_un{};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) return false;
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  return true;
-}
-
-// mkdir -p of the directory holding path; the directories it creates get 0755 whatever the
-// umask, so that the socket's own mode decides who may connect.
-std::string makeParentDirectories(const std::string& path) {
-  const std::size_t last = path.rfind('/');
-  if (last == std::string::npos || last == 0) return {};
-  const std::string parent = path.substr(0, last);
-  for (std::size_t pos = 1; pos <= parent.size(); ++pos) {
-    if (pos != parent.size() && parent[pos] != '/') continue;
-    const std::string dir = parent.substr(0, pos);
-    if (::mkdir(dir.c_str(), 0755) == 0) {
-      if (::chmod(dir.c_str(), 0755) != 0)
-        return "cannot set the mode of " + dir + ": " + errnoText(errno);
-      continue;
-    }
-    if (errno != EEXIST) return "cannot create " + dir + ": " + errnoText(errno);
-  }
-  return {};
-}
-
-// Whether something accepts connections on the socket file at path: 0 when it does (or when
-// it listens with a full backlog), ECONNREFUSED when the file is a leftover, else the errno.
-int probeSocket(const sockaddr_un& addr) {
-  UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!probe) return errno;
-  while (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    if (errno == EINTR) continue;
-    return errno == EAGAIN ? 0 : errno;  // EAGAIN: a listener whose backlog is full
-  }
-  return 0;
 }
 
 // Waits until fd is ready for events or the deadline passes; false on timeout.
@@ -286,61 +248,15 @@ AdminServer::~AdminServer() {
   accept_event_.reset();
   accept_retry_.reset();
   clients_.clear();
-  if (!fd_) return;
-  fd_.reset();
-  // Only the file we made: if another server replaced it meanwhile, it is theirs.
-  struct stat st {};
-  if (::lstat(path_.c_str(), &st) == 0 && st.st_dev == file_dev_ && st.st_ino == file_ino_) {
-    ::unlink(path_.c_str());
-  }
+  listener_.close();
 }
 
 std::string AdminServer::listen(const std::string& path, mode_t mode) {
-  if (fd_) return "already listening on " + path_;
-  sockaddr_un addr{};
-  if (!unixAddress(path, addr)) {
-    return "admin socket path '" + path + "' is empty or longer than " +
-           std::to_string(sizeof addr.sun_path - 1) + " bytes";
-  }
-  if (auto error = makeParentDirectories(path); !error.empty()) return error;
-
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) return path + ": exists and is not a socket; not replacing it";
-    const int probe = probeSocket(addr);
-    if (probe == 0) return path + ": already in use (another dmm-sidecar is serving it)";
-    if (probe != ECONNREFUSED) return "cannot check " + path + ": " + errnoText(probe);
-    // A socket file nobody listens on: the leftover of a daemon that did not remove it.
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT)
-      return "cannot remove the stale socket " + path + ": " + errnoText(errno);
-    spdlog::info("admin socket {}: removed a stale socket file", path);
-  } else if (errno != ENOENT) {
-    return "cannot stat " + path + ": " + errnoText(errno);
-  }
-
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-  if (!fd) return "socket: " + errnoText(errno);
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    const int err = errno;
-    if (err == EADDRINUSE) return path + ": already in use (created by someone else meanwhile)";
-    return "cannot bind " + path + ": " + errnoText(err);
-  }
-  // From here the file is ours; remove it if we fail. Nobody can connect before listen(), so
-  // the mode the umask gave the file at bind() is never used.
-  auto fail = [&path](std::string why) {
-    ::unlink(path.c_str());
-    return why;
-  };
-  if (::stat(path.c_str(), &st) != 0) return fail("cannot stat " + path + ": " + errnoText(errno));
-  if (::chmod(path.c_str(), mode) != 0)
-    return fail("cannot set the mode of " + path + ": " + errnoText(errno));
-  if (::listen(fd.get(), kBacklog) != 0) return fail("listen on " + path + ": " + errnoText(errno));
-
-  file_dev_ = st.st_dev;
-  file_ino_ = st.st_ino;
+  if (auto error = listener_.listen(path, mode, kBacklog, "admin socket"); !error.empty())
+    return error;
   path_ = path;
-  fd_ = std::move(fd);
-  accept_event_ = loop_.newEvent(fd_.get(), EV_READ | EV_PERSIST, &AdminServer::onAccept, this);
+  accept_event_ =
+      loop_.newEvent(listener_.fd(), EV_READ | EV_PERSIST, &AdminServer::onAccept, this);
   accept_retry_ = loop_.newEvent(-1, 0, &AdminServer::onAcceptRetry, this);
   event_add(accept_event_.get(), nullptr);
   return {};
@@ -400,7 +316,7 @@ int adminRequest(const std::string& path, const std::vector<std::string>& args, 
   error.clear();
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   sockaddr_un addr{};
-  if (!unixAddress(path, addr)) {
+  if (!net::unixAddress(path, addr)) {
     error = "admin socket path '" + path + "' is empty or too long";
     return -1;
   }

@@ -25,6 +25,7 @@
 
 #include "common/event_loop.h"
 #include "common/unique_fd.h"
+#include "common/unix_listener.h"
 
 namespace dmm::proxy {
 
@@ -74,10 +75,8 @@ class AdminServer {
   EventLoop& loop_;
   Handler handler_;
   std::chrono::milliseconds client_timeout_;
-  std::string path_;  // the socket file we made, to remove
-  dev_t file_dev_ = 0;
-  ino_t file_ino_ = 0;
-  UniqueFd fd_;
+  std::string path_;
+  net::UnixListener listener_;
   EventPtr accept_event_;
   EventPtr accept_retry_;  // re-enables accepting after EMFILE/ENFILE
   std::vector<std::unique_ptr<Client>> clients_;
