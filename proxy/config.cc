@@ -271,16 +271,26 @@ void loadPolicy(TomlTable t, Config& c) {
   t.rejectUnknown();
 }
 
-void loadAdmin(TomlTable t, Config& c) {
-  if (auto v = t.getBool("enabled")) c.admin_enabled = *v;
+// `socket`: an absolute path that fits sun_path (107 characters and a NUL).
+void loadSocketPath(TomlTable& t, std::string& target) {
   if (auto v = t.getString("socket")) {
-    // sun_path holds 107 characters and a NUL.
     if (v->empty() || v->size() > 107 || (*v)[0] != '/') {
       t.error("socket", "must be an absolute path of at most 107 characters");
     } else {
-      c.admin_socket = *v;
+      target = *v;
     }
   }
+}
+
+void loadAdmin(TomlTable t, Config& c) {
+  if (auto v = t.getBool("enabled")) c.admin_enabled = *v;
+  loadSocketPath(t, c.admin_socket);
+  t.rejectUnknown();
+}
+
+void loadPreload(TomlTable t, Config& c) {
+  if (auto v = t.getBool("enabled")) c.preload_enabled = *v;
+  loadSocketPath(t, c.preload_socket);
   t.rejectUnknown();
 }
 
@@ -347,6 +357,7 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
   section("metrics", loadMetrics);
   section("policy", loadPolicy);
   section("admin", loadAdmin);
+  section("preload", loadPreload);
   loadStacks(root, registry, c);
   loadForwards(root, c);
   root.rejectUnknown();

@@ -115,6 +115,10 @@ struct Config {
   std::uint32_t breaker_failures = 3;
   Millis breaker_open_for{30'000};
 
+  // [preload]: the Unix socket the LD_PRELOAD shim hands applications' connections to.
+  bool preload_enabled = true;
+  std::string preload_socket = "/run/dmm-sidecar/preload.sock";
+
   // [admin]: the Unix socket `dmm-sidecar ctl` talks to.
   bool admin_enabled = true;
   std::string admin_socket = "/run/dmm-sidecar/admin.sock";

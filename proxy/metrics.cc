@@ -215,6 +215,7 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                       .Register(*registry_);
   capture_refusals_[0] = &capture.Add({{"reason", "loop"}});
   capture_refusals_[1] = &capture.Add({{"reason", "no_original_destination"}});
+  capture_refusals_[2] = &capture.Add({{"reason", "bad_preamble"}});
 
   auto& accept_errors = BuildCounter()
                             .Name("dmm_sidecar_accept_errors_total")

@@ -166,7 +166,10 @@ class Metrics {
   void fallback(FallbackReason reason, bool direct) {
     fallbacks_[idx(reason) * 2 + (direct ? 0 : 1)]->Increment();
   }
-  void captureRefused(bool loop) { capture_refusals_[loop ? 0 : 1]->Increment(); }
+  enum class CaptureRefusal { kLoop, kNoOriginalDestination, kBadPreamble };
+  void captureRefused(CaptureRefusal why) {
+    capture_refusals_[static_cast<std::size_t>(why)]->Increment();
+  }
   void acceptError(bool tunnel) { accept_errors_[tunnel ? 1 : 0]->Increment(); }
   void spliceDisabled() { splice_disabled_->Increment(); }
   void tunnelReused(Role role) { tunnel_reuses_[idx(role)]->Increment(); }
@@ -196,7 +199,7 @@ class Metrics {
   std::array<prometheus::Histogram*, 2> handshake_seconds_{};
   std::vector<prometheus::Counter*> rejections_;
   std::vector<prometheus::Counter*> fallbacks_;
-  std::array<prometheus::Counter*, 2> capture_refusals_{};
+  std::array<prometheus::Counter*, 3> capture_refusals_{};
   std::array<prometheus::Counter*, 2> accept_errors_{};
   prometheus::Counter* splice_disabled_ = nullptr;
   std::array<prometheus::Counter*, 2> tunnel_reuses_{};

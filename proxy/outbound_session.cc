@@ -42,7 +42,7 @@ void OutboundSession::startCaptured(Worker& worker, UniqueFd client) {
   auto local = net::localAddress(client.get());
   auto destination = local ? originalDestination(client.get(), local->family()) : std::nullopt;
   if (!destination) {
-    worker.metrics().captureRefused(false);
+    worker.metrics().captureRefused(Metrics::CaptureRefusal::kNoOriginalDestination);
     spdlog::debug("captured connection without an original destination refused");
     (void)net::setAbortOnClose(client.get(), true);
     return;
@@ -50,7 +50,7 @@ void OutboundSession::startCaptured(Worker& worker, UniqueFd client) {
   if (*destination == *local) {
     // An original destination equal to our own listener means the connection was not
     // redirected: refuse it, or we would dial ourselves forever.
-    worker.metrics().captureRefused(true);
+    worker.metrics().captureRefused(Metrics::CaptureRefusal::kLoop);
     spdlog::debug("connection straight to the capture listener {} refused (loop)",
                   local->toString());
     (void)net::setAbortOnClose(client.get(), true);
@@ -61,6 +61,13 @@ void OutboundSession::startCaptured(Worker& worker, UniqueFd client) {
 
 void OutboundSession::start(Worker& worker, UniqueFd client, const SocketAddress& destination) {
   auto* session = new OutboundSession(worker, std::move(client), destination);
+  session->begin();
+}
+
+void OutboundSession::startPreloaded(Worker& worker, UniqueFd client,
+                                     const SocketAddress& destination, ClientIdentity who) {
+  auto* session = new OutboundSession(worker, std::move(client), destination);
+  session->identity_ = std::move(who);
   session->begin();
 }
 
@@ -85,7 +92,11 @@ void OutboundSession::begin() {
   policy_ = ctx.policy.current();
   std::uint32_t peer_kinds = 0;
   facts_ = outboundFacts(ctx, destination_, std::nullopt, &peer_kinds);
-  if (policy_->usesUid()) {
+  if (identity_) {
+    facts_.uid = identity_->uid;
+    facts_.app = identity_->app;
+    facts_.qos = identity_->qos;
+  } else if (policy_->usesUid()) {
     // The client socket's owner; REDIRECT keeps its 4-tuple as (client, original destination).
     if (auto client = client_->peerAddress())
       facts_.uid = net::socketOwnerUid(*client, destination_);

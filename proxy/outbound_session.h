@@ -17,8 +17,12 @@
 //   REPLY accepted -> Relay over the chosen stack;  REPLY rejected -> fall back or refuse,
 //   depending on the reason (docs/handshake.md lists which).
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "common/event_loop.h"
@@ -33,12 +37,25 @@
 
 namespace dmm::proxy {
 
+// Who opened a connection, as the kernel tells it (the preload socket's SO_PEERCRED and
+// /proc), with the QoS hint the application gave.
+struct ClientIdentity {
+  std::optional<std::uint32_t> uid;
+  std::optional<pid_t> pid;
+  std::string app;                  // process name; empty: unknown
+  std::optional<std::uint8_t> qos;  // index into policy::kQosClasses
+};
+
 class OutboundSession final : public Session, public stacks::ConnectionCallbacks {
  public:
   // Takes a connection accepted on a capture listener (worker thread).
   static void startCaptured(Worker& worker, UniqueFd client);
   // Takes a connection accepted on a [[forward]] listener, bound for `destination`.
   static void start(Worker& worker, UniqueFd client, const SocketAddress& destination);
+  // Takes a connection the preload shim handed over (PreloadSession), with what the kernel
+  // said of the application: its facts replace the sock_diag lookup of the owner.
+  static void startPreloaded(Worker& worker, UniqueFd client, const SocketAddress& destination,
+                             ClientIdentity who);
   ~OutboundSession() override;
 
   void shutdown() override;
@@ -94,6 +111,7 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   std::shared_ptr<const policy::Policy> policy_;
   policy::Decision decision_;
   policy::Facts facts_;
+  std::optional<ClientIdentity> identity_;  // preloaded connections only
   RuleMetrics* rule_metrics_ = nullptr;
   std::vector<std::size_t> candidates_;  // stacks to try, in order (after breakers)
   std::size_t next_candidate_ = 0;

@@ -68,6 +68,20 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
     }
     workers_.push_back(std::move(worker));
   }
+  if (config_.preload_enabled) {
+    // Any local user may hand connections over, as the capture rules take everyone's.
+    if (auto err = preload_listener_.listen(config_.preload_socket, 0666, 4096, "preload socket");
+        !err.empty()) {
+      workers_.clear();
+      return err;
+    }
+    for (auto& w : workers_) {
+      if (auto r = w->addPreloadListener(preload_listener_.fd(), config_.preload_socket); !r) {
+        workers_.clear();
+        return std::string(r.error().reason) + ": " + std::strerror(r.error().code);
+      }
+    }
+  }
   if (service != nullptr) {
     auto inherited = service->inheritedCount();
     auto unused = service->closeUntaken();
@@ -106,6 +120,7 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
     for (const auto& a : config_.tunnel_listen)
       listeners += " tunnel=" + a.toString();
   }
+  if (config_.preload_enabled) listeners += " preload=" + config_.preload_socket;
   if (config_.metrics_enabled) listeners += " metrics=" + config_.metrics_listen.toString();
   spdlog::info("dmm-sidecar {} started: {} workers, {} stacks,{}", DMM_VERSION, n, stacks_.size(),
                listeners);
@@ -158,6 +173,9 @@ std::vector<Worker::ConnectionView> Sidecar::connections() {
 void Sidecar::drain() {
   for (auto& w : workers_)
     w->drain();
+  // Its file goes too: a shim that connects now goes direct at once instead of waiting in a
+  // backlog nobody accepts from.
+  preload_listener_.close();
 }
 
 std::size_t Sidecar::liveConnections() {
@@ -179,6 +197,7 @@ void Sidecar::stop() {
   for (auto& w : workers_)
     w->join();
   workers_.clear();
+  preload_listener_.close();
   metrics_server_.reset();
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/unix_listener.h"
 #include "proxy/config.h"
 #include "proxy/context.h"
 #include "proxy/metrics.h"
@@ -68,6 +69,7 @@ class Sidecar {
   std::unique_ptr<SidecarContext> context_;
   std::unique_ptr<MetricsServer> metrics_server_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  net::UnixListener preload_listener_;  // each worker accepts on a duplicate
 };
 
 }  // namespace dmm::proxy

@@ -15,6 +15,7 @@
 #include "common/socket_util.h"
 #include "proxy/inbound_session.h"
 #include "proxy/outbound_session.h"
+#include "proxy/preload_session.h"
 #include "proxy/service_manager.h"
 
 namespace dmm::proxy {
@@ -178,6 +179,7 @@ Result<bool> Worker::bindListeners(ServiceManager* inherited) {
     l->worker = this;
     l->kind = kind;
     l->address = addr;
+    l->label = addr.toString();
     l->destination = destination;
     l->fd = std::move(*fd);
     l->event = loop_.newEvent(l->fd.get(), EV_READ | EV_PERSIST, &Worker::onAccept, l.get());
@@ -206,10 +208,26 @@ Result<bool> Worker::bindListeners(ServiceManager* inherited) {
   return true;
 }
 
+Result<bool> Worker::addPreloadListener(int fd, const std::string& path) {
+  UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!copy) return Error{errno, "preload_socket"};
+  auto l = std::make_unique<Listener>();
+  l->worker = this;
+  l->kind = Listener::Kind::kPreload;
+  l->label = path;
+  l->fd = std::move(copy);
+  l->event = loop_.newEvent(l->fd.get(), EV_READ | EV_PERSIST, &Worker::onAccept, l.get());
+  l->retry = loop_.newEvent(-1, 0, &Worker::onAcceptRetry, l.get());
+  event_add(l->event.get(), nullptr);
+  listeners_.push_back(std::move(l));
+  return true;
+}
+
 std::vector<int> Worker::listenerFds() const {
   std::vector<int> fds;
-  for (const auto& l : listeners_)
-    fds.push_back(l->fd.get());
+  for (const auto& l : listeners_) {
+    if (l->kind != Listener::Kind::kPreload) fds.push_back(l->fd.get());
+  }
   return fds;
 }
 
@@ -282,13 +300,13 @@ void Worker::onAccept(evutil_socket_t fd, short, void* arg) {
       // instead of spinning on a readiness that cannot be served.
       static log::RateLimiter limiter;
       log::limited(limiter, spdlog::level::warn,
-                   "accept on {} failed: {}; pausing this listener for 100ms",
-                   l->address.toString(), std::strerror(err));
+                   "accept on {} failed: {}; pausing this listener for 100ms", l->label,
+                   std::strerror(err));
       event_del(l->event.get());
       event_add(l->retry.get(), &kAcceptRetry);
     } else {
       static log::RateLimiter limiter;
-      log::limited(limiter, spdlog::level::warn, "accept on {} failed: {}", l->address.toString(),
+      log::limited(limiter, spdlog::level::warn, "accept on {} failed: {}", l->label,
                    std::strerror(err));
     }
     return;
@@ -311,6 +329,9 @@ void Worker::accepted(Listener& listener, UniqueFd fd) {
       break;
     case Listener::Kind::kTunnel:
       InboundSession::start(*this, std::move(fd));
+      break;
+    case Listener::Kind::kPreload:
+      PreloadSession::start(*this, std::move(fd));
       break;
   }
 }

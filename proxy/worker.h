@@ -109,7 +109,10 @@ class Worker {
   // Opens this worker's listeners (main thread, before start()), taking the sockets systemd
   // passed in from `inherited` (may be null) before binding new ones. Fails with a message.
   Result<bool> bindListeners(ServiceManager* inherited);
-  // The listening sockets (main thread, after bindListeners()), for the fd store.
+  // Also accepts on the preload Unix socket `fd` (main thread, before start()); the worker
+  // keeps a duplicate of it.
+  Result<bool> addPreloadListener(int fd, const std::string& path);
+  // The TCP listening sockets (main thread, after bindListeners()), for the fd store.
   std::vector<int> listenerFds() const;
   void start();
   // Stops accepting and lets established connections finish: idle pooled tunnels close, a
@@ -167,10 +170,11 @@ class Worker {
 
  private:
   struct Listener {
-    enum class Kind { kCapture, kForward, kTunnel };
+    enum class Kind { kCapture, kForward, kTunnel, kPreload };
     Worker* worker = nullptr;
     Kind kind = Kind::kCapture;
-    SocketAddress address;
+    SocketAddress address;      // TCP kinds
+    std::string label;          // the address, or the preload socket's path, for messages
     SocketAddress destination;  // kForward: where its connections go
     UniqueFd fd;
     EventPtr event;

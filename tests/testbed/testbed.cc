@@ -279,6 +279,9 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
   }
   if (text.find("\n[admin]") == std::string::npos && text.rfind("[admin]", 0) != 0)
     text += "\n[admin]\nsocket = \"" + admin_socket_ + "\"\n";
+  preload_socket_ = dir_.path() + "/" + name + "-preload.sock";
+  if (text.find("\n[preload]") == std::string::npos)
+    text += "\n[preload]\nsocket = \"" + preload_socket_ + "\"\n";
   ::mkdir(policy_dir_.c_str(), 0755);
   for (const auto& [file, content] : policy)
     writePolicy(file, content);

@@ -133,6 +133,8 @@ class SidecarProcess {
   const std::string& configPath() const { return config_path_; }
   const std::string& policyDir() const { return policy_dir_; }
   const std::string& adminSocket() const { return admin_socket_; }
+  // The Unix socket the LD_PRELOAD shim connects to ([preload] socket).
+  const std::string& preloadSocket() const { return preload_socket_; }
   // Writes (or replaces) one policy file; the sidecar sees it at its next reload.
   void writePolicy(const std::string& name, const std::string& text) const;
   // `dmm-sidecar ctl --socket <its socket> args...`
@@ -157,6 +159,7 @@ class SidecarProcess {
   std::string config_path_;
   std::string policy_dir_;
   std::string admin_socket_;
+  std::string preload_socket_;
   std::unique_ptr<Process> process_;
   std::string metrics_address_;
 };
