@@ -227,7 +227,8 @@ def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp"):
     ]
     if variant != "dmmb":  # a --compare-sidecar binary may predate these tables
         common += ["[admin]", f'socket = "{state_dir}/admin.sock"',
-                   "[policy]", f'dir = "{state_dir}/policy.d"']
+                   "[policy]", f'dir = "{state_dir}/policy.d"',
+                   "[preload]", f'socket = "{state_dir}/preload.sock"']
     if hop == 1:
         lines = common + ["[tunnel]", f'listen = "127.0.0.1:{tunnel}"',
                           "[inbound]", "allow_local = false",

@@ -53,6 +53,8 @@ psk_file = "$work/psk"
 listen = "127.0.0.1:17090"
 [admin]
 socket = "$work/$host-admin.sock"
+[preload]
+socket = "$work/$host-preload.sock"
 [policy]
 dir = "$work/$host-policy.d"
 [[stack]]
