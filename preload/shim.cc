@@ -1,0 +1,818 @@
+// libdmm-preload.so: routes an application's outgoing TCP connections through the local
+// sidecar's Unix socket, without iptables. See preload/README.md for the design and
+// docs/preload.md for how to use it.
+//
+// Every exported function is an interposer: it resolves the real libc function once
+// (dlsym(RTLD_NEXT)), does its bit of bookkeeping in the fd table, and otherwise behaves
+// exactly like the function it replaces. Nothing here throws (no exception may cross into a C
+// program), nothing on the connect path allocates, and nothing is printed unless
+// DMM_PRELOAD_DEBUG asks for it.
+
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "preload/dmm_preload.h"
+#include "preload/fd_table.h"
+#include "preload/preamble.h"
+#include "preload/shim_config.h"
+
+#define DMM_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace dmm::preload {
+namespace {
+
+// ---- the real functions ------------------------------------------------------------------------
+
+struct RealFunctions {
+  int (*connect)(int, const sockaddr*, socklen_t);
+  int (*close)(int);
+  int (*dup)(int);
+  int (*dup2)(int, int);
+  int (*dup3)(int, int, int);
+  int (*fcntl)(int, int, ...);
+  int (*fcntl64)(int, int, ...);
+  int (*socket)(int, int, int);
+  int (*getpeername)(int, sockaddr*, socklen_t*);
+  int (*getsockname)(int, sockaddr*, socklen_t*);
+  int (*setsockopt)(int, int, int, const void*, socklen_t);
+  int (*getsockopt)(int, int, int, void*, socklen_t*);
+  int (*epoll_ctl)(int, int, int, epoll_event*);
+  int (*close_range)(unsigned, unsigned, int);
+  void (*closefrom)(int);
+};
+
+// Raw system calls: what real() gives while the real functions are being resolved (dlsym may
+// call back into an interposed function on the same thread) and for any symbol dlsym lacks.
+namespace raw {
+int connect(int fd, const sockaddr* a, socklen_t l) {
+  return static_cast<int>(::syscall(SYS_connect, fd, a, l));
+}
+int close(int fd) {
+  return static_cast<int>(::syscall(SYS_close, fd));
+}
+int dup(int fd) {
+  return static_cast<int>(::syscall(SYS_dup, fd));
+}
+int dup2(int from, int to) {
+  if (from == to) return static_cast<int>(::syscall(SYS_fcntl, from, F_GETFD)) < 0 ? -1 : to;
+  return static_cast<int>(::syscall(SYS_dup3, from, to, 0));
+}
+int dup3(int from, int to, int flags) {
+  return static_cast<int>(::syscall(SYS_dup3, from, to, flags));
+}
+int fcntl(int fd, int cmd, ...) {
+  std::va_list ap;
+  va_start(ap, cmd);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  return static_cast<int>(::syscall(SYS_fcntl, fd, cmd, arg));
+}
+int socket(int d, int t, int p) {
+  return static_cast<int>(::syscall(SYS_socket, d, t, p));
+}
+int getpeername(int fd, sockaddr* a, socklen_t* l) {
+  return static_cast<int>(::syscall(SYS_getpeername, fd, a, l));
+}
+int getsockname(int fd, sockaddr* a, socklen_t* l) {
+  return static_cast<int>(::syscall(SYS_getsockname, fd, a, l));
+}
+int setsockopt(int fd, int level, int name, const void* v, socklen_t l) {
+  return static_cast<int>(::syscall(SYS_setsockopt, fd, level, name, v, l));
+}
+int getsockopt(int fd, int level, int name, void* v, socklen_t* l) {
+  return static_cast<int>(::syscall(SYS_getsockopt, fd, level, name, v, l));
+}
+int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) {
+  return static_cast<int>(::syscall(SYS_epoll_ctl, epfd, op, fd, ev));
+}
+int close_range(unsigned first, unsigned last, int flags) {
+  return static_cast<int>(::syscall(SYS_close_range, first, last, flags));
+}
+void closefrom(int low) {
+  ::syscall(SYS_close_range, static_cast<unsigned>(low), ~0u, 0);
+}
+}  // namespace raw
+
+constexpr RealFunctions kRawFunctions = {
+    raw::connect,    raw::close,      raw::dup,       raw::dup2,        raw::dup3,
+    raw::fcntl,      raw::fcntl,      raw::socket,    raw::getpeername, raw::getsockname,
+    raw::setsockopt, raw::getsockopt, raw::epoll_ctl, raw::close_range, raw::closefrom};
+
+RealFunctions g_real = kRawFunctions;
+std::atomic<bool> g_resolved{false};
+pthread_once_t g_real_once = PTHREAD_ONCE_INIT;
+thread_local bool t_resolving = false;
+
+template <typename Fn>
+void resolve(Fn& slot, const char* name) {
+  // dlsym returns void*; what RTLD_NEXT finds under a libc function's name is that function.
+  if (void* f = ::dlsym(RTLD_NEXT, name)) slot = reinterpret_cast<Fn>(f);
+}
+
+void resolveReal() {
+  RealFunctions r = kRawFunctions;
+  resolve(r.connect, "connect");
+  resolve(r.close, "close");
+  resolve(r.dup, "dup");
+  resolve(r.dup2, "dup2");
+  resolve(r.dup3, "dup3");
+  resolve(r.fcntl, "fcntl");
+  r.fcntl64 = r.fcntl;  // glibc before 2.28 has no fcntl64
+  resolve(r.fcntl64, "fcntl64");
+  resolve(r.socket, "socket");
+  resolve(r.getpeername, "getpeername");
+  resolve(r.getsockname, "getsockname");
+  resolve(r.setsockopt, "setsockopt");
+  resolve(r.getsockopt, "getsockopt");
+  resolve(r.epoll_ctl, "epoll_ctl");
+  resolve(r.close_range, "close_range");
+  resolve(r.closefrom, "closefrom");
+  fdTable().init();
+  g_real = r;
+  g_resolved.store(true, std::memory_order_release);
+}
+
+const RealFunctions& real() {
+  if (g_resolved.load(std::memory_order_acquire)) [[likely]]
+    return g_real;
+  if (t_resolving) return kRawFunctions;  // called back from inside dlsym on this thread
+  t_resolving = true;
+  int saved = errno;
+  ::pthread_once(&g_real_once, resolveReal);
+  errno = saved;
+  t_resolving = false;
+  return g_real;
+}
+
+// ---- configuration and logging -----------------------------------------------------------------
+
+struct Shim {
+  ShimConfig config;
+};
+
+Shim g_shim;
+pthread_once_t g_shim_once = PTHREAD_ONCE_INIT;
+std::atomic<bool> g_debug{false};
+std::atomic<bool> g_disabled{false};
+
+void debugLog(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void debugLog(const char* fmt, ...) {
+  if (!g_debug.load(std::memory_order_relaxed)) return;
+  char buf[512];
+  int n = std::snprintf(buf, sizeof(buf), "dmm-preload[%d]: ", static_cast<int>(::getpid()));
+  if (n < 0) return;
+  std::va_list ap;
+  va_start(ap, fmt);
+  int m = std::vsnprintf(buf + n, sizeof(buf) - static_cast<std::size_t>(n) - 1, fmt, ap);
+  va_end(ap);
+  if (m < 0) return;
+  std::size_t len = static_cast<std::size_t>(n) + static_cast<std::size_t>(m);
+  if (len > sizeof(buf) - 2) len = sizeof(buf) - 2;
+  buf[len++] = '\n';
+  int saved = errno;
+  ssize_t ignored = ::write(STDERR_FILENO, buf, len);
+  (void)ignored;
+  errno = saved;
+}
+
+bool processIsSidecar() {
+  // The daemon never loads the shim, but an LD_PRELOAD left in a service's environment would
+  // make it capture its own tunnel connections: a loop. Its name gives it away.
+  char comm[32] = {};
+  int fd = ::open("/proc/self/comm", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  ssize_t n = ::read(fd, comm, sizeof(comm) - 1);
+  real().close(fd);
+  if (n <= 0) return false;
+  std::string_view name(comm, static_cast<std::size_t>(n));
+  if (name.back() == '\n') name.remove_suffix(1);
+  return name == "dmm-sidecar";
+}
+
+void loadShim() {
+  int saved = errno;
+  std::vector<std::string> warnings;
+  g_shim.config = loadConfig([](const char* n) -> const char* { return std::getenv(n); }, warnings);
+  g_debug.store(g_shim.config.debug, std::memory_order_relaxed);
+  for (const auto& w : warnings)
+    debugLog("config: %s", w.c_str());
+  if (processIsSidecar()) {
+    g_disabled.store(true, std::memory_order_relaxed);
+    debugLog("this process is dmm-sidecar: nothing is captured");
+  }
+  debugLog("socket %s, fallback %s, qos '%s', %zu include and %zu exclude prefixes",
+           g_shim.config.socket_path,
+           g_shim.config.fallback == Fallback::kDirect ? "direct" : "refuse", g_shim.config.qos,
+           g_shim.config.include.size, g_shim.config.exclude.size);
+  errno = saved;
+}
+
+const ShimConfig& config() {
+  real();
+  ::pthread_once(&g_shim_once, loadShim);
+  return g_shim.config;
+}
+
+void atforkChild() {
+  fdTable().resetLocksAfterFork();
+}
+
+__attribute__((constructor)) void shimInit() {
+  real();
+  ::pthread_atfork(nullptr, nullptr, atforkChild);
+}
+
+// ---- helpers -------------------------------------------------------------------------------
+
+// Whether the captured entry of fd still describes the socket fd refers to.
+bool sameSocket(int fd, const FdData& d) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return false;
+  return st.st_dev == d.dev && st.st_ino == d.ino;
+}
+
+// The captured entry of fd, or nothing (a stale one is dropped on the way).
+bool capturedData(int fd, FdData& out) {
+  FdEntry* e = fdTable().find(fd);
+  if (e == nullptr || e->state() != FdState::kCaptured) return false;
+  out = e->read();
+  if (out.state != FdState::kCaptured) return false;
+  if (!sameSocket(fd, out)) {
+    e->clear();
+    return false;
+  }
+  return true;
+}
+
+void copyOut(const void* from, socklen_t size, sockaddr* to, socklen_t* to_size) {
+  // As the kernel does: truncate to the caller's buffer, report the full size.
+  socklen_t n = *to_size < size ? *to_size : size;
+  if (to != nullptr && n > 0) std::memcpy(to, from, n);
+  *to_size = size;
+}
+
+bool toEndpoint(const sockaddr* addr, socklen_t size, Endpoint& ep, Address& filter_address) {
+  if (addr == nullptr || size < sizeof(sa_family_t)) return false;
+  if (addr->sa_family == AF_INET && size >= sizeof(sockaddr_in)) {
+    sockaddr_in in{};
+    std::memcpy(&in, addr, sizeof(in));
+    ep.family = AF_INET;
+    std::memcpy(ep.address, &in.sin_addr, 4);
+    ep.port = ntohs(in.sin_port);
+  } else if (addr->sa_family == AF_INET6 && size >= sizeof(sockaddr_in6)) {
+    sockaddr_in6 in6{};
+    std::memcpy(&in6, addr, sizeof(in6));
+    if (IN6_IS_ADDR_V4MAPPED(&in6.sin6_addr)) {
+      // A dual-stack socket dialling IPv4: the sidecar dials the IPv4 address.
+      ep.family = AF_INET;
+      std::memcpy(ep.address, in6.sin6_addr.s6_addr + 12, 4);
+    } else {
+      ep.family = AF_INET6;
+      std::memcpy(ep.address, in6.sin6_addr.s6_addr, 16);
+    }
+    ep.port = ntohs(in6.sin6_port);
+  } else {
+    return false;
+  }
+  filter_address.family = ep.family;
+  std::memcpy(filter_address.bytes, ep.address, 16);
+  return ep.port != 0;
+}
+
+int intOption(int fd, int level, int name) {
+  int v = 0;
+  socklen_t len = sizeof(v);
+  if (real().getsockopt(fd, level, name, &v, &len) != 0) return -1;
+  return v;
+}
+
+bool writeAllTo(int fd, const std::uint8_t* data, std::size_t size) {
+  while (size > 0) {
+    ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    data += n;
+    size -= static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
+// Connects a new Unix socket to the sidecar and writes the preamble. Returns the socket, or -1
+// with errno set (ENOENT, ECONNREFUSED, EAGAIN for a full backlog or the time bound, ...).
+int openSidecar(const ShimConfig& cfg, const Endpoint& dst, const char* qos) {
+  const RealFunctions& r = real();
+  int u = r.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (u < 0) return -1;
+  auto fail = [&r, u] {
+    int saved = errno;
+    r.close(u);
+    errno = saved;
+    return -1;
+  };
+  // A blocking connect to a Unix socket waits while the listener's backlog is full: bounded
+  // by SO_SNDTIMEO, which the kernel applies to it, so the application never hangs here.
+  timeval tv{};
+  tv.tv_sec = cfg.timeout_ms / 1000;
+  tv.tv_usec = (cfg.timeout_ms % 1000) * 1000;
+  r.setsockopt(u, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::memcpy(sun.sun_path, cfg.socket_path, sizeof(sun.sun_path));
+  int rc = 0;
+  do {
+    rc = r.connect(u, reinterpret_cast<const sockaddr*>(&sun), sizeof(sun));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) return fail();
+  ucred cred{};
+  socklen_t cred_len = sizeof(cred);
+  if (r.getsockopt(u, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) == 0 && cred.pid == ::getpid()) {
+    // The socket is our own: this process is the sidecar. Never capture here again.
+    g_disabled.store(true, std::memory_order_relaxed);
+    debugLog("%s is this process's own socket: nothing is captured", cfg.socket_path);
+    errno = ECONNREFUSED;
+    return fail();
+  }
+  Preamble p;
+  p.destination = dst;
+  p.qos = qos;  // at most 10 bytes: the small-string buffer, no allocation
+  std::uint8_t buf[kMaxPreambleBytes];
+  std::size_t n = encodePreamble(p, std::span<std::uint8_t>(buf));
+  if (n == 0) {
+    errno = EINVAL;
+    return fail();
+  }
+  // Fresh socket, empty buffer: this completes at once unless the sidecar is wedged, and the
+  // time bound covers that. The socket is blocking here whatever the application's is, so
+  // nothing of the preamble can be lost to a full buffer.
+  if (!writeAllTo(u, buf, n)) return fail();
+  return u;
+}
+
+void formatEndpoint(const Endpoint& ep, char* out, std::size_t size) {
+  char ip[INET6_ADDRSTRLEN] = "?";
+  ::inet_ntop(ep.family, ep.address, ip, sizeof(ip));
+  std::snprintf(out, size, ep.family == AF_INET6 ? "[%s]:%u" : "%s:%u", ip,
+                static_cast<unsigned>(ep.port));
+}
+
+// The options a captured fd answers from the table; their values on the TCP socket are carried
+// over at capture, so that what the application set before connect() reads back the same.
+constexpr struct {
+  int level;
+  int name;
+} kCarriedOptions[] = {{IPPROTO_TCP, TCP_NODELAY},  {SOL_SOCKET, SO_KEEPALIVE},
+                       {IPPROTO_TCP, TCP_KEEPIDLE}, {IPPROTO_TCP, TCP_KEEPINTVL},
+                       {IPPROTO_TCP, TCP_KEEPCNT},  {IPPROTO_TCP, TCP_USER_TIMEOUT}};
+
+bool answeredFromTable(int level, int name) {
+  return level == IPPROTO_TCP || level == IPPROTO_IP || level == IPPROTO_IPV6 ||
+         (level == SOL_SOCKET && name == SO_KEEPALIVE);
+}
+
+int replaceAndPublish(int fd, int u, const sockaddr* addr, socklen_t addr_len, FdData data) {
+  const RealFunctions& r = real();
+  int fl = r.fcntl(fd, F_GETFL);
+  int fdfl = r.fcntl(fd, F_GETFD);
+  if (fl < 0 || fdfl < 0) return -1;
+  // What the application set on the TCP socket that the Unix socket honours too.
+  for (int opt : {SO_SNDTIMEO, SO_RCVTIMEO}) {
+    timeval tv{};
+    socklen_t len = sizeof(tv);
+    if (r.getsockopt(fd, SOL_SOCKET, opt, &tv, &len) == 0) {
+      r.setsockopt(u, SOL_SOCKET, opt, &tv, sizeof(tv));
+    }
+  }
+  for (const auto& o : kCarriedOptions) {
+    int v = intOption(fd, o.level, o.name);
+    if (v >= 0) data.storeOption(o.level, o.name, &v, sizeof(v));
+  }
+  data.local_size = sizeof(data.local);
+  if (r.getsockname(fd, reinterpret_cast<sockaddr*>(&data.local), &data.local_size) != 0) {
+    data.local = {};
+    data.local.ss_family = addr->sa_family;
+    data.local_size = addr->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+  }
+  data.peer = {};
+  std::memcpy(&data.peer, addr, addr_len < sizeof(data.peer) ? addr_len : sizeof(data.peer));
+  data.peer_size = addr->sa_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+  if ((fl & O_NONBLOCK) != 0 && r.fcntl(u, F_SETFL, O_NONBLOCK) != 0) return -1;
+  struct stat st {};
+  if (::fstat(u, &st) != 0) return -1;
+  data.dev = st.st_dev;
+  data.ino = st.st_ino;
+  data.state = FdState::kCaptured;
+  data.epoll_count = 0;
+  // The atomic swap: the application's fd number now refers to the Unix socket, and the TCP
+  // socket (never connected) is closed by the kernel. Its FD_CLOEXEC is kept; O_NONBLOCK came
+  // with the open file above.
+  int rc = 0;
+  do {
+    rc = r.dup3(u, fd, (fdfl & FD_CLOEXEC) != 0 ? O_CLOEXEC : 0);
+  } while (rc < 0 && (errno == EINTR || errno == EBUSY));
+  if (rc < 0) return -1;
+  FdEntry* e = fdTable().get(fd);  // exists: the caller checked capacity
+  FdData before = e != nullptr ? e->read() : FdData{};
+  if (e != nullptr) e->write(data);
+  // Epoll registrations of the TCP socket went with it; the new socket gets them again (it is
+  // connected, so level- and edge-triggered EPOLLOUT fire at once, as for a completed connect).
+  for (std::size_t i = 0; i < before.epoll_count; ++i) {
+    epoll_event ev = before.epoll[i].event;
+    r.epoll_ctl(before.epoll[i].epfd, EPOLL_CTL_ADD, fd, &ev);
+  }
+  return 0;
+}
+
+// connect() proper, once the destination is known to be one we capture.
+int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& dst) {
+  const RealFunctions& r = real();
+  const ShimConfig& cfg = config();
+  char where[64];
+  formatEndpoint(dst, where, sizeof(where));
+  FdEntry* entry = fdTable().get(fd);
+  if (entry == nullptr) {
+    debugLog("fd %d: %s not captured: beyond the fd table (%zu)", fd, where, fdTable().capacity());
+    return r.connect(fd, addr, len);
+  }
+  FdData data = entry->read();
+  if (data.state == FdState::kCaptured) {
+    if (sameSocket(fd, data)) {
+      errno = EISCONN;  // as TCP answers a second connect() once connected
+      return -1;
+    }
+    data = FdData{};
+  }
+  // Only a TCP socket of the address's family that has never connected: SCTP and MPTCP are
+  // left alone, and so is a socket whose earlier connect() went direct and is still in
+  // progress or done (the application asking again) - the kernel answers those.
+  tcp_info ti{};
+  socklen_t ti_len = sizeof(ti);
+  if (intOption(fd, SOL_SOCKET, SO_DOMAIN) != addr->sa_family ||
+      intOption(fd, SOL_SOCKET, SO_PROTOCOL) != IPPROTO_TCP ||
+      r.getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &ti_len) != 0 || ti.tcpi_state != TCP_CLOSE) {
+    return r.connect(fd, addr, len);
+  }
+  const char* qos = data.qos[0] != '\0' ? data.qos : cfg.qos;
+  int u = openSidecar(cfg, dst, qos);
+  if (u < 0) {
+    int why = errno;
+    if (g_disabled.load(std::memory_order_relaxed)) return r.connect(fd, addr, len);
+    if (cfg.fallback == Fallback::kRefuse) {
+      debugLog("fd %d: %s refused: sidecar %s unavailable (%s)", fd, where, cfg.socket_path,
+               std::strerror(why));
+      errno = ECONNREFUSED;
+      return -1;
+    }
+    debugLog("fd %d: %s direct: sidecar %s unavailable (%s)", fd, where, cfg.socket_path,
+             std::strerror(why));
+    return r.connect(fd, addr, len);
+  }
+  if (replaceAndPublish(fd, u, addr, len, data) != 0) {
+    int why = errno;
+    r.close(u);
+    debugLog("fd %d: %s direct: could not put the sidecar's socket in place (%s)", fd, where,
+             std::strerror(why));
+    return r.connect(fd, addr, len);
+  }
+  r.close(u);
+  bool nonblocking = (r.fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+  debugLog("fd %d: %s captured via %s%s%s", fd, where, cfg.socket_path, qos[0] ? ", qos " : "",
+           qos);
+  if (nonblocking) {
+    // The contract of a non-blocking connect: in progress, then writable, then SO_ERROR 0.
+    errno = EINPROGRESS;
+    return -1;
+  }
+  return 0;
+}
+
+// getsockname() of a captured fd: the address the TCP socket was bound to, or, when it was
+// not bound, the source address the kernel would pick for the destination (a UDP socket
+// "connected" there sends nothing), with the bound port (0 when unbound).
+int capturedSockname(const FdData& d, sockaddr* addr, socklen_t* len) {
+  sockaddr_storage local = d.local;
+  const RealFunctions& r = real();
+  bool unbound = true;
+  if (local.ss_family == AF_INET) {
+    sockaddr_in in{};
+    std::memcpy(&in, &local, sizeof(in));
+    unbound = in.sin_addr.s_addr == htonl(INADDR_ANY);
+  } else if (local.ss_family == AF_INET6) {
+    sockaddr_in6 in6{};
+    std::memcpy(&in6, &local, sizeof(in6));
+    unbound = IN6_IS_ADDR_UNSPECIFIED(&in6.sin6_addr);
+  }
+  if (unbound) {
+    int probe = r.socket(d.peer.ss_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (probe >= 0) {
+      sockaddr_storage src{};
+      socklen_t src_len = sizeof(src);
+      if (r.connect(probe, reinterpret_cast<const sockaddr*>(&d.peer), d.peer_size) == 0 &&
+          r.getsockname(probe, reinterpret_cast<sockaddr*>(&src), &src_len) == 0) {
+        // Keep the bound port (the probe's is its own).
+        if (src.ss_family == AF_INET) {
+          reinterpret_cast<sockaddr_in*>(&src)->sin_port =
+              reinterpret_cast<const sockaddr_in*>(&local)->sin_port;
+        } else if (src.ss_family == AF_INET6) {
+          reinterpret_cast<sockaddr_in6*>(&src)->sin6_port =
+              reinterpret_cast<const sockaddr_in6*>(&local)->sin6_port;
+        }
+        local = src;
+      }
+      r.close(probe);
+    }
+  }
+  copyOut(&local, d.peer_size, addr, len);
+  return 0;
+}
+
+int setQos(int fd, int name, const void* value, socklen_t len) {
+  if (name != DMM_SO_QOS) {
+    errno = ENOPROTOOPT;
+    return -1;
+  }
+  if (value == nullptr && len > 0) {
+    errno = EFAULT;
+    return -1;
+  }
+  std::string_view q(static_cast<const char*>(value), value == nullptr ? 0 : len);
+  while (!q.empty() && q.back() == '\0')
+    q.remove_suffix(1);
+  if (!knownQosClass(q)) {
+    errno = EINVAL;
+    return -1;
+  }
+  FdData d;
+  if (capturedData(fd, d)) {
+    errno = EISCONN;
+    return -1;
+  }
+  int domain = intOption(fd, SOL_SOCKET, SO_DOMAIN);
+  if (domain < 0) return -1;  // EBADF, ENOTSOCK from the kernel
+  if ((domain != AF_INET && domain != AF_INET6) ||
+      intOption(fd, SOL_SOCKET, SO_TYPE) != SOCK_STREAM) {
+    errno = ENOPROTOOPT;
+    return -1;
+  }
+  FdEntry* e = fdTable().get(fd);
+  if (e == nullptr) {
+    errno = ENOBUFS;
+    return -1;
+  }
+  e->update([q](FdData& data) {
+    if (data.state != FdState::kInet) data = FdData{};
+    data.state = FdState::kInet;
+    std::memcpy(data.qos, q.data(), q.size());
+    data.qos[q.size()] = '\0';
+  });
+  return 0;
+}
+
+int getQos(int fd, int name, void* value, socklen_t* len) {
+  if (name != DMM_SO_QOS || len == nullptr) {
+    errno = name != DMM_SO_QOS ? ENOPROTOOPT : EFAULT;
+    return -1;
+  }
+  FdEntry* e = fdTable().find(fd);
+  FdData d = e != nullptr ? e->read() : FdData{};
+  if (d.state == FdState::kCaptured && !sameSocket(fd, d)) d = FdData{};
+  if (d.state == FdState::kFree) {
+    int domain = intOption(fd, SOL_SOCKET, SO_DOMAIN);
+    if (domain < 0) return -1;
+    if (domain != AF_INET && domain != AF_INET6) {
+      errno = ENOPROTOOPT;
+      return -1;
+    }
+  }
+  const char* q = d.qos[0] != '\0' ? d.qos : config().qos;
+  auto n = static_cast<socklen_t>(std::strlen(q));
+  if (value != nullptr) std::memcpy(value, q, *len < n ? *len : n);
+  *len = n;
+  return 0;
+}
+
+void forgetRange(unsigned first, unsigned last) {
+  fdTable().clearRange(first, last);
+}
+
+}  // namespace
+}  // namespace dmm::preload
+
+// ---- the interposers -------------------------------------------------------------------------
+
+using dmm::preload::FdData;
+using dmm::preload::FdState;
+using dmm::preload::fdTable;
+using dmm::preload::real;
+
+DMM_EXPORT int connect(int fd, const sockaddr* addr, socklen_t len) {
+  using namespace dmm::preload;
+  const RealFunctions& r = real();
+  Endpoint dst;
+  Address filter_address;
+  if (!toEndpoint(addr, len, dst, filter_address)) return r.connect(fd, addr, len);
+  const ShimConfig& cfg = config();
+  if (g_disabled.load(std::memory_order_relaxed) || !cfg.captures(filter_address)) {
+    return r.connect(fd, addr, len);
+  }
+  int saved = errno;
+  int rc = captureConnect(fd, addr, len, dst);
+  if (rc == 0) errno = saved;
+  return rc;
+}
+
+DMM_EXPORT int socket(int domain, int type, int protocol) noexcept {
+  int fd = real().socket(domain, type, protocol);
+  if (fd >= 0) {
+    // Remembered only so that epoll registrations made before connect() can follow the fd
+    // (see FdData::epoll); anything else is decided at connect() from the kernel's answers.
+    bool inet = (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM;
+    auto& table = fdTable();
+    dmm::preload::FdEntry* e = inet ? table.get(fd) : table.find(fd);
+    if (e != nullptr && (inet || e->state() != FdState::kFree)) {
+      FdData d;
+      d.state = inet ? FdState::kInet : FdState::kFree;
+      e->write(d);
+    }
+  }
+  return fd;
+}
+
+DMM_EXPORT int close(int fd) {
+  auto& r = real();
+  fdTable().clear(fd);  // before the number can be reused by another thread
+  return r.close(fd);
+}
+
+DMM_EXPORT int dup(int fd) noexcept {
+  int n = real().dup(fd);
+  if (n >= 0) fdTable().copy(fd, n);
+  return n;
+}
+
+DMM_EXPORT int dup2(int from, int to) noexcept {
+  int n = real().dup2(from, to);
+  if (n >= 0 && from != to) fdTable().copy(from, to);
+  return n;
+}
+
+DMM_EXPORT int dup3(int from, int to, int flags) noexcept {
+  int n = real().dup3(from, to, flags);
+  if (n >= 0) fdTable().copy(from, to);
+  return n;
+}
+
+namespace {
+int fcntlCommon(int (*fn)(int, int, ...), int fd, int cmd, void* arg) {
+  int rc = fn(fd, cmd, arg);
+  if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) fdTable().copy(fd, rc);
+  return rc;
+}
+}  // namespace
+
+// The third argument is an int or a pointer, or absent; like glibc, pass on a pointer-sized
+// value, which carries either.
+DMM_EXPORT int fcntl(int fd, int cmd, ...) {
+  std::va_list ap;
+  va_start(ap, cmd);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  return fcntlCommon(real().fcntl, fd, cmd, arg);
+}
+
+DMM_EXPORT int fcntl64(int fd, int cmd, ...) {
+  std::va_list ap;
+  va_start(ap, cmd);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  return fcntlCommon(real().fcntl64, fd, cmd, arg);
+}
+
+DMM_EXPORT int close_range(unsigned first, unsigned last, int flags) noexcept {
+  auto& r = real();
+  if ((static_cast<unsigned>(flags) & CLOSE_RANGE_CLOEXEC) == 0)
+    dmm::preload::forgetRange(first, last);
+  return r.close_range(first, last, flags);
+}
+
+DMM_EXPORT void closefrom(int lowfd) noexcept {
+  auto& r = real();
+  if (lowfd >= 0) dmm::preload::forgetRange(static_cast<unsigned>(lowfd), ~0u);
+  r.closefrom(lowfd);
+}
+
+DMM_EXPORT int getpeername(int fd, sockaddr* __restrict addr, socklen_t* __restrict len) noexcept {
+  FdData d;
+  if (len != nullptr && dmm::preload::capturedData(fd, d)) {
+    dmm::preload::copyOut(&d.peer, d.peer_size, addr, len);
+    return 0;
+  }
+  return real().getpeername(fd, addr, len);
+}
+
+DMM_EXPORT int getsockname(int fd, sockaddr* __restrict addr, socklen_t* __restrict len) noexcept {
+  FdData d;
+  if (len != nullptr && dmm::preload::capturedData(fd, d)) {
+    return dmm::preload::capturedSockname(d, addr, len);
+  }
+  return real().getsockname(fd, addr, len);
+}
+
+DMM_EXPORT int setsockopt(int fd, int level, int name, const void* value, socklen_t len) noexcept {
+  using namespace dmm::preload;
+  if (level == SOL_DMM) return setQos(fd, name, value, len);
+  FdData d;
+  if (answeredFromTable(level, name) && capturedData(fd, d)) {
+    // Meaningless on the Unix socket, harmless to accept: the sidecar sets its own options on
+    // the real TCP connections. Remembered so that getsockopt reads back what was set.
+    if (value == nullptr && len > 0) {
+      errno = EFAULT;
+      return -1;
+    }
+    if (FdEntry* e = fdTable().find(fd)) {
+      e->update([&](FdData& data) {
+        if (data.state == FdState::kCaptured) data.storeOption(level, name, value, len);
+      });
+    }
+    return 0;
+  }
+  return real().setsockopt(fd, level, name, value, len);
+}
+
+DMM_EXPORT int getsockopt(int fd, int level, int name, void* __restrict value,
+                          socklen_t* __restrict len) noexcept {
+  using namespace dmm::preload;
+  if (level == SOL_DMM) return getQos(fd, name, value, len);
+  if (len == nullptr) return real().getsockopt(fd, level, name, value, len);
+  bool faked = level == SOL_SOCKET && (name == SO_DOMAIN || name == SO_PROTOCOL);
+  FdData d;
+  if ((faked || answeredFromTable(level, name)) && capturedData(fd, d)) {
+    if (faked) {
+      // What the application created, not the Unix socket standing in for it.
+      int v = name == SO_DOMAIN ? int{d.peer.ss_family} : int{IPPROTO_TCP};
+      socklen_t n = *len < sizeof(v) ? *len : static_cast<socklen_t>(sizeof(v));
+      if (value != nullptr) std::memcpy(value, &v, n);
+      *len = n;
+      return 0;
+    }
+    if (const StoredOption* o = d.findOption(level, name)) {
+      socklen_t n = *len < o->size ? *len : o->size;
+      if (value != nullptr) std::memcpy(value, o->value, n);
+      *len = n;
+      return 0;
+    }
+    // Never set: zeroes, as many as asked for (an int 0; TCP_INFO a struct saying only that
+    // the connection is established).
+    if (value != nullptr) {
+      std::memset(value, 0, *len);
+      if (level == IPPROTO_TCP && name == TCP_INFO && *len > 0) {
+        static_cast<std::uint8_t*>(value)[0] = TCP_ESTABLISHED;
+      }
+    }
+    return 0;
+  }
+  return real().getsockopt(fd, level, name, value, len);
+}
+
+DMM_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept {
+  int rc = real().epoll_ctl(epfd, op, fd, event);
+  if (rc != 0) return rc;
+  dmm::preload::FdEntry* e = fdTable().find(fd);
+  if (e == nullptr || e->state() != FdState::kInet) return rc;
+  e->update([&](FdData& d) {
+    if (d.state != FdState::kInet) return;
+    std::size_t at = d.epoll_count;
+    for (std::size_t i = 0; i < d.epoll_count; ++i) {
+      if (d.epoll[i].epfd == epfd) at = i;
+    }
+    if (op == EPOLL_CTL_DEL) {
+      if (at < d.epoll_count) d.epoll[at] = d.epoll[--d.epoll_count];
+      return;
+    }
+    if (event == nullptr) return;
+    if (at == d.epoll_count) {
+      if (d.epoll_count == dmm::preload::kMaxEpollRegistrations) return;
+      ++d.epoll_count;
+    }
+    d.epoll[at].epfd = epfd;
+    d.epoll[at].event = *event;
+  });
+  return rc;
+}
