@@ -57,6 +57,9 @@ struct FdData {
   socklen_t peer_size = 0;
   sockaddr_storage local{};
   socklen_t local_size = 0;
+  // kCaptured: connect() said EINPROGRESS and has not been asked again; the next connect()
+  // answers 0, later ones EISCONN, as Linux TCP does.
+  bool connect_reported_in_progress = false;
   dev_t dev = 0;  // kCaptured: the Unix socket's inode, to tell a stale entry
   ino_t ino = 0;
   // The QoS hint set with setsockopt(SOL_DMM, DMM_SO_QOS); "" = none.

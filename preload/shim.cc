@@ -116,8 +116,9 @@ constexpr RealFunctions kRawFunctions = {
     raw::fcntl,      raw::fcntl,      raw::socket,    raw::getpeername, raw::getsockname,
     raw::setsockopt, raw::getsockopt, raw::epoll_ctl, raw::close_range, raw::closefrom};
 
-RealFunctions g_real = kRawFunctions;
-std::atomic<bool> g_resolved{false};
+// constinit: no dynamic initialiser may run after our constructor and undo its work.
+constinit RealFunctions g_real = kRawFunctions;
+constinit std::atomic<bool> g_resolved{false};
 pthread_once_t g_real_once = PTHREAD_ONCE_INIT;
 thread_local bool t_resolving = false;
 
@@ -168,10 +169,10 @@ struct Shim {
   ShimConfig config;
 };
 
-Shim g_shim;
+constinit Shim g_shim;
 pthread_once_t g_shim_once = PTHREAD_ONCE_INIT;
-std::atomic<bool> g_debug{false};
-std::atomic<bool> g_disabled{false};
+constinit std::atomic<bool> g_debug{false};
+constinit std::atomic<bool> g_disabled{false};
 
 void debugLog(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 void debugLog(const char* fmt, ...) {
@@ -238,6 +239,10 @@ void atforkChild() {
 __attribute__((constructor)) void shimInit() {
   real();
   ::pthread_atfork(nullptr, nullptr, atforkChild);
+  // The configuration is read now, while the environment is the one the program was started
+  // with: some programs replace it before they connect (nginx's workers keep only TZ unless
+  // told otherwise), and a shim reading it at the first connect() would find nothing.
+  config();
 }
 
 // ---- helpers -------------------------------------------------------------------------------
@@ -454,7 +459,14 @@ int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& 
   FdData data = entry->read();
   if (data.state == FdState::kCaptured) {
     if (sameSocket(fd, data)) {
-      errno = EISCONN;  // as TCP answers a second connect() once connected
+      // As TCP answers connect() again: 0 the first time after EINPROGRESS, then EISCONN.
+      bool first = false;
+      entry->update([&first](FdData& d) {
+        first = d.connect_reported_in_progress;
+        d.connect_reported_in_progress = false;
+      });
+      if (first) return 0;
+      errno = EISCONN;
       return -1;
     }
     data = FdData{};
@@ -497,6 +509,7 @@ int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& 
            qos);
   if (nonblocking) {
     // The contract of a non-blocking connect: in progress, then writable, then SO_ERROR 0.
+    entry->update([](FdData& d) { d.connect_reported_in_progress = true; });
     errno = EINPROGRESS;
     return -1;
   }

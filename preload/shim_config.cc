@@ -100,10 +100,6 @@ bool CidrList::contains(const Address& a) const {
   return false;
 }
 
-ShimConfig::ShimConfig() {
-  std::snprintf(socket_path, sizeof(socket_path), "%s", kDefaultSocketPath);
-}
-
 bool ShimConfig::captures(const Address& a) const {
   if (a.family != AF_INET && a.family != AF_INET6) return false;
   if (isLoopbackOrUnspecified(a)) return false;

@@ -5,7 +5,9 @@
 // ignored, never fatal: a typo must not take the application down.
 //
 // Everything here is plain data of fixed size once loaded, so the connect() path reads it
-// without allocating. Self-contained (libc and the standard library only), like the shim.
+// without allocating, and constant-initialised: the shim's copy exists before any constructor
+// of the process runs (an interposed call may come first). Self-contained (libc and the standard
+// library only), like the shim.
 
 #include <netinet/in.h>
 #include <sys/un.h>
@@ -18,7 +20,6 @@
 
 namespace dmm::preload {
 
-inline constexpr const char* kDefaultSocketPath = "/run/dmm-sidecar/preload.sock";
 inline constexpr const char* kDefaultConfigPath = "/etc/dmm-sidecar/preload.conf";
 inline constexpr int kDefaultTimeoutMs = 1000;
 inline constexpr std::size_t kMaxCidrs = 32;
@@ -46,7 +47,7 @@ struct CidrList {
 enum class Fallback { kDirect, kRefuse };
 
 struct ShimConfig {
-  char socket_path[sizeof(sockaddr_un{}.sun_path)] = {};
+  char socket_path[sizeof(sockaddr_un{}.sun_path)] = "/run/dmm-sidecar/preload.sock";
   char qos[kMaxQosBytes + 1] = {};  // "" = no hint
   CidrList include;                 // empty = every address
   CidrList exclude;
@@ -54,7 +55,6 @@ struct ShimConfig {
   bool debug = false;
   int timeout_ms = kDefaultTimeoutMs;
 
-  ShimConfig();
   // Whether a connection to `a` is handed to the sidecar. Loopback and unspecified addresses
   // never are, whatever the lists say: they are this host, and the sidecar's own local
   // connections (metrics, admin, direct fallbacks to local servers) must not loop back to it.
