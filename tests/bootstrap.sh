@@ -34,9 +34,12 @@ bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server
 # The package test (tests/package): a Debian root filesystem booted with systemd-nspawn, and
 # CPack's DEB (dpkg-shlibdeps, file) and RPM (rpmbuild) generators.
 package_deps=(debootstrap systemd-container zstd dpkg-dev file rpm)
+# The preload shim's end-to-end tests run real programs under it (curl and python3 are in
+# run_deps); clang builds the libFuzzer target for the preamble parser (skipped without it).
+preload_deps=(redis-server redis-tools nginx clang-14 libclang-rt-14-dev)
 wanted=("${build_deps[@]}" "${run_deps[@]}")
 [ "$what" = bench ] && wanted+=("${bench_deps[@]}")
-[ "$what" = test ] && wanted+=("${package_deps[@]}")
+[ "$what" = test ] && wanted+=("${package_deps[@]}" "${preload_deps[@]}")
 if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${wanted[@]}"; do
