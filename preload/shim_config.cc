@@ -84,6 +84,12 @@ bool prefixMatches(const CidrPrefix& p, const Address& a) {
   return (p.address[full] & mask) == (a.bytes[full] & mask);
 }
 
+// fe80::/10: meaningful only with the application's interface (its scope id), which the
+// preamble does not carry, so the sidecar could not dial it.
+bool isLinkLocal6(const Address& a) {
+  return a.family == AF_INET6 && a.bytes[0] == 0xfe && (a.bytes[1] & 0xc0) == 0x80;
+}
+
 bool isLoopbackOrUnspecified(const Address& a) {
   static constexpr std::uint8_t kZero[16] = {};
   if (a.family == AF_INET) return a.bytes[0] == 127 || std::memcmp(a.bytes, kZero, 4) == 0;
@@ -102,7 +108,7 @@ bool CidrList::contains(const Address& a) const {
 
 bool ShimConfig::captures(const Address& a) const {
   if (a.family != AF_INET && a.family != AF_INET6) return false;
-  if (isLoopbackOrUnspecified(a)) return false;
+  if (isLoopbackOrUnspecified(a) || isLinkLocal6(a)) return false;
   if (include.size > 0 && !include.contains(a)) return false;
   return !exclude.contains(a);
 }

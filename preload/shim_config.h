@@ -58,6 +58,8 @@ struct ShimConfig {
   // Whether a connection to `a` is handed to the sidecar. Loopback and unspecified addresses
   // never are, whatever the lists say: they are this host, and the sidecar's own local
   // connections (metrics, admin, direct fallbacks to local servers) must not loop back to it.
+  // Nor are IPv6 link-local ones: without the application's scope id the sidecar cannot dial
+  // them.
   bool captures(const Address& a) const;
 };
 

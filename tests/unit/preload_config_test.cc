@@ -45,6 +45,9 @@ TEST(PreloadConfig, DefaultsCaptureEverythingButLoopbackAndUnspecified) {
   EXPECT_FALSE(c.captures(addr("0.0.0.0")));
   EXPECT_FALSE(c.captures(addr("::1")));
   EXPECT_FALSE(c.captures(addr("::")));
+  EXPECT_FALSE(c.captures(addr("fe80::1")));
+  EXPECT_FALSE(c.captures(addr("febf::1")));
+  EXPECT_TRUE(c.captures(addr("fec0::1")));
 }
 
 TEST(PreloadConfig, IncludeAndExcludeLists) {
