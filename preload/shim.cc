@@ -211,7 +211,15 @@ bool processIsSidecar() {
 void loadShim() {
   int saved = errno;
   std::vector<std::string> warnings;
-  g_shim.config = loadConfig([](const char* n) -> const char* { return std::getenv(n); }, warnings);
+  try {
+    g_shim.config =
+        loadConfig([](const char* n) -> const char* { return std::getenv(n); }, warnings);
+  } catch (...) {
+    // Out of memory while reading a config file: the defaults, and nothing thrown into a C
+    // program.
+    g_shim.config = ShimConfig{};
+    warnings.clear();
+  }
   g_debug.store(g_shim.config.debug, std::memory_order_relaxed);
   for (const auto& w : warnings)
     debugLog("config: %s", w.c_str());
