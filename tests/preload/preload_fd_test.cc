@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -254,6 +255,33 @@ TEST_F(PreloadFd, LoopbackIsNeverCaptured) {
   EXPECT_EQ(r.status, 0) << r.output;
   // The probe connects and closes; the server's accept may come after the probe is gone.
   EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }, 5s));
+  EXPECT_EQ(sidecar.seen().size(), 0u);
+}
+
+TEST_F(PreloadFd, TheSidecarItselfIsNeverCaptured) {
+  EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000));
+  // A process that owns the socket at the configured path (SO_PEERCRED names it): direct,
+  // even with fallback = refuse.
+  CommandResult r = probe({"own-socket", TwoHosts::kIp4B, "9000"});
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output, "");
+  EXPECT_EQ(server.accepted(), 4);
+  // A process named dmm-sidecar: the shim stays out of its way from the start.
+  StandInSidecar sidecar(socket_);
+  std::string named = dir_.path() + "/dmm-sidecar";
+  std::filesystem::copy_file(DMM_PRELOAD_PROBE, named);
+  std::filesystem::permissions(named, std::filesystem::perms::owner_all);
+  std::vector<std::string> argv{"env",
+                                std::string("LD_PRELOAD=") + DMM_PRELOAD_LIB,
+                                "DMM_PRELOAD_SOCKET=" + socket_,
+                                "DMM_PRELOAD_FALLBACK=refuse",
+                                named,
+                                "direct",
+                                TwoHosts::kIp4B,
+                                "9000"};
+  r = hosts_.a().exec(argv);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(server.accepted(), 6);
   EXPECT_EQ(sidecar.seen().size(), 0u);
 }
 

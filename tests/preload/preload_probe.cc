@@ -17,6 +17,7 @@
 #include <sys/epoll.h>
 #include <sys/select.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -468,6 +469,23 @@ void loopback() {
   ::close(fd);
 }
 
+void ownSocket() {
+  // This process listens on the socket the shim is configured with, as the sidecar does: the
+  // shim finds out (SO_PEERCRED) and leaves its connections alone, so they go direct.
+  const char* path = std::getenv("DMM_PRELOAD_SOCKET");
+  CHECK(path != nullptr);
+  int l = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  sockaddr_un sun{};
+  sun.sun_family = AF_UNIX;
+  std::snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+  CHECK(::bind(l, reinterpret_cast<sockaddr*>(&sun), sizeof(sun)) == 0);
+  CHECK(::listen(l, 8) == 0);
+  for (int i = 0; i < 2; ++i)
+    direct();
+  ::close(l);
+  ::unlink(path);
+}
+
 void threads() {
   // ARG: threads x connections each.
   int n_threads = 8;
@@ -551,6 +569,8 @@ int main(int argc, char** argv) {
     loopback();
   } else if (s == "threads") {
     threads();
+  } else if (s == "own-socket") {
+    ownSocket();
   } else if (s == "silent") {
     silent();
   } else if (s == "clearenv") {
