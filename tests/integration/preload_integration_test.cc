@@ -140,6 +140,16 @@ TEST_F(PreloadShim, CurlThroughBothSidecarsAndThePolicySeesItsNameAndQos) {
       0);
 }
 
+TEST_F(PreloadShim, CurlOverIpv6) {
+  start();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp6B, 8081), httpHandler("v6 on B"));
+  CommandResult r = runOnA(
+      {"curl", "-sS", "--noproxy", "*", "--max-time", "10", "http://[fd00:201::2]:8081/six"});
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output, "v6 on B /six");
+  EXPECT_TRUE(carriedThroughBoth(1));
+}
+
 TEST_F(PreloadShim, CurlIsRefusedWhenTheSidecarIsGoneAndGoesDirectWhenAllowed) {
   start();
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 8081), httpHandler("direct"));
