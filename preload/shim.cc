@@ -489,27 +489,24 @@ int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& 
       r.getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &ti_len) != 0 || ti.tcpi_state != TCP_CLOSE) {
     return r.connect(fd, addr, len);
   }
+  // The sidecar cannot have the connection: the application's own TCP socket, untouched so
+  // far, connects directly, or connect() is refused, as configured.
+  auto fallBack = [&](const char* what, int why) {
+    if (g_disabled.load(std::memory_order_relaxed)) return r.connect(fd, addr, len);
+    bool refuse = cfg.fallback == Fallback::kRefuse;
+    debugLog("fd %d: %s %s: %s %s (%s)", fd, where, refuse ? "refused" : "direct", what,
+             cfg.socket_path, std::strerror(why));
+    if (!refuse) return r.connect(fd, addr, len);
+    errno = ECONNREFUSED;
+    return -1;
+  };
   const char* qos = data.qos[0] != '\0' ? data.qos : cfg.qos;
   int u = openSidecar(cfg, dst, qos);
-  if (u < 0) {
-    int why = errno;
-    if (g_disabled.load(std::memory_order_relaxed)) return r.connect(fd, addr, len);
-    if (cfg.fallback == Fallback::kRefuse) {
-      debugLog("fd %d: %s refused: sidecar %s unavailable (%s)", fd, where, cfg.socket_path,
-               std::strerror(why));
-      errno = ECONNREFUSED;
-      return -1;
-    }
-    debugLog("fd %d: %s direct: sidecar %s unavailable (%s)", fd, where, cfg.socket_path,
-             std::strerror(why));
-    return r.connect(fd, addr, len);
-  }
+  if (u < 0) return fallBack("sidecar unavailable at", errno);
   if (replaceAndPublish(fd, u, addr, len, data) != 0) {
     int why = errno;
     r.close(u);
-    debugLog("fd %d: %s direct: could not put the sidecar's socket in place (%s)", fd, where,
-             std::strerror(why));
-    return r.connect(fd, addr, len);
+    return fallBack("could not put in place the connection to", why);
   }
   r.close(u);
   bool nonblocking = (r.fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
