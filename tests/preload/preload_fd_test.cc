@@ -247,6 +247,33 @@ TEST_F(PreloadFd, NoSidecarWithFallbackRefuseIsConnectionRefused) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
 }
 
+TEST_F(PreloadFd, AWedgedSidecarCostsAtMostTheTimeBound) {
+  // A listener that never accepts, its backlog already full: a blocking connect() to it would
+  // wait forever. The shim gives up after DMM_PRELOAD_TIMEOUT_MS and applies the fallback.
+  UniqueFd wedged(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket_.c_str(), sizeof(addr.sun_path) - 1);
+  ASSERT_EQ(::bind(wedged.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(wedged.get(), 0), 0);
+  std::vector<UniqueFd> fillers;
+  for (int i = 0; i < 64; ++i) {
+    UniqueFd f(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (::connect(f.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) break;
+    fillers.push_back(std::move(f));
+  }
+  ASSERT_FALSE(fillers.empty());
+  ASSERT_LT(fillers.size(), 64u) << "the backlog never filled";
+  auto t0 = std::chrono::steady_clock::now();
+  // Two connects (blocking and non-blocking), each bounded by 300 ms.
+  CommandResult r = probe({"refused", TwoHosts::kIp4B, "9000"}, {"DMM_PRELOAD_TIMEOUT_MS=300"});
+  auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_GE(took, 550ms);
+  EXPECT_LT(took, 3s);
+  ::unlink(socket_.c_str());
+}
+
 TEST_F(PreloadFd, LoopbackIsNeverCaptured) {
   StandInSidecar sidecar(socket_);
   EchoServer server(hosts_.a(), at("127.0.0.1", 9001));
