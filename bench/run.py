@@ -212,7 +212,7 @@ def haproxy_conf(variant, hop, threads):
 PSK = "bench-pre-shared-key-0123456789"
 
 
-def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp"):
+def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp", tables=True):
     """Hop B (1) serves the tunnel; hop A (2) has one [[forward]] listener per service, each bound
     for that service's address, which it reaches through B."""
     tunnel = port(variant, 1, "iperf3") + 9  # x9: B's tunnel port
@@ -225,7 +225,7 @@ def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp"):
         "[timeouts]", 'idle = "10m"',
         "[relay]", relay.replace(";", "\n"),
     ]
-    if variant != "dmmb":  # a --compare-sidecar binary may predate these tables
+    if tables:  # a --compare-sidecar binary may predate these tables (then it has no sockets)
         common += ["[admin]", f'socket = "{state_dir}/admin.sock"',
                    "[policy]", f'dir = "{state_dir}/policy.d"',
                    "[preload]", f'socket = "{state_dir}/preload.sock"']
@@ -312,16 +312,20 @@ http {{
         if kind == "dmm":
             workers = 2 if variant.endswith("2") else 1
             conf = os.path.join(d, "sidecar.toml")
-            with open(conf, "w") as f:
-                relay = self.args.compare_relay if variant == "dmmb" else self.args.sidecar_relay
-                f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level, relay,
-                                     state_dir=d))
-            check = subprocess.run([self.sidecar if variant != "dmmb" else
-                                    self.args.compare_sidecar, "--mode", "validate", "-c", conf],
-                                   capture_output=True, text=True)
+            relay = self.args.compare_relay if variant == "dmmb" else self.args.sidecar_relay
+            binary = self.args.compare_sidecar if variant == "dmmb" else self.sidecar
+            # Each hop's own admin/preload sockets and policy directory; a --compare-sidecar
+            # binary older than those tables gets a config without them.
+            for tables in (True, False) if variant == "dmmb" else (True,):
+                with open(conf, "w") as f:
+                    f.write(sidecar_conf(variant, hop, workers, self.args.sidecar_log_level, relay,
+                                         state_dir=d, tables=tables))
+                check = subprocess.run([binary, "--mode", "validate", "-c", conf],
+                                       capture_output=True, text=True)
+                if check.returncode == 0:
+                    break
             if check.returncode != 0:
                 raise SystemExit(f"sidecar config {conf} invalid:\n{check.stderr}")
-            binary = self.args.compare_sidecar if variant == "dmmb" else self.sidecar
             return self.procs.start(name, [binary, "-c", conf])
         raise ValueError(variant)
 

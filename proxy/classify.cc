@@ -1,5 +1,6 @@
 #include "proxy/classify.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "proxy/handshake_codec.h"
@@ -24,6 +25,8 @@ std::uint32_t stackKindBit(std::string_view kind) {
 ClassifiedFacts ClassifiedFacts::of(const policy::Facts& f) {
   ClassifiedFacts c;
   c.uid = f.uid;
+  // Longer names (not from comm) are cut: a rule can only name what the kernel reports.
+  f.app.copy(c.app.data(), std::min(f.app.size(), c.app.size() - 1));
   c.qos = f.qos;
   c.peer = f.peer;
   c.rtt = f.rtt;
@@ -37,6 +40,7 @@ policy::Facts ClassifiedFacts::expand(policy::Role role, const SocketAddress& ds
   f.role = role;
   f.dst = dst;
   f.uid = uid;
+  f.app = std::string(appName());
   f.qos = qos;
   f.peer = peer;
   f.rtt = rtt;

@@ -475,9 +475,11 @@ std::string Relay::describe() const {
   const auto& stacks = worker_.context().stacks;
   const char* stack = info_.stack < stacks.size() ? stacks[info_.stack]->name().c_str() : "direct";
   auto age = std::chrono::duration<double>(nowTime() - info_.started).count();
-  return fmt::format("{:x} role={} stack={} rule={} policy={} dst={} up={} down={} age={:.1f}s",
+  auto app = info_.facts.appName();
+  return fmt::format("{:x} role={} stack={} rule={} policy={} dst={}{}{} up={} down={} age={:.1f}s",
                      info_.id, roleName(info_.role), stack, info_.ruleName(), info_.policyVersion(),
-                     info_.destination.toString(), flows_[0].bytes, flows_[1].bytes, age);
+                     info_.destination.toString(), app.empty() ? "" : " app=", app, flows_[0].bytes,
+                     flows_[1].bytes, age);
 }
 
 void Relay::finish(Outcome outcome, CloseType close, int err) {

@@ -135,6 +135,20 @@ TEST_F(PreloadEndpoint, TheKernelsWordOnTheAppAndTheQosHintReachThePolicy) {
   EXPECT_EQ(decisions("other-app"), -1);  // never decided anything: no series
 }
 
+TEST_F(PreloadEndpoint, ALiveConnectionShowsItsAppInCtlConnections) {
+  start();
+  EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000));
+  UniqueFd fd = connectUnix(a_->preloadSocket());
+  ASSERT_TRUE(fd.valid());
+  auto head = preamble(TwoHosts::kIp4B, 9000);
+  ASSERT_TRUE(writeAll(fd.get(), head.data(), head.size()));
+  ASSERT_TRUE(writeAll(fd.get(), "ping", 4));
+  ASSERT_EQ(readExactly(fd.get(), 4), "ping");  // relaying: the relay exists now
+  auto listed = a_->ctl({"connections"});
+  EXPECT_EQ(listed.status, 0);
+  EXPECT_NE(listed.output.find(" app=" + ownComm() + " "), std::string::npos) << listed.output;
+}
+
 TEST_F(PreloadEndpoint, RefusesABadOrSlowPreambleAndCountsIt) {
   start();
   EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000));

@@ -5,6 +5,7 @@
 #include <ctime>
 #include <map>
 
+#include "proxy/classify.h"
 #include "proxy/peer_table.h"
 #include "proxy/process_metrics.h"
 #include "proxy/replay_cache.h"
@@ -144,6 +145,36 @@ TEST(ProcessMetrics, ReadThisProcessPlausibly) {
   EXPECT_NEAR(v["process_start_time_seconds"], now, 3600);
   EXPECT_LE(v["process_start_time_seconds"], now + 1);
   EXPECT_EQ(touched[12345], 1);
+}
+
+}  // namespace
+}  // namespace dmm::proxy
+
+namespace dmm::proxy {
+namespace {
+
+TEST(ClassifiedFacts, KeepWhatThePolicyMatchedIncludingTheApp) {
+  policy::Facts f;
+  f.role = policy::Role::kOutbound;
+  f.dst = *SocketAddress::parse("10.0.0.2:80");
+  f.uid = 1000;
+  f.app = "nginx";
+  f.qos = 1;
+  f.peer = policy::PeerSidecar::kYes;
+  f.rtt = policy::RttClass::kLan;
+  auto kept = ClassifiedFacts::of(f);
+  EXPECT_EQ(kept.appName(), "nginx");
+  auto back = kept.expand(policy::Role::kOutbound, f.dst);
+  EXPECT_EQ(back.app, "nginx");
+  EXPECT_EQ(back.uid, f.uid);
+  EXPECT_EQ(back.qos, f.qos);
+  EXPECT_EQ(back.peer, f.peer);
+  EXPECT_EQ(back.rtt, f.rtt);
+  // Longer than the kernel's comm: cut to its 15 characters.
+  f.app = "a-very-long-process-name";
+  EXPECT_EQ(ClassifiedFacts::of(f).appName(), "a-very-long-pro");
+  f.app.clear();
+  EXPECT_EQ(ClassifiedFacts::of(f).appName(), "");
 }
 
 }  // namespace
