@@ -270,7 +270,7 @@ scrape_configs:
 
 // Two sidecars (A captures, B receives) after real traffic, so that the rule-labelled series
 // exist and the other series have moved from 0.
-class MetricsAfterTraffic : public ::testing::Test {
+class MetricsAfterTraffic : public HostPairTest {
  protected:
   void SetUp() override {
     const std::string policy = "[[rule]]\nname = \"" + std::string(kRule) +
@@ -315,21 +315,10 @@ class MetricsAfterTraffic : public ::testing::Test {
         1);
   }
 
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
-
   static bool waitFor(SidecarProcess& s, const std::string& name,
                       const std::map<std::string, std::string>& labels, double want) {
     return eventually([&] { return s.metric(name, labels).value_or(-1) >= want; }, 5s);
   }
-
-  TwoHosts hosts_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 TEST(Promtool, FailsAPageThatBreaksTheNamingRules) {

@@ -46,7 +46,7 @@ source = "10.201.0.1"
 congestion = "cubic"
 )";
 
-class PolicyPair : public ::testing::Test {
+class PolicyPair : public HostPairTest {
  protected:
   PolicyPair() {
     hosts_.a().mustExec({"ip", "addr", "add", std::string(kIp4A2) + "/24", "dev", hosts_.devA()});
@@ -73,16 +73,6 @@ class PolicyPair : public ::testing::Test {
     auto r = hosts_.a().exec({"ss", "-tin", "state", "established", "dport", "=", ":17002"});
     return r.output;
   }
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
-
-  TwoHosts hosts_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 TEST_F(PolicyPair, TwoKernelInstancesWithDifferentTuningChosenByDifferentRules) {

@@ -61,7 +61,7 @@ std::string ownComm() {
   return name;
 }
 
-class PreloadEndpoint : public ::testing::Test {
+class PreloadEndpoint : public HostPairTest {
  protected:
   void start(const std::map<std::string, std::string>& policy = {}) {
     b_ = std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(kConfig), "b");
@@ -80,16 +80,6 @@ class PreloadEndpoint : public ::testing::Test {
   double metricA(const std::string& name, const std::map<std::string, std::string>& labels) {
     return a_->metric(name, labels).value_or(-1);
   }
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
-
-  TwoHosts hosts_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 TEST_F(PreloadEndpoint, CarriesTheConnectionThroughBothSidecars) {

@@ -50,7 +50,7 @@ ThreadServer::Handler httpHandler(const std::string& body) {
   };
 }
 
-class PreloadShim : public ::testing::Test {
+class PreloadShim : public HostPairTest {
  protected:
   void start(const std::map<std::string, std::string>& policy = {}) {
     b_ = std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(kConfig), "b");
@@ -98,17 +98,8 @@ class PreloadShim : public ::testing::Test {
   double decisions(const char* rule) {
     return metricA("dmm_sidecar_policy_decisions_total", {{"role", "outbound"}, {"rule", rule}});
   }
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
 
-  TwoHosts hosts_;
   TempDir dir_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 TEST_F(PreloadShim, CurlThroughBothSidecarsAndThePolicySeesItsNameAndQos) {

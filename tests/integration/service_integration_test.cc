@@ -29,7 +29,7 @@ listen = "127.0.0.1:15000"
 destination = "10.201.0.2:9000"
 )";
 
-class ServicePair : public ::testing::Test {
+class ServicePair : public HostPairTest {
  protected:
   // A with one forward listener to B's echo server on 9000; `drain` replaces the test bed's.
   void start(const std::string& drain, const std::vector<int>& listen_fds = {}) {
@@ -44,16 +44,6 @@ class ServicePair : public ::testing::Test {
   static bool echoes(int fd, const std::string& text) {
     return writeAll(fd, text.data(), text.size()) && readExactly(fd, text.size()) == text;
   }
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
-
-  TwoHosts hosts_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 TEST_F(ServicePair, SigtermDrainsOpenConnectionsThenExits) {

@@ -35,7 +35,7 @@ std::string securitySection(const std::string& key = kKey, const std::string& ti
          timeouts + "\n";
 }
 
-class SidecarPair : public ::testing::Test {
+class SidecarPair : public HostPairTest {
  protected:
   static void SetUpTestSuite() {
     rlimit rl{};
@@ -69,17 +69,6 @@ class SidecarPair : public ::testing::Test {
 
   // 256 MiB client -> server, then 256 MiB back, checksummed, through both running sidecars.
   void transferBothWays();
-
-  void TearDown() override {
-    if (HasFailure()) {
-      if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
-      if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
-    }
-  }
-
-  TwoHosts hosts_;
-  std::unique_ptr<SidecarProcess> b_;
-  std::unique_ptr<SidecarProcess> a_;
 };
 
 // Connects from `from` to `to`, sends `payload` if any, and checks that the connection then

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/evp.h>
@@ -13,6 +14,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <iostream>
 
 #include <atomic>
 #include <cerrno>
@@ -301,6 +303,13 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
 }
 
 SidecarProcess::~SidecarProcess() = default;
+
+void HostPairTest::TearDown() {
+  if (HasFailure()) {
+    if (a_) std::cerr << "---- sidecar A log ----\n" << a_->log();
+    if (b_) std::cerr << "---- sidecar B log ----\n" << b_->log();
+  }
+}
 
 void SidecarProcess::writePolicy(const std::string& name, const std::string& text) const {
   // Written aside and renamed, so a reload never reads half a file.

@@ -5,6 +5,7 @@
 // out of scope: namespaces (and with them their iptables rules and veths), processes (killed
 // by PID), temporary files.
 
+#include <gtest/gtest.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -180,6 +181,17 @@ HttpResponse httpGet(const Netns& ns, const SocketAddress& to, const std::string
 // Parses one sample value out of a Prometheus text page.
 std::optional<double> metricValue(const std::string& page, const std::string& name,
                                   const std::map<std::string, std::string>& labels);
+
+// A fixture with two hosts and a sidecar slot on each; when a test fails, both sidecars' logs
+// are printed. Sidecars stop (a_ first) before the hosts go away.
+class HostPairTest : public ::testing::Test {
+ protected:
+  void TearDown() override;
+
+  TwoHosts hosts_;
+  std::unique_ptr<SidecarProcess> b_;
+  std::unique_ptr<SidecarProcess> a_;
+};
 
 // ---- sockets --------------------------------------------------------------------------------
 
