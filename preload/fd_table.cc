@@ -54,6 +54,12 @@ void FdEntry::write(const FdData& data) {
 
 void FdEntry::clear() {
   update([](FdData& d) { d = FdData{}; });
+  setShm(nullptr);
+}
+
+void FdEntry::setShm(void* channel) {
+  void* old = shm_.exchange(channel, std::memory_order_acq_rel);
+  if (old != nullptr && fdTable().shmHooks().release != nullptr) fdTable().shmHooks().release(old);
 }
 
 void FdTable::init() {
@@ -100,11 +106,16 @@ FdEntry* FdTable::get(int fd) {
 void FdTable::copy(int from, int to) {
   FdEntry* src = find(from);
   FdEntry* dst = find(to);
-  if (src != nullptr && src->state() != FdState::kFree) {
+  if (src != nullptr && src->state() != FdState::kFree && src->state() != FdState::kHidden) {
     FdData data = src->read();
     data.epoll_count = 0;
     if (dst == nullptr) dst = get(to);
-    if (dst != nullptr) dst->write(data);
+    if (dst != nullptr) {
+      dst->write(data);
+      void* channel = src->shm();
+      if (channel != nullptr && hooks_.retain != nullptr) hooks_.retain(channel);
+      dst->setShm(channel);
+    }
   } else if (dst != nullptr && dst->state() != FdState::kFree) {
     dst->clear();
   }
@@ -123,9 +134,24 @@ void FdTable::clearRange(unsigned first, unsigned last) {
     for (std::size_t i = 0; i < kChunkEntries; ++i) {
       std::size_t fd = c * kChunkEntries + i;
       if (fd < first || fd > last) continue;
-      if (chunk[i].state() != FdState::kFree) chunk[i].clear();
+      if (chunk[i].state() != FdState::kFree && chunk[i].state() != FdState::kHidden)
+        chunk[i].clear();
     }
   }
+}
+
+long FdTable::nextHidden(unsigned first, unsigned last) const {
+  for (std::size_t c = first / kChunkEntries; c < kMaxEntries / kChunkEntries; ++c) {
+    if (c * kChunkEntries > last) break;
+    FdEntry* chunk = chunks_[c].load(std::memory_order_acquire);
+    if (chunk == nullptr) continue;
+    for (std::size_t i = 0; i < kChunkEntries; ++i) {
+      std::size_t fd = c * kChunkEntries + i;
+      if (fd >= first && fd <= last && chunk[i].state() == FdState::kHidden)
+        return static_cast<long>(fd);
+    }
+  }
+  return -1;
 }
 
 void FdTable::resetLocksAfterFork() {

@@ -29,6 +29,14 @@ enum class FdState : std::uint8_t {
   kFree = 0,      // nothing known
   kInet = 1,      // an IPv4/IPv6 stream socket not (yet) connected through the sidecar
   kCaptured = 2,  // connected to the sidecar's Unix socket in place of a TCP connection
+  kHidden = 3,    // the shim's own fd (a shared-memory connection's eventfd): not the app's
+};
+
+// Hooks for the shared-memory channel an entry may point to (stage 2): every entry holding
+// the pointer holds one reference. Set once by the shim before any use; null in tests.
+struct ShmHooks {
+  void (*retain)(void*) = nullptr;
+  void (*release)(void*) = nullptr;
 };
 
 // A socket option the application set on a captured fd, at a level a Unix socket does not
@@ -91,6 +99,10 @@ class FdEntry {
     unlock();
   }
   void clear();
+  // The shared-memory channel of a captured fd (lock-free: the I/O hot path reads it), or
+  // null. setShm() takes over the caller's reference and releases the one it replaces.
+  void* shm() const { return shm_.load(std::memory_order_acquire); }
+  void setShm(void* channel);
   // After fork(), in the child: a lock held by a thread that does not exist there is freed.
   void resetLock() { lock_.store(false, std::memory_order_relaxed); }
 
@@ -99,6 +111,7 @@ class FdEntry {
   void unlock() const { lock_.store(false, std::memory_order_release); }
   std::atomic<std::uint8_t> state_{0};
   mutable std::atomic<bool> lock_{false};
+  std::atomic<void*> shm_{nullptr};
   FdData data_;
 };
 
@@ -122,9 +135,14 @@ class FdTable {
   // Clears every entry in [first, last].
   void clearRange(unsigned first, unsigned last);
   void resetLocksAfterFork();
+  // The lowest kHidden fd in [first, last], or -1 (close_range steps around them).
+  long nextHidden(unsigned first, unsigned last) const;
+  void setShmHooks(ShmHooks hooks) { hooks_ = hooks; }
+  const ShmHooks& shmHooks() const { return hooks_; }
 
  private:
   std::atomic<std::size_t> capacity_{0};
+  ShmHooks hooks_;
   std::atomic<FdEntry*> chunks_[kMaxEntries / kChunkEntries] = {};
 };
 

@@ -12,6 +12,7 @@ namespace {
 constexpr std::uint8_t kMagic[4] = {'D', 'M', 'M', 'p'};
 constexpr std::uint8_t kFieldDestination = 0x01;
 constexpr std::uint8_t kFieldQos = 0x02;
+constexpr std::uint8_t kFieldShm = 0x03;
 constexpr std::uint8_t kFieldCritical = 0x80;
 constexpr std::size_t kMaxQos = 32;
 
@@ -34,7 +35,7 @@ std::size_t encodePreamble(const Preamble& p, std::span<std::uint8_t> out) {
   std::size_t addr = addressBytes(p.destination.family);
   if (addr == 0) return 0;
   if (!p.qos.empty() && !validQos(p.qos)) return 0;
-  std::size_t body = 2 + 3 + addr + (p.qos.empty() ? 0 : 2 + p.qos.size());
+  std::size_t body = 2 + 3 + addr + (p.qos.empty() ? 0 : 2 + p.qos.size()) + (p.shm ? 2 : 0);
   std::size_t total = kPreambleHeaderBytes + body;
   if (total > out.size() || total > kMaxPreambleBytes) return 0;
   std::uint8_t* w = out.data();
@@ -55,6 +56,11 @@ std::size_t encodePreamble(const Preamble& p, std::span<std::uint8_t> out) {
     *w++ = kFieldQos;
     *w++ = static_cast<std::uint8_t>(p.qos.size());
     std::memcpy(w, p.qos.data(), p.qos.size());
+    w += p.qos.size();
+  }
+  if (p.shm) {
+    *w++ = kFieldShm;
+    *w++ = 0;
   }
   return total;
 }
@@ -87,6 +93,7 @@ DecodeResult decodePreamble(std::span<const std::uint8_t> bytes) {
   auto fields = bytes.subspan(kPreambleHeaderBytes, body);
   bool have_destination = false;
   bool have_qos = false;
+  bool have_shm = false;
   std::size_t at = 0;
   while (at < fields.size()) {
     if (fields.size() - at < 2) return invalid("truncated field header");
@@ -113,6 +120,11 @@ DecodeResult decodePreamble(std::span<const std::uint8_t> bytes) {
       std::string q(reinterpret_cast<const char*>(value.data()), value.size());
       if (!validQos(q)) return invalid("qos is not 1-32 bytes of [a-z0-9_-]");
       r.preamble.qos = std::move(q);
+    } else if (type == kFieldShm) {
+      if (have_shm) return invalid("shm given twice");
+      if (len != 0) return invalid("shm has a value");
+      have_shm = true;
+      r.preamble.shm = true;
     } else if ((type & kFieldCritical) != 0) {
       return invalid("unknown critical field " + std::to_string(type));
     }

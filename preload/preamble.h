@@ -15,6 +15,8 @@
 // Fields:
 //   0x01 destination (required, once): family (4 or 6), port (2), address (4 or 16 bytes)
 //   0x02 qos (at most once): a class name, 1-32 bytes of [a-z0-9_-]
+//   0x03 shm (at most once, empty): the shim asks for the shared-memory data path; a sidecar
+//        that knows the field answers with one byte before anything else (shm_ring.h)
 // A field of unknown type is skipped when its type is below 0x80 and makes the preamble
 // invalid when it is 0x80 or above (a field this version must understand).
 //
@@ -42,7 +44,8 @@ struct Endpoint {
 
 struct Preamble {
   Endpoint destination;
-  std::string qos;  // empty: no hint
+  std::string qos;   // empty: no hint
+  bool shm = false;  // the shim asks for shared memory (preload stage 2)
 };
 
 // Appends the encoded preamble to `out`; false (nothing appended) when it cannot be encoded

@@ -15,9 +15,12 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -33,6 +36,7 @@
 #include "preload/fd_table.h"
 #include "preload/preamble.h"
 #include "preload/shim_config.h"
+#include "preload/shim_shm.h"
 
 #define DMM_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -57,6 +61,19 @@ struct RealFunctions {
   int (*epoll_ctl)(int, int, int, epoll_event*);
   int (*close_range)(unsigned, unsigned, int);
   void (*closefrom)(int);
+  ssize_t (*read)(int, void*, size_t);
+  ssize_t (*write)(int, const void*, size_t);
+  ssize_t (*readv)(int, const iovec*, int);
+  ssize_t (*writev)(int, const iovec*, int);
+  ssize_t (*recv)(int, void*, size_t, int);
+  ssize_t (*send)(int, const void*, size_t, int);
+  ssize_t (*recvfrom)(int, void*, size_t, int, sockaddr*, socklen_t*);
+  ssize_t (*sendto)(int, const void*, size_t, int, const sockaddr*, socklen_t);
+  ssize_t (*recvmsg)(int, msghdr*, int);
+  ssize_t (*sendmsg)(int, const msghdr*, int);
+  ssize_t (*sendfile)(int, int, off_t*, size_t);
+  ssize_t (*splice)(int, loff_t*, int, loff_t*, size_t, unsigned);
+  int (*fclose)(FILE*);
 };
 
 // Raw system calls: what real() gives while the real functions are being resolved (dlsym may
@@ -109,12 +126,55 @@ int close_range(unsigned first, unsigned last, int flags) {
 void closefrom(int low) {
   ::syscall(SYS_close_range, static_cast<unsigned>(low), ~0u, 0);
 }
+ssize_t read(int fd, void* b, size_t n) {
+  return ::syscall(SYS_read, fd, b, n);
+}
+ssize_t write(int fd, const void* b, size_t n) {
+  return ::syscall(SYS_write, fd, b, n);
+}
+ssize_t readv(int fd, const iovec* v, int n) {
+  return ::syscall(SYS_readv, fd, v, n);
+}
+ssize_t writev(int fd, const iovec* v, int n) {
+  return ::syscall(SYS_writev, fd, v, n);
+}
+ssize_t recvfrom(int fd, void* b, size_t n, int f, sockaddr* a, socklen_t* l) {
+  return ::syscall(SYS_recvfrom, fd, b, n, f, a, l);
+}
+ssize_t sendto(int fd, const void* b, size_t n, int f, const sockaddr* a, socklen_t l) {
+  return ::syscall(SYS_sendto, fd, b, n, f, a, l);
+}
+ssize_t recv(int fd, void* b, size_t n, int f) {
+  return recvfrom(fd, b, n, f, nullptr, nullptr);
+}
+ssize_t send(int fd, const void* b, size_t n, int f) {
+  return sendto(fd, b, n, f, nullptr, 0);
+}
+ssize_t recvmsg(int fd, msghdr* m, int f) {
+  return ::syscall(SYS_recvmsg, fd, m, f);
+}
+ssize_t sendmsg(int fd, const msghdr* m, int f) {
+  return ::syscall(SYS_sendmsg, fd, m, f);
+}
+ssize_t sendfile(int out, int in, off_t* off, size_t n) {
+  return ::syscall(SYS_sendfile, out, in, off, n);
+}
+ssize_t splice(int in, loff_t* oin, int out, loff_t* oout, size_t n, unsigned f) {
+  return ::syscall(SYS_splice, in, oin, out, oout, n, f);
+}
+int fclose(FILE*) {
+  errno = ENOSYS;  // only while resolving: no stdio stream is closed from inside dlsym
+  return EOF;
+}
 }  // namespace raw
 
 constexpr RealFunctions kRawFunctions = {
     raw::connect,    raw::close,      raw::dup,       raw::dup2,        raw::dup3,
     raw::fcntl,      raw::fcntl,      raw::socket,    raw::getpeername, raw::getsockname,
-    raw::setsockopt, raw::getsockopt, raw::epoll_ctl, raw::close_range, raw::closefrom};
+    raw::setsockopt, raw::getsockopt, raw::epoll_ctl, raw::close_range, raw::closefrom,
+    raw::read,       raw::write,      raw::readv,     raw::writev,      raw::recv,
+    raw::send,       raw::recvfrom,   raw::sendto,    raw::recvmsg,     raw::sendmsg,
+    raw::sendfile,   raw::splice,     raw::fclose};
 
 // constinit: no dynamic initialiser may run after our constructor and undo its work.
 constinit RealFunctions g_real = kRawFunctions;
@@ -146,7 +206,21 @@ void resolveReal() {
   resolve(r.epoll_ctl, "epoll_ctl");
   resolve(r.close_range, "close_range");
   resolve(r.closefrom, "closefrom");
+  resolve(r.read, "read");
+  resolve(r.write, "write");
+  resolve(r.readv, "readv");
+  resolve(r.writev, "writev");
+  resolve(r.recv, "recv");
+  resolve(r.send, "send");
+  resolve(r.recvfrom, "recvfrom");
+  resolve(r.sendto, "sendto");
+  resolve(r.recvmsg, "recvmsg");
+  resolve(r.sendmsg, "sendmsg");
+  resolve(r.sendfile, "sendfile");
+  resolve(r.splice, "splice");
+  resolve(r.fclose, "fclose");
   fdTable().init();
+  fdTable().setShmHooks({shmRetain, shmRelease});
   g_real = r;
   g_resolved.store(true, std::memory_order_release);
 }
@@ -189,7 +263,7 @@ void debugLog(const char* fmt, ...) {
   if (len > sizeof(buf) - 2) len = sizeof(buf) - 2;
   buf[len++] = '\n';
   int saved = errno;
-  ssize_t ignored = ::write(STDERR_FILENO, buf, len);
+  ssize_t ignored = real().write(STDERR_FILENO, buf, len);
   (void)ignored;
   errno = saved;
 }
@@ -200,7 +274,7 @@ bool processIsSidecar() {
   char comm[32] = {};
   int fd = ::open("/proc/self/comm", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
-  ssize_t n = ::read(fd, comm, sizeof(comm) - 1);
+  ssize_t n = real().read(fd, comm, sizeof(comm) - 1);
   real().close(fd);
   if (n <= 0) return false;
   std::string_view name(comm, static_cast<std::size_t>(n));
@@ -319,7 +393,7 @@ int intOption(int fd, int level, int name) {
 
 bool writeAllTo(int fd, const std::uint8_t* data, std::size_t size) {
   while (size > 0) {
-    ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
+    ssize_t n = real().send(fd, data, size, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return false;
     data += n;
@@ -330,7 +404,9 @@ bool writeAllTo(int fd, const std::uint8_t* data, std::size_t size) {
 
 // Connects a new Unix socket to the sidecar and writes the preamble. Returns the socket, or -1
 // with errno set (ENOENT, ECONNREFUSED, EAGAIN for a full backlog or the time bound, ...).
-int openSidecar(const ShimConfig& cfg, const Endpoint& dst, const char* qos) {
+// With `shm` set (non-null), asks for shared memory and waits for the answer: *shm is the
+// channel, or null when the sidecar keeps the stream on the socket.
+int openSidecar(const ShimConfig& cfg, const Endpoint& dst, const char* qos, ShmChannel** shm) {
   const RealFunctions& r = real();
   int u = r.socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (u < 0) return -1;
@@ -366,6 +442,7 @@ int openSidecar(const ShimConfig& cfg, const Endpoint& dst, const char* qos) {
   Preamble p;
   p.destination = dst;
   p.qos = qos;  // at most 10 bytes: the small-string buffer, no allocation
+  p.shm = shm != nullptr;
   std::uint8_t buf[kMaxPreambleBytes];
   std::size_t n = encodePreamble(p, std::span<std::uint8_t>(buf));
   if (n == 0) {
@@ -376,6 +453,19 @@ int openSidecar(const ShimConfig& cfg, const Endpoint& dst, const char* qos) {
   // time bound covers that. The socket is blocking here whatever the application's is, so
   // nothing of the preamble can be lost to a full buffer.
   if (!writeAllTo(u, buf, n)) return fail();
+  if (shm != nullptr) {
+    // The answer comes before anything else the sidecar sends; bounded like the rest.
+    r.setsockopt(u, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    *shm = nullptr;
+    ShmReply reply = receiveShmReply(u, shm);
+    if (reply == ShmReply::kFailed) return fail();
+    if (reply == ShmReply::kShm) {
+      // Writability is the socket's: the smallest send buffer makes a few filler bytes enough
+      // to stop it polling writable while the ring is full (shm_ring.h).
+      int one = 1;
+      r.setsockopt(u, SOL_SOCKET, SO_SNDBUF, &one, sizeof(one));
+    }
+  }
   return u;
 }
 
@@ -400,7 +490,20 @@ bool answeredFromTable(int level, int name) {
          (level == SOL_SOCKET && name == SO_KEEPALIVE);
 }
 
-int replaceAndPublish(int fd, int u, const sockaddr* addr, socklen_t addr_len, FdData data) {
+// The buffer sizes of a shared-memory fd: its socket's send buffer must stay the smallest
+// (shm_ring.h), and the rings are the buffers anyway.
+bool answeredForShm(int fd, int level, int name) {
+  if (level != SOL_SOCKET ||
+      (name != SO_SNDBUF && name != SO_RCVBUF && name != SO_SNDBUFFORCE && name != SO_RCVBUFFORCE))
+    return false;
+  FdEntry* e = fdTable().find(fd);
+  return e != nullptr && e->shm() != nullptr;
+}
+
+// `shm` (may be null): the connection's shared-memory channel; its reference goes to the entry
+// on success and stays the caller's on failure.
+int replaceAndPublish(int fd, int u, const sockaddr* addr, socklen_t addr_len, FdData data,
+                      ShmChannel* shm) {
   const RealFunctions& r = real();
   int fl = r.fcntl(fd, F_GETFL);
   int fdfl = r.fcntl(fd, F_GETFD);
@@ -443,7 +546,10 @@ int replaceAndPublish(int fd, int u, const sockaddr* addr, socklen_t addr_len, F
   if (rc < 0) return -1;
   FdEntry* e = fdTable().get(fd);  // exists: the caller checked capacity
   FdData before = e != nullptr ? e->read() : FdData{};
-  if (e != nullptr) e->write(data);
+  if (e != nullptr) {
+    e->write(data);
+    e->setShm(shm);
+  }
   // Epoll registrations of the TCP socket went with it; the new socket gets them again (it is
   // connected, so level- and edge-triggered EPOLLOUT fire at once, as for a completed connect).
   for (std::size_t i = 0; i < before.epoll_count; ++i) {
@@ -501,17 +607,26 @@ int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& 
     return -1;
   };
   const char* qos = data.qos[0] != '\0' ? data.qos : cfg.qos;
-  int u = openSidecar(cfg, dst, qos);
+  // Shared memory only for an fd closed on exec: a program exec()ed with it would read the
+  // sidecar's doorbells as data, having no shim state for it.
+  int fdflags = r.fcntl(fd, F_GETFD);
+  bool want_shm = cfg.shm && fdflags >= 0 && (fdflags & FD_CLOEXEC) != 0;
+  ShmChannel* shm = nullptr;
+  int u = openSidecar(cfg, dst, qos, want_shm ? &shm : nullptr);
   if (u < 0) return fallBack("sidecar unavailable at", errno);
-  if (replaceAndPublish(fd, u, addr, len, data) != 0) {
+  if (replaceAndPublish(fd, u, addr, len, data, shm) != 0) {
     int why = errno;
     r.close(u);
+    if (shm != nullptr) shmRelease(shm);
     return fallBack("could not put in place the connection to", why);
   }
   r.close(u);
   bool nonblocking = (r.fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
-  debugLog("fd %d: %s captured via %s%s%s", fd, where, cfg.socket_path, qos[0] ? ", qos " : "",
-           qos);
+  debugLog("fd %d: %s captured via %s%s%s%s", fd, where, cfg.socket_path, qos[0] ? ", qos " : "",
+           qos,
+           shm != nullptr ? ", shared memory"
+           : want_shm     ? ", no shared memory"
+                          : "");
   if (nonblocking) {
     // The contract of a non-blocking connect: in progress, then writable, then SO_ERROR 0.
     entry->update([](FdData& d) { d.connect_reported_in_progress = true; });
@@ -675,6 +790,8 @@ DMM_EXPORT int socket(int domain, int type, int protocol) noexcept {
 
 DMM_EXPORT int close(int fd) {
   auto& r = real();
+  if (dmm::preload::FdEntry* e = fdTable().find(fd); e != nullptr && e->state() == FdState::kHidden)
+    return 0;  // the shim's own (a shared-memory connection's eventfd): not the application's
   fdTable().clear(fd);  // before the number can be reused by another thread
   return r.close(fd);
 }
@@ -723,17 +840,40 @@ DMM_EXPORT int fcntl64(int fd, int cmd, ...) {
   return fcntlCommon(real().fcntl64, fd, cmd, arg);
 }
 
-DMM_EXPORT int close_range(unsigned first, unsigned last, int flags) noexcept {
+namespace {
+// close_range() that steps around the shim's own fds (kHidden), which the application does
+// not know it has; they are close-on-exec already.
+int closeRangeKeepingHidden(unsigned first, unsigned last, int flags) {
   auto& r = real();
-  if ((static_cast<unsigned>(flags) & CLOSE_RANGE_CLOEXEC) == 0)
-    dmm::preload::forgetRange(first, last);
-  return r.close_range(first, last, flags);
+  if ((static_cast<unsigned>(flags) & CLOSE_RANGE_CLOEXEC) != 0)
+    return r.close_range(first, last, flags);
+  dmm::preload::forgetRange(first, last);
+  while (first <= last) {
+    long h = fdTable().nextHidden(first, last);
+    if (h < 0) return r.close_range(first, last, flags);
+    if (static_cast<unsigned long>(h) > first) {
+      int rc = r.close_range(first, static_cast<unsigned>(h) - 1, flags);
+      if (rc != 0) return rc;
+    }
+    if (static_cast<unsigned>(h) == last) break;
+    first = static_cast<unsigned>(h) + 1;
+  }
+  return 0;
+}
+}  // namespace
+
+DMM_EXPORT int close_range(unsigned first, unsigned last, int flags) noexcept {
+  return closeRangeKeepingHidden(first, last, flags);
 }
 
 DMM_EXPORT void closefrom(int lowfd) noexcept {
   auto& r = real();
-  if (lowfd >= 0) dmm::preload::forgetRange(static_cast<unsigned>(lowfd), ~0u);
-  r.closefrom(lowfd);
+  if (lowfd < 0) return r.closefrom(lowfd);
+  if (fdTable().nextHidden(static_cast<unsigned>(lowfd), ~0u) < 0) {
+    dmm::preload::forgetRange(static_cast<unsigned>(lowfd), ~0u);
+    return r.closefrom(lowfd);
+  }
+  closeRangeKeepingHidden(static_cast<unsigned>(lowfd), ~0u, 0);
 }
 
 DMM_EXPORT int getpeername(int fd, sockaddr* __restrict addr, socklen_t* __restrict len) noexcept {
@@ -757,7 +897,7 @@ DMM_EXPORT int setsockopt(int fd, int level, int name, const void* value, sockle
   using namespace dmm::preload;
   if (level == SOL_DMM) return setQos(fd, name, value, len);
   FdData d;
-  if (answeredFromTable(level, name) && capturedData(fd, d)) {
+  if ((answeredFromTable(level, name) || answeredForShm(fd, level, name)) && capturedData(fd, d)) {
     // Meaningless on the Unix socket, harmless to accept: the sidecar sets its own options on
     // the real TCP connections. Remembered so that getsockopt reads back what was set.
     if (value == nullptr && len > 0) {
@@ -781,7 +921,8 @@ DMM_EXPORT int getsockopt(int fd, int level, int name, void* __restrict value,
   if (len == nullptr) return real().getsockopt(fd, level, name, value, len);
   bool faked = level == SOL_SOCKET && (name == SO_DOMAIN || name == SO_PROTOCOL);
   FdData d;
-  if ((faked || answeredFromTable(level, name)) && capturedData(fd, d)) {
+  bool shm_buffer = answeredForShm(fd, level, name);
+  if ((faked || shm_buffer || answeredFromTable(level, name)) && capturedData(fd, d)) {
     if (faked) {
       // What the application created, not the Unix socket standing in for it.
       int v = name == SO_DOMAIN ? int{d.peer.ss_family} : int{IPPROTO_TCP};
@@ -796,6 +937,7 @@ DMM_EXPORT int getsockopt(int fd, int level, int name, void* __restrict value,
       *len = n;
       return 0;
     }
+    if (shm_buffer) return real().getsockopt(fd, level, name, value, len);  // never set
     // Never set: zeroes, as many as asked for (an int 0; TCP_INFO a struct saying only that
     // the connection is established).
     if (value != nullptr) {
@@ -833,4 +975,275 @@ DMM_EXPORT int epoll_ctl(int epfd, int op, int fd, epoll_event* event) noexcept 
     d.epoll[at].event = *event;
   });
   return rc;
+}
+
+// ---- I/O on shared-memory fds (stage 2) ------------------------------------------------------
+//
+// Each call looks the fd up (two atomic loads when it is not ours) and otherwise goes straight
+// to libc.
+
+extern "C" void __chk_fail(void) __attribute__((noreturn));
+
+namespace {
+
+using dmm::preload::ShmChannel;
+
+// A reference to fd's channel for the length of one call (another thread may close the fd
+// meanwhile; the channel then outlives the call), or null.
+class ShmRef {
+ public:
+  explicit ShmRef(int fd) {
+    dmm::preload::FdEntry* e = fdTable().find(fd);
+    if (e == nullptr) return;
+    void* p = e->shm();
+    if (p == nullptr) return;
+    auto* ch = static_cast<ShmChannel*>(p);
+    int refs = ch->refs.load(std::memory_order_relaxed);
+    do {
+      if (refs == 0) return;  // being freed
+    } while (!ch->refs.compare_exchange_weak(refs, refs + 1, std::memory_order_acquire));
+    if (e->shm() != p) {  // closed and reused between the two loads
+      dmm::preload::shmRelease(ch);
+      return;
+    }
+    ch_ = ch;
+  }
+  ~ShmRef() {
+    if (ch_ != nullptr) {
+      int saved = errno;
+      dmm::preload::shmRelease(ch_);
+      errno = saved;
+    }
+  }
+  ShmRef(const ShmRef&) = delete;
+  ShmRef& operator=(const ShmRef&) = delete;
+  ShmChannel* get() const { return ch_; }
+  explicit operator bool() const { return ch_ != nullptr; }
+
+ private:
+  ShmChannel* ch_ = nullptr;
+};
+
+ssize_t shmRead1(ShmChannel* ch, int fd, void* buf, size_t n, int flags) {
+  iovec v{buf, n};
+  return dmm::preload::shmRead(ch, fd, &v, 1, flags);
+}
+ssize_t shmWrite1(ShmChannel* ch, int fd, const void* buf, size_t n, int flags) {
+  iovec v{const_cast<void*>(buf), n};
+  return dmm::preload::shmWrite(ch, fd, &v, 1, flags);
+}
+bool badIovCount(int count) {
+  if (count < 0 || count > IOV_MAX) {
+    errno = EINVAL;
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+DMM_EXPORT ssize_t read(int fd, void* buf, size_t n) {
+  if (ShmRef ch{fd}) return shmRead1(ch.get(), fd, buf, n, 0);
+  return real().read(fd, buf, n);
+}
+
+DMM_EXPORT ssize_t __read_chk(int fd, void* buf, size_t n, size_t buflen) {
+  if (n > buflen) __chk_fail();
+  return read(fd, buf, n);
+}
+
+DMM_EXPORT ssize_t write(int fd, const void* buf, size_t n) {
+  if (ShmRef ch{fd}) return shmWrite1(ch.get(), fd, buf, n, 0);
+  return real().write(fd, buf, n);
+}
+
+DMM_EXPORT ssize_t readv(int fd, const iovec* iov, int count) {
+  if (ShmRef ch{fd}) {
+    if (badIovCount(count)) return -1;
+    return dmm::preload::shmRead(ch.get(), fd, iov, static_cast<size_t>(count), 0);
+  }
+  return real().readv(fd, iov, count);
+}
+
+DMM_EXPORT ssize_t writev(int fd, const iovec* iov, int count) {
+  if (ShmRef ch{fd}) {
+    if (badIovCount(count)) return -1;
+    return dmm::preload::shmWrite(ch.get(), fd, iov, static_cast<size_t>(count), 0);
+  }
+  return real().writev(fd, iov, count);
+}
+
+DMM_EXPORT ssize_t recv(int fd, void* buf, size_t n, int flags) {
+  if (ShmRef ch{fd}) return shmRead1(ch.get(), fd, buf, n, flags);
+  return real().recv(fd, buf, n, flags);
+}
+
+DMM_EXPORT ssize_t __recv_chk(int fd, void* buf, size_t n, size_t buflen, int flags) {
+  if (n > buflen) __chk_fail();
+  return recv(fd, buf, n, flags);
+}
+
+DMM_EXPORT ssize_t send(int fd, const void* buf, size_t n, int flags) {
+  if (ShmRef ch{fd}) return shmWrite1(ch.get(), fd, buf, n, flags);
+  return real().send(fd, buf, n, flags);
+}
+
+DMM_EXPORT ssize_t recvfrom(int fd, void* __restrict buf, size_t n, int flags,
+                            sockaddr* __restrict addr, socklen_t* __restrict len) {
+  if (ShmRef ch{fd}) {
+    if (len != nullptr) *len = 0;  // as a connected TCP socket: no address
+    return shmRead1(ch.get(), fd, buf, n, flags);
+  }
+  return real().recvfrom(fd, buf, n, flags, addr, len);
+}
+
+DMM_EXPORT ssize_t __recvfrom_chk(int fd, void* __restrict buf, size_t n, size_t buflen, int flags,
+                                  sockaddr* __restrict addr, socklen_t* __restrict len) {
+  if (n > buflen) __chk_fail();
+  return recvfrom(fd, buf, n, flags, addr, len);
+}
+
+DMM_EXPORT ssize_t sendto(int fd, const void* buf, size_t n, int flags, const sockaddr* addr,
+                          socklen_t len) {
+  if (ShmRef ch{fd}) {
+    if (addr != nullptr && len > 0) {
+      errno = EISCONN;  // what the Unix stream of stage 1 answers
+      return -1;
+    }
+    return shmWrite1(ch.get(), fd, buf, n, flags);
+  }
+  return real().sendto(fd, buf, n, flags, addr, len);
+}
+
+DMM_EXPORT ssize_t recvmsg(int fd, msghdr* msg, int flags) {
+  if (ShmRef ch{fd}) {
+    if (msg == nullptr) {
+      errno = EFAULT;
+      return -1;
+    }
+    if (msg->msg_iovlen > IOV_MAX) {
+      errno = EMSGSIZE;
+      return -1;
+    }
+    ssize_t n = dmm::preload::shmRead(ch.get(), fd, msg->msg_iov, msg->msg_iovlen, flags);
+    if (n >= 0) {
+      msg->msg_namelen = 0;
+      msg->msg_controllen = 0;
+      msg->msg_flags = 0;
+    }
+    return n;
+  }
+  return real().recvmsg(fd, msg, flags);
+}
+
+DMM_EXPORT ssize_t sendmsg(int fd, const msghdr* msg, int flags) {
+  if (ShmRef ch{fd}) {
+    if (msg == nullptr) {
+      errno = EFAULT;
+      return -1;
+    }
+    if (msg->msg_name != nullptr && msg->msg_namelen > 0) {
+      errno = EISCONN;
+      return -1;
+    }
+    if (msg->msg_iovlen > IOV_MAX) {
+      errno = EMSGSIZE;
+      return -1;
+    }
+    return dmm::preload::shmWrite(ch.get(), fd, msg->msg_iov, msg->msg_iovlen, flags);
+  }
+  return real().sendmsg(fd, msg, flags);
+}
+
+namespace {
+// sendfile() into a shared-memory fd: the file's bytes are copied through a buffer, read at
+// explicit offsets so that nothing is consumed from the file that the ring did not take.
+ssize_t sendfileToShm(ShmChannel* ch, int out, int in, off_t* offset, size_t count) {
+  off_t pos = offset != nullptr ? *offset : ::lseek(in, 0, SEEK_CUR);
+  if (pos < 0) {
+    errno = EINVAL;  // not a seekable file: what sendfile() says of such an in_fd
+    return -1;
+  }
+  char buf[16384];
+  size_t done = 0;
+  while (done < count) {
+    size_t want = count - done < sizeof buf ? count - done : sizeof buf;
+    ssize_t got = ::pread(in, buf, want, pos);
+    if (got < 0) {
+      if (done > 0) break;
+      return -1;
+    }
+    if (got == 0) break;
+    ssize_t put = shmWrite1(ch, out, buf, static_cast<size_t>(got), 0);
+    if (put < 0) {
+      if (done > 0) break;
+      return -1;
+    }
+    done += static_cast<size_t>(put);
+    pos += put;
+    if (put < got) break;
+  }
+  if (offset != nullptr) {
+    *offset = pos;
+  } else {
+    ::lseek(in, pos, SEEK_SET);
+  }
+  return static_cast<ssize_t>(done);
+}
+}  // namespace
+
+DMM_EXPORT ssize_t sendfile(int out, int in, off_t* offset, size_t count) {
+  if (ShmRef ch{out}) return sendfileToShm(ch.get(), out, in, offset, count);
+  if (ShmRef ch{in}) {
+    errno = EINVAL;
+    return -1;
+  }
+  return real().sendfile(out, in, offset, count);
+}
+
+DMM_EXPORT ssize_t sendfile64(int out, int in, off_t* offset, size_t count) {
+  return sendfile(out, in, offset, count);
+}
+
+DMM_EXPORT ssize_t splice(int in, loff_t* in_off, int out, loff_t* out_off, size_t n,
+                          unsigned flags) {
+  if (ShmRef a{in}) {
+    errno = EINVAL;  // not a pipe or a kernel socket: splice() cannot reach the ring
+    return -1;
+  }
+  if (ShmRef b{out}) {
+    errno = EINVAL;
+    return -1;
+  }
+  return real().splice(in, in_off, out, out_off, n, flags);
+}
+
+DMM_EXPORT int fclose(FILE* stream) {
+  // fclose() closes inside libc, out of the shim's sight: forget the fd's entry first.
+  if (stream != nullptr) {
+    int fd = ::fileno(stream);
+    dmm::preload::FdEntry* e = fd >= 0 ? fdTable().find(fd) : nullptr;
+    if (e != nullptr && e->state() != FdState::kFree && e->state() != FdState::kHidden) e->clear();
+  }
+  return real().fclose(stream);
+}
+
+DMM_EXPORT int ioctl(int fd, unsigned long request, ...) {
+  std::va_list ap;
+  va_start(ap, request);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  if (request == FIONREAD) {
+    if (ShmRef ch{fd}) {
+      // The bytes ready in the ring, not the doorbells on the socket.
+      if (arg == nullptr) {
+        errno = EFAULT;
+        return -1;
+      }
+      int n = static_cast<int>(ch.get()->down.readable());
+      std::memcpy(arg, &n, sizeof n);
+      return 0;
+    }
+  }
+  return static_cast<int>(::syscall(SYS_ioctl, fd, request, arg));
 }

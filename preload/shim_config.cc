@@ -169,6 +169,8 @@ void applySetting(ShimConfig& config, std::string_view key, std::string_view val
     }
   } else if (key == "debug") {
     if (!parseBool(value, config.debug)) return warn("not a boolean");
+  } else if (key == "shm") {
+    if (!parseBool(value, config.shm)) return warn("not a boolean");
   } else if (key == "timeout_ms") {
     long ms = 0;
     if (!parseInt(value, 1, 60000, ms)) return warn("not a number of milliseconds in 1-60000");
@@ -223,10 +225,10 @@ ShimConfig loadConfig(const char* (*getenv_fn)(const char*), std::vector<std::st
   static constexpr struct {
     const char* env;
     const char* key;
-  } kEnv[] = {{"DMM_PRELOAD_SOCKET", "socket"},        {"DMM_PRELOAD_QOS", "qos"},
-              {"DMM_PRELOAD_INCLUDE", "include"},      {"DMM_PRELOAD_EXCLUDE", "exclude"},
-              {"DMM_PRELOAD_FALLBACK", "fallback"},    {"DMM_PRELOAD_DEBUG", "debug"},
-              {"DMM_PRELOAD_TIMEOUT_MS", "timeout_ms"}};
+  } kEnv[] = {{"DMM_PRELOAD_SOCKET", "socket"},     {"DMM_PRELOAD_QOS", "qos"},
+              {"DMM_PRELOAD_INCLUDE", "include"},   {"DMM_PRELOAD_EXCLUDE", "exclude"},
+              {"DMM_PRELOAD_FALLBACK", "fallback"}, {"DMM_PRELOAD_DEBUG", "debug"},
+              {"DMM_PRELOAD_SHM", "shm"},           {"DMM_PRELOAD_TIMEOUT_MS", "timeout_ms"}};
   for (const auto& e : kEnv) {
     if (const char* v = getenv_fn(e.env)) applySetting(config, e.key, trim(v), e.env, warnings);
   }

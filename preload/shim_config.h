@@ -53,6 +53,8 @@ struct ShimConfig {
   CidrList exclude;
   Fallback fallback = Fallback::kDirect;
   bool debug = false;
+  // Ask the sidecar for the shared-memory data path (stage 2) for fds with FD_CLOEXEC.
+  bool shm = false;
   int timeout_ms = kDefaultTimeoutMs;
 
   // Whether a connection to `a` is handed to the sidecar. Loopback and unspecified addresses
@@ -63,7 +65,7 @@ struct ShimConfig {
   bool captures(const Address& a) const;
 };
 
-// Applies one setting (`key` as in the file: socket, qos, include, exclude, fallback, debug,
+// Applies one setting (`key` as in the file: socket, qos, include, exclude, fallback, debug, shm,
 // timeout_ms). A bad key or value leaves the setting as it was and adds a warning that names
 // `where` (e.g. "/etc/dmm-sidecar/preload.conf:3" or "DMM_PRELOAD_QOS").
 void applySetting(ShimConfig& config, std::string_view key, std::string_view value,

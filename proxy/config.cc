@@ -291,6 +291,7 @@ void loadAdmin(TomlTable t, Config& c) {
 void loadPreload(TomlTable t, Config& c) {
   if (auto v = t.getBool("enabled")) c.preload_enabled = *v;
   loadSocketPath(t, c.preload_socket);
+  if (auto v = t.getInt("shm_connections", 0, 1 << 20)) c.preload_shm_connections = *v;
   t.rejectUnknown();
 }
 

@@ -118,6 +118,9 @@ struct Config {
   // [preload]: the Unix socket the LD_PRELOAD shim hands applications' connections to.
   bool preload_enabled = true;
   std::string preload_socket = "/run/dmm-sidecar/preload.sock";
+  // Shims that ask for the shared-memory data path get it (preload/shm_ring.h), up to this
+  // many such connections per worker at once (each maps 2 x 256 KiB); 0 = never.
+  std::int64_t preload_shm_connections = 1024;
 
   // [admin]: the Unix socket `dmm-sidecar ctl` talks to.
   bool admin_enabled = true;

@@ -71,12 +71,30 @@ void OutboundSession::startPreloaded(Worker& worker, UniqueFd client,
   session->begin();
 }
 
+void OutboundSession::startPreloaded(Worker& worker,
+                                     std::unique_ptr<stacks::StackConnection> client,
+                                     const SocketAddress& destination, ClientIdentity who) {
+  auto* session = new OutboundSession(worker, std::move(client), destination);
+  session->identity_ = std::move(who);
+  session->begin();
+}
+
 OutboundSession::OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination)
     : Session(worker),
       destination_(destination),
       peer_(destination.ip(), worker.config().tunnel_port),
       reader_(handshake::MessageType::kReply, worker.config().max_header_bytes) {
   client_ = std::make_unique<KernelConnection>(worker.loop(), std::move(client), *this, false);
+}
+
+OutboundSession::OutboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> client,
+                                 const SocketAddress& destination)
+    : Session(worker),
+      destination_(destination),
+      peer_(destination.ip(), worker.config().tunnel_port),
+      reader_(handshake::MessageType::kReply, worker.config().max_header_bytes) {
+  client_ = std::move(client);
+  client_->setCallbacks(*this);
 }
 
 OutboundSession::~OutboundSession() = default;
@@ -521,7 +539,7 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   // The relay forwards what it reads as soon as it reads it; Nagle on a leg would hold a small
   // segment behind an unacknowledged one and add the peer's delayed ACK (~40 ms) to every
   // request/response round. The tunnel leg follows its stack instance's own `nodelay`.
-  (void)net::setNoDelay(client_->fd(), true);
+  if (client_->fd() >= 0) (void)net::setNoDelay(client_->fd(), true);
   if (stack == worker_.metrics().directStack()) (void)net::setNoDelay(upstream->fd(), true);
   if (stack != worker_.metrics().directStack()) {
     // Only connections the peer sidecar carries had a handshake to time.

@@ -56,6 +56,9 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   // said of the application: its facts replace the sock_diag lookup of the owner.
   static void startPreloaded(Worker& worker, UniqueFd client, const SocketAddress& destination,
                              ClientIdentity who);
+  // The same over an already made connection (the shared-memory path, ShmConnection).
+  static void startPreloaded(Worker& worker, std::unique_ptr<stacks::StackConnection> client,
+                             const SocketAddress& destination, ClientIdentity who);
   ~OutboundSession() override;
 
   void shutdown() override;
@@ -77,6 +80,8 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   };
 
   OutboundSession(Worker& worker, UniqueFd client, const SocketAddress& destination);
+  OutboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> client,
+                  const SocketAddress& destination);
   void begin();
   // Starts the next candidate's attempt; false when none is left.
   bool startNextAttempt();

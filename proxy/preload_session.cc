@@ -12,6 +12,7 @@
 #include "policy/policy.h"
 #include "preload/preamble.h"
 #include "proxy/outbound_session.h"
+#include "proxy/shm_connection.h"
 
 namespace dmm::proxy {
 
@@ -111,7 +112,33 @@ void PreloadSession::readPreamble() {
   event_.reset();
   UniqueFd fd = std::move(client_);
   Worker& worker = worker_;
+  auto id = id_;
   end();
+  if (r.preamble.shm) {
+    // The shim waits for one byte before it sends anything else: shared memory, or not.
+    if (static_cast<std::int64_t>(worker.shmConnections()) <
+        worker.config().preload_shm_connections) {
+      auto conn = ShmConnection::create(worker.loop(), fd, worker.shmConnections());
+      if (conn) {
+        auto offered = (*conn)->offer();
+        if (offered) {
+          OutboundSession::startPreloaded(worker, std::move(*conn), *destination, std::move(who));
+          return;
+        }
+        spdlog::debug("conn {:x}: shared memory not offered: {}: {}", id, offered.error().reason,
+                      std::strerror(offered.error().code));
+        fd = (*conn)->releaseSocket();
+      } else {
+        static log::RateLimiter limiter;
+        log::limited(limiter, spdlog::level::warn,
+                     "conn {:x}: no shared memory for a preloaded connection, the Unix stream "
+                     "instead: {}: {}",
+                     id, conn.error().reason, std::strerror(conn.error().code));
+      }
+    }
+    char reply = preload::shm::kReplyStream;
+    if (::send(fd.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) return;
+  }
   OutboundSession::startPreloaded(worker, std::move(fd), *destination, std::move(who));
 }
 

@@ -132,6 +132,8 @@ class Worker {
   std::uint64_t nextConnectionId() { return (std::uint64_t{index_} << 48) | ++next_id_; }
   LocalAddresses& localAddresses() { return local_addresses_; }
   PipePool& pipes() { return pipes_; }
+  // Preloaded connections on shared memory open now (ShmConnection counts itself; loop thread).
+  std::size_t& shmConnections() { return shm_connections_; }
   BufferPool& buffers() { return buffers_; }
   // A buffer of relay.buffer_size bytes for whatever runs now on this loop (never held across
   // callbacks).
@@ -202,6 +204,7 @@ class Worker {
   IntrusiveList<Relay, ResumeListTag> resume_queue_;
   IntrusiveList<Session, SessionListTag> sessions_;
   std::size_t relay_count_ = 0;
+  std::size_t shm_connections_ = 0;
   std::uint64_t next_id_ = 0;
   LocalAddresses local_addresses_;
   PipePool pipes_;
