@@ -12,6 +12,8 @@
 // dmm_sidecar_handshake_rejections_total{role,reason}          counter
 // dmm_sidecar_fallbacks_total{reason,action}                   counter
 // dmm_sidecar_capture_refusals_total{reason}                   counter
+// dmm_sidecar_preload_connections_total{data_path}             counter
+// dmm_sidecar_preload_shm_declined_total{reason}               counter
 // dmm_sidecar_accept_errors_total{listener}                    counter
 // dmm_sidecar_splice_disabled_total                            counter
 // dmm_sidecar_tunnel_reuses_total{role}                        counter
@@ -166,6 +168,15 @@ class Metrics {
   void fallback(FallbackReason reason, bool direct) {
     fallbacks_[idx(reason) * 2 + (direct ? 0 : 1)]->Increment();
   }
+  // A preloaded connection handed on, by the data path between the application and us.
+  enum class PreloadPath { kUnixStream, kSharedMemory };
+  void preloadConnection(PreloadPath path) {
+    preload_connections_[static_cast<std::size_t>(path)]->Increment();
+  }
+  // The shim asked for shared memory and got the Unix stream: at the per-worker limit, or the
+  // memory, eventfd or SCM_RIGHTS message failed.
+  enum class ShmDeclined { kLimit, kError };
+  void shmDeclined(ShmDeclined why) { shm_declined_[static_cast<std::size_t>(why)]->Increment(); }
   enum class CaptureRefusal { kLoop, kNoOriginalDestination, kBadPreamble };
   void captureRefused(CaptureRefusal why) {
     capture_refusals_[static_cast<std::size_t>(why)]->Increment();
@@ -200,6 +211,8 @@ class Metrics {
   std::vector<prometheus::Counter*> rejections_;
   std::vector<prometheus::Counter*> fallbacks_;
   std::array<prometheus::Counter*, 3> capture_refusals_{};
+  std::array<prometheus::Counter*, 2> preload_connections_{};
+  std::array<prometheus::Counter*, 2> shm_declined_{};
   std::array<prometheus::Counter*, 2> accept_errors_{};
   prometheus::Counter* splice_disabled_ = nullptr;
   std::array<prometheus::Counter*, 2> tunnel_reuses_{};

@@ -122,23 +122,29 @@ void PreloadSession::readPreamble() {
       if (conn) {
         auto offered = (*conn)->offer();
         if (offered) {
+          worker.metrics().preloadConnection(Metrics::PreloadPath::kSharedMemory);
           OutboundSession::startPreloaded(worker, std::move(*conn), *destination, std::move(who));
           return;
         }
         spdlog::debug("conn {:x}: shared memory not offered: {}: {}", id, offered.error().reason,
                       std::strerror(offered.error().code));
         fd = (*conn)->releaseSocket();
+        worker.metrics().shmDeclined(Metrics::ShmDeclined::kError);
       } else {
+        worker.metrics().shmDeclined(Metrics::ShmDeclined::kError);
         static log::RateLimiter limiter;
         log::limited(limiter, spdlog::level::warn,
                      "conn {:x}: no shared memory for a preloaded connection, the Unix stream "
                      "instead: {}: {}",
                      id, conn.error().reason, std::strerror(conn.error().code));
       }
+    } else {
+      worker.metrics().shmDeclined(Metrics::ShmDeclined::kLimit);
     }
     char reply = preload::shm::kReplyStream;
     if (::send(fd.get(), &reply, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) return;
   }
+  worker.metrics().preloadConnection(Metrics::PreloadPath::kUnixStream);
   OutboundSession::startPreloaded(worker, std::move(fd), *destination, std::move(who));
 }
 
