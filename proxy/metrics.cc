@@ -219,15 +219,17 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
 
   auto& preload = BuildCounter()
                       .Name("dmm_sidecar_preload_connections_total")
-                      .Help("Connections the LD_PRELOAD shim handed over, by the data path between "
-                            "the application and the sidecar.")
+                      .Help(
+                          "Connections the LD_PRELOAD shim handed over, by the data path between "
+                          "the application and the sidecar.")
                       .Register(*registry_);
   preload_connections_[0] = &preload.Add({{"data_path", "unix_stream"}});
   preload_connections_[1] = &preload.Add({{"data_path", "shared_memory"}});
   auto& declined = BuildCounter()
                        .Name("dmm_sidecar_preload_shm_declined_total")
-                       .Help("Shim requests for shared memory answered with the Unix stream, by "
-                             "reason.")
+                       .Help(
+                           "Shim requests for shared memory answered with the Unix stream, by "
+                           "reason.")
                        .Register(*registry_);
   shm_declined_[0] = &declined.Add({{"reason", "limit"}});
   shm_declined_[1] = &declined.Add({{"reason", "error"}});

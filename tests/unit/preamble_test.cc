@@ -174,3 +174,53 @@ TEST(Preamble, RandomAndMutatedInputIsNeverMisread) {
 
 }  // namespace
 }  // namespace dmm::preload
+
+namespace dmm::preload {
+namespace {
+
+TEST(PreambleShm, TheShmFieldRoundTripsAndIsEmptyOnTheWire) {
+  Preamble p;
+  p.destination.family = AF_INET;
+  p.destination.port = 80;
+  p.destination.address[0] = 10;
+  p.qos = "bulk";
+  p.shm = true;
+  std::vector<std::uint8_t> bytes;
+  ASSERT_TRUE(encodePreamble(p, bytes));
+  // After the qos field: type 0x03, length 0.
+  ASSERT_GE(bytes.size(), 2u);
+  EXPECT_EQ(bytes[bytes.size() - 2], 0x03);
+  EXPECT_EQ(bytes[bytes.size() - 1], 0);
+  auto r = decodePreamble(bytes);
+  ASSERT_EQ(r.status, DecodeResult::Status::kOk) << r.error;
+  EXPECT_TRUE(r.preamble.shm);
+  EXPECT_EQ(r.preamble.qos, "bulk");
+  p.shm = false;
+  bytes.clear();
+  ASSERT_TRUE(encodePreamble(p, bytes));
+  EXPECT_FALSE(decodePreamble(bytes).preamble.shm);
+}
+
+TEST(PreambleShm, AShmFieldWithAValueOrTwiceIsInvalid) {
+  Preamble p;
+  p.destination.family = AF_INET;
+  p.destination.port = 80;
+  p.shm = true;
+  std::vector<std::uint8_t> bytes;
+  ASSERT_TRUE(encodePreamble(p, bytes));
+  auto twice = bytes;
+  twice.push_back(0x03);
+  twice.push_back(0);
+  twice[7] = static_cast<std::uint8_t>(twice[7] + 2);
+  EXPECT_EQ(decodePreamble(twice).status, DecodeResult::Status::kInvalid);
+  // The same with a one-byte value: 0x03, 1, 'x'.
+  std::vector<std::uint8_t> valued(bytes.begin(), bytes.end() - 2);
+  valued.insert(valued.end(), {0x03, 1, 'x'});
+  valued[7] = static_cast<std::uint8_t>(valued[7] + 1);
+  auto r = decodePreamble(valued);
+  EXPECT_EQ(r.status, DecodeResult::Status::kInvalid);
+  EXPECT_EQ(r.error, "shm has a value");
+}
+
+}  // namespace
+}  // namespace dmm::preload
