@@ -498,8 +498,11 @@ http {{
                 with open(f"/proc/{client.pid}/environ", "rb") as f:
                     shm_var = [e.decode() for e in f.read().split(b"\0")
                                if e.startswith(b"DMM_PRELOAD_SHM=")]
+                # Stage 2's rings are a memfd the sidecar passes and the client maps.
+                with open(f"/proc/{client.pid}/maps") as f:
+                    mapped = "/memfd:" in f.read()
             except OSError:
-                shm_var = []
+                shm_var, mapped = [], False
             ctl = subprocess.run([self.sidecar, "ctl", "--socket", self.shm["admin"],
                                   "connections"], capture_output=True, text=True, timeout=10)
             try:
@@ -515,10 +518,14 @@ http {{
                 good = len(lines) == 1 and " app=" not in lines[0]
             else:
                 good = len(lines) == 1 and " app=dmm-bench-tool " in lines[0] + " "
+                # unix must stay on the Unix stream; shm uses shared memory once the shim and
+                # the sidecar have stage 2 (until then it measures the Unix stream too)
+                good = good and not (v == "unix" and mapped)
             good = good and client.returncode == 0 and "tps=" in out
             note = (f"shm: warm-up {v}: {'ok' if good else 'FAILED'}: {out.strip()}; "
                     f"sidecar: {'; '.join(lines) or 'no connection'}"
-                    + (f"; client env {' '.join(shm_var)}" if shm_var else ""))
+                    + (f"; client env {' '.join(shm_var)}, shared memory "
+                       f"{'mapped' if mapped else 'not mapped'}" if shm_var else ""))
             log(note)
             self.shm["checks"].append(note)
             ok = ok and good
