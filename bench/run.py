@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
 """The DMM sidecar benchmark: the sidecar pair against the direct path, nginx and HAProxy.
 
-    bench/run.py [--quick] [--rounds N] [--sections tput,lat,conn,redis,mem] [--out DIR]
+    bench/run.py [--quick] [--rounds N] [--sections tput,lat,conn,redis,mem,shm] [--out DIR]
 
 Topology (every variant at once, in one network namespace this script makes with unshare -n,
 everything on 127.0.0.1):
 
     direct : client -> server
     others : client -> hop A -> hop B -> server     (each hop its own process)
+
+The shm section measures the application-to-sidecar leg instead, with one sidecar and servers on
+10.77.0.1 (the preload shim never captures loopback destinations):
+
+    direct : client -> echo
+    tcp    : client -> 127.0.0.1 [[forward]] -> sidecar -> echo     (what iptables capture gives)
+    unix   : client under LD_PRELOAD -> Unix socket -> sidecar -> echo    (DMM_PRELOAD_SHM=0)
+    shm    : the same with DMM_PRELOAD_SHM=1 (the shared-memory data path)
 
 Variants are measured in interleaved rounds (variant after variant, round after round) so the
 machine's noise hits all of them alike; results are medians with min..max. Output, in --out
@@ -48,6 +56,28 @@ VARIANTS = {
 }
 OURS = ("dmm", "dmm2", "dmmb")
 PEERS = ("nginx", "nginx2", "haproxy", "haproxy2")
+
+# The shm section (bench/README.md): the application-to-sidecar leg under three capture paths,
+# through one dedicated sidecar (no peer: it falls back to direct) to servers on SHM_ADDR, an
+# address that is local but not loopback, so that the preload shim captures it.
+SHM_ADDR = "10.77.0.1"
+SHM_DEV = "dmmshm0"
+SHM_SERVICES = {"echo": 7000, "iperf3": 5201}  # on SHM_ADDR
+SHM_FORWARD = {"echo": 11000, "iperf3": 11001}  # the sidecar's [[forward]] listeners, 127.0.0.1
+SHM_METRICS = 11008
+SHM_TUNNEL = 11009  # the peer tunnel port dialed on SHM_ADDR: nothing listens, so no sidecar
+SHM_VARIANTS = {
+    "direct": f"client straight to the echo server on {SHM_ADDR}, no sidecar",
+    "tcp": "loopback TCP to the sidecar's [[forward]] listener (what iptables REDIRECT gives)",
+    "unix": "LD_PRELOAD=libdmm-preload.so, stage 1: a Unix socket to the sidecar "
+            "(DMM_PRELOAD_SHM=0)",
+    "shm": "LD_PRELOAD=libdmm-preload.so with DMM_PRELOAD_SHM=1 (the shared-memory data path)",
+}
+SHM_LEGS = ("tcp", "unix", "shm")
+# (section, pinned, event-loop client): the 64 B ping-pong forms, measured in this order.
+SHM_RR = (("shm-rr64", False, False), ("shm-rr64-pinned", True, False),
+          ("shm-rr64-poll", False, True), ("shm-rr64-poll-pinned", True, True))
+SECTIONS = ("tput", "lat", "conn", "redis", "mem", "shm")
 FD_HARD_LIMIT_NOTE = "RLIMIT_NOFILE hard limit bounds the idle-connection count"
 
 
@@ -242,6 +272,29 @@ def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp", t
     return "\n".join(lines) + "\n"
 
 
+def shm_sidecar_conf(state_dir, log_level):
+    """The shm section's one sidecar: a [[forward]] listener per service for the tcp path, the
+    preload socket for the others. No peer sidecar runs at SHM_ADDR: the first connection probes
+    SHM_TUNNEL, is refused and goes direct, and so do all later ones (no_sidecar_ttl)."""
+    lines = [
+        "[sidecar]", "workers = 1",
+        "[log]", f'level = "{log_level}"', 'format = "plain"',
+        "[capture]", "enabled = false",
+        "[security]", f'psk = "{PSK}"',
+        "[metrics]", f'listen = "127.0.0.1:{SHM_METRICS}"',
+        "[timeouts]", 'idle = "10m"',
+        "[fallback]", 'mode = "direct"', 'no_sidecar_ttl = "1h"',
+        "[tunnel]", "enabled = false", f"port = {SHM_TUNNEL}",
+        "[admin]", f'socket = "{state_dir}/admin.sock"',
+        "[policy]", f'dir = "{state_dir}/policy.d"',
+        "[preload]", f'socket = "{state_dir}/preload.sock"',
+    ]
+    for s, p in SHM_SERVICES.items():
+        lines += ["[[forward]]", f'listen = "127.0.0.1:{SHM_FORWARD[s]}"',
+                  f'destination = "{SHM_ADDR}:{p}"']
+    return "\n".join(lines) + "\n"
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -256,6 +309,8 @@ class Bench:
         self.tool = os.path.join(args.build, "bench", "dmm-bench-tool")
         self.sidecar = os.path.join(args.build, "proxy", "dmm-sidecar")
         self.variants = [v for v in VARIANTS if v in args.variants]
+        self.preload_lib = os.path.join(args.build, "preload", "libdmm-preload.so")
+        self.shm = None  # the shm section's state once set up (start_shm)
 
     # -------------------------------------------------------------- setup
     def start_servers(self):
@@ -362,20 +417,143 @@ http {{
             pids += descendants(self.hops[variant][h].pid)
         return pids
 
+    # -------------------------------------------------------------- the shm section's setup
+    def start_shm(self):
+        """SHM_ADDR on a dummy interface, an echo and an iperf3 server there, and one sidecar
+        with a [[forward]] listener per server and a preload socket."""
+        d = os.path.join(self.run_dir, "shm")
+        os.makedirs(os.path.join(d, "policy.d"), exist_ok=True)
+        # A dummy interface needs the kernel's dummy driver; without it the address goes on lo,
+        # which carries the packets of every local address anyway. Either way the namespace
+        # takes it with it when the run ends.
+        r = subprocess.run(["ip", "link", "add", SHM_DEV, "type", "dummy"], capture_output=True,
+                           text=True)
+        dev = SHM_DEV
+        if r.returncode != 0:
+            log(f"shm: no dummy interface ({r.stderr.strip()}): {SHM_ADDR}/32 goes on lo")
+            dev = "lo"
+        subprocess.run(["ip", "addr", "add", f"{SHM_ADDR}/32", "dev", dev], check=True)
+        subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        shim_conf = os.path.join(d, "preload.conf")  # empty: only the environment below counts
+        open(shim_conf, "w").close()
+        self.shm = {"dir": d, "device": dev, "admin": os.path.join(d, "admin.sock"),
+                    "preload": os.path.join(d, "preload.sock"), "shim_conf": shim_conf,
+                    "ok": False, "checks": []}
+        self.shm["echo"] = self.procs.start(
+            "shm-echo-server", [self.tool, "echo", SHM_ADDR, str(SHM_SERVICES["echo"])])
+        self.procs.start("shm-iperf3-server", ["iperf3", "-s", "-p", str(SHM_SERVICES["iperf3"]),
+                                               "-B", SHM_ADDR])
+        conf = os.path.join(d, "sidecar.toml")
+        with open(conf, "w") as f:
+            f.write(shm_sidecar_conf(d, self.args.sidecar_log_level))
+        check = subprocess.run([self.sidecar, "--mode", "validate", "-c", conf],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"sidecar config {conf} invalid:\n{check.stderr}")
+        self.shm["sidecar"] = self.procs.start("shm-sidecar", [self.sidecar, "-c", conf])
+        want = {f"{SHM_ADDR}:{p}" for p in SHM_SERVICES.values()}
+        want |= {f"127.0.0.1:{p}" for p in SHM_FORWARD.values()}
+        deadline = time.time() + 15
+        missing = want
+        while time.time() < deadline:
+            out = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+            missing = {w for w in want if w + " " not in out}
+            if not missing and os.path.exists(self.shm["preload"]):
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit(f"shm: not listening after 15 s: {sorted(missing)} or no "
+                             f"{self.shm['preload']}; see {self.run_dir}")
+
+    def shm_target(self, variant, service):
+        if variant == "tcp":
+            return "127.0.0.1", SHM_FORWARD[service]
+        return SHM_ADDR, SHM_SERVICES[service]
+
+    def shm_env(self, variant):
+        """The preload paths' environment; fallback = refuse, so that a sidecar that is not
+        there fails the measurement instead of silently measuring the direct path."""
+        if variant not in ("unix", "shm"):
+            return None
+        return dict(os.environ, LD_PRELOAD=self.preload_lib,
+                    DMM_PRELOAD_CONFIG=self.shm["shim_conf"],
+                    DMM_PRELOAD_SOCKET=self.shm["preload"], DMM_PRELOAD_FALLBACK="refuse",
+                    DMM_PRELOAD_SHM="1" if variant == "shm" else "0")
+
+    def shm_pids(self, variant):
+        return [] if variant == "direct" else descendants(self.shm["sidecar"].pid)
+
+    def shm_warm_up(self):
+        """One connection through each path before measuring (the first one through the
+        sidecar probes SHM_ADDR for a peer sidecar; that is not what is measured), and, while it
+        runs, what the sidecar says about it (ctl connections)."""
+        ok = True
+        for v in SHM_VARIANTS:
+            host, prt = self.shm_target(v, "echo")
+            client = subprocess.Popen([self.tool, "rr", host, str(prt), "64", "1"],
+                                      env=self.shm_env(v), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+            time.sleep(0.5)
+            try:
+                with open(f"/proc/{client.pid}/environ", "rb") as f:
+                    shm_var = [e.decode() for e in f.read().split(b"\0")
+                               if e.startswith(b"DMM_PRELOAD_SHM=")]
+                # Stage 2's rings are a memfd the sidecar passes and the client maps.
+                with open(f"/proc/{client.pid}/maps") as f:
+                    mapped = "/memfd:" in f.read()
+            except OSError:
+                shm_var, mapped = [], False
+            ctl = subprocess.run([self.sidecar, "ctl", "--socket", self.shm["admin"],
+                                  "connections"], capture_output=True, text=True, timeout=10)
+            try:
+                out, _ = client.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                client.kill()
+                out, _ = client.communicate()
+            dst = f"dst={SHM_ADDR}:{SHM_SERVICES['echo']}"
+            lines = [line for line in ctl.stdout.splitlines() if dst in line]
+            if v == "direct":
+                good = not lines  # nothing else talks to the echo server now
+            elif v == "tcp":
+                good = len(lines) == 1 and " app=" not in lines[0]
+            else:
+                good = len(lines) == 1 and " app=dmm-bench-tool " in lines[0] + " "
+                # unix must stay on the Unix stream; shm uses shared memory once the shim and
+                # the sidecar have stage 2 (until then it measures the Unix stream too)
+                good = good and not (v == "unix" and mapped)
+            good = good and client.returncode == 0 and "tps=" in out
+            note = (f"shm: warm-up {v}: {'ok' if good else 'FAILED'}: {out.strip()}; "
+                    f"sidecar: {'; '.join(lines) or 'no connection'}"
+                    + (f"; client env {' '.join(shm_var)}, shared memory "
+                       f"{'mapped' if mapped else 'not mapped'}" if shm_var else ""))
+            log(note)
+            self.shm["checks"].append(note)
+            ok = ok and good
+        if not ok:
+            log(f"shm: a path does not go where it should; the shm section is skipped "
+                f"(logs: {self.run_dir}/shm-sidecar.log)")
+        self.shm["ok"] = ok
+
+    def pin_shm(self, cpus):
+        for p in [self.shm["echo"].pid] + descendants(self.shm["sidecar"].pid):
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(p)], capture_output=True)
+
     # -------------------------------------------------------------- measuring
     def record(self, section, variant, metric, rnd, value):
         if value is None:
             return
         self.rows.append((section, variant, metric, rnd, float(value)))
 
-    def measure(self, section, variant, rnd, argv, timeout):
-        """Runs argv; records the CPU of the proxies, of this run, and of other tenants."""
-        pids = self.hop_pids(variant)
+    def measure(self, section, variant, rnd, argv, timeout, pids=None, env=None):
+        """Runs argv; records the CPU of the proxies (`pids`, by default the variant's hops), of
+        this run, and of other tenants."""
+        if pids is None:
+            pids = self.hop_pids(variant)
         o0, f0 = tree_ticks(self.root)
         p0 = pid_ticks(pids)
         t0 = time.time()
         try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
             out = r.stdout + r.stderr
         except subprocess.TimeoutExpired:
             out = ""
@@ -484,6 +662,61 @@ http {{
                 if not got:
                     log(f"{sec} {v}: failed: {out[-300:]}")
 
+    def run_shm(self, rnd):
+        """The application-to-sidecar leg: 64 B ping-pong in four forms, then iperf3, each
+        through every path in turn. leg = p50(path) - p50(direct) of the same form and round:
+        what the capture path and the sidecar add (the sidecar's own hop to the echo server
+        costs what the direct client's does)."""
+        if not self.shm["ok"]:
+            return
+        t = self.args.t_lat
+        for sec, pinned, polled in SHM_RR:
+            if pinned:
+                self.pin_shm("0")
+            try:
+                p50 = {}
+                for v in SHM_VARIANTS:
+                    host, prt = self.shm_target(v, "echo")
+                    argv = [self.tool, "rr", host, str(prt), "64", str(t)]
+                    if polled:
+                        argv.append("poll")
+                    if pinned:
+                        argv = ["taskset", "-c", "0"] + argv
+                    out, pct = self.measure(sec, v, rnd, argv, t + 10, pids=self.shm_pids(v),
+                                            env=self.shm_env(v))
+                    kv = self.parse_kv(out)
+                    if "tps" not in kv:
+                        log(f"{sec} {v}: failed: {out[-300:]}")
+                        continue
+                    p50[v] = kv["p50_us"]
+                    self.record(sec, v, "p50 us", rnd, kv["p50_us"])
+                    self.record(sec, v, "p99 us", rnd, kv["p99_us"])
+                    self.record(sec, v, "transactions/s", rnd, kv["tps"])
+                    if v != "direct" and kv["tps"] > 0:
+                        self.record(sec, v, "proxy CPU us per transaction", rnd,
+                                    pct / 100.0 * 1e6 / kv["tps"])
+                if "direct" in p50:
+                    for v in SHM_LEGS:
+                        if v in p50:
+                            self.record(sec, v, "leg p50 us", rnd, p50[v] - p50["direct"])
+            finally:
+                if pinned:
+                    self.pin_shm(f"0-{os.cpu_count() - 1}")
+        t = self.args.t_tput
+        for v in SHM_VARIANTS:
+            host, prt = self.shm_target(v, "iperf3")
+            out, pct = self.measure("shm-tput-P1", v, rnd, ["iperf3", "-c", host, "-p", str(prt),
+                                                            "-t", str(t), "-P", "1", "-J"],
+                                    t + 15, pids=self.shm_pids(v), env=self.shm_env(v))
+            try:
+                # The shim's debug lines or iperf3's warnings may come before the JSON.
+                doc, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])
+                gbps = doc["end"]["sum_received"]["bits_per_second"]
+            except (ValueError, KeyError):
+                log(f"shm-tput-P1 {v}: iperf3 failed: {out[-300:]}")
+                continue
+            self.record("shm-tput-P1", v, "Gbit/s", rnd, gbps / 1e9)
+
     def run_mem(self):
         n = self.args.mem_conns
         for v in self.variants:
@@ -514,12 +747,21 @@ http {{
     # -------------------------------------------------------------- main
     def run(self):
         start = time.time()
-        self.start_servers()
-        self.start_proxies()
-        self.wait_listening()
+        sections = self.args.sections
+        # The shared servers and the proxy variants serve every section but shm.
+        common = bool(sections - {"shm"}) or bool(self.args.shell)
+        if common:
+            self.start_servers()
+            self.start_proxies()
+            self.wait_listening()
+        else:
+            self.variants = []
+        if "shm" in sections:
+            self.start_shm()
         time.sleep(0.5)
-        subprocess.run(["redis-cli", "-p", "6379", "set", "key:__rand_int__", "x"],
-                       capture_output=True)
+        if common:
+            subprocess.run(["redis-cli", "-p", "6379", "set", "key:__rand_int__", "x"],
+                           capture_output=True)
         if self.args.shell:
             # Exploration: the same namespace, servers and hops, then a command of yours.
             env = dict(os.environ, BENCH_TOOL=self.tool, BENCH_RUN=self.run_dir)
@@ -528,13 +770,22 @@ http {{
                     env[f"PORT_{v}_{s}"] = str(entry_port(v, s))
                 for hop in (1, 2):
                     env[f"PIDS_{v}_{'AB'[2 - hop]}"] = " ".join(map(str, self.hop_pids(v, hop)))
+            if self.shm:
+                env.update(SHM_ADDR=SHM_ADDR, SHM_PRELOAD_SOCKET=self.shm["preload"],
+                           SHM_PRELOAD_LIB=self.preload_lib, SHM_ADMIN_SOCKET=self.shm["admin"],
+                           PIDS_shm_sidecar=" ".join(map(str, self.shm_pids("shm"))))
+                for s in SHM_SERVICES:
+                    env[f"PORT_shm_tcp_{s}"] = str(SHM_FORWARD[s])
+                    env[f"PORT_shm_{s}"] = str(SHM_SERVICES[s])
             subprocess.run(["bash", "-c", self.args.shell], env=env)
             self.elapsed = time.time() - start
             return
-        sections = self.args.sections
+        if "shm" in sections:
+            self.shm_warm_up()
         for rnd in range(1, self.args.rounds + 1):
             for sec, fn in (("tput", self.run_tput), ("lat", self.run_lat),
-                            ("conn", self.run_conn), ("redis", self.run_redis)):
+                            ("conn", self.run_conn), ("redis", self.run_redis),
+                            ("shm", self.run_shm)):
                 if sec in sections:
                     log(f"round {rnd}/{self.args.rounds}: {sec}")
                     fn(rnd)
@@ -547,7 +798,8 @@ http {{
 
 # ---------------------------------------------------------------- reporting
 
-# The bar (bench/README.md): (section, metric, better, required ratio or absolute bound).
+# The bar (bench/README.md): (section, metric, better, required ratio or absolute bound, label
+# [, (variant, reference variant)]): without the pair, ours against the best peer.
 BAR = [
     ("tput-P1", "Gbit/s", "higher", 1.3, "iperf3 1 stream, two hops"),
     ("tput-P1", "Gbit/s per proxy core", "higher", 1.3, "Gbit/s per proxy core (1 stream)"),
@@ -557,7 +809,12 @@ BAR = [
     ("redis-P1", "SET requests/s", "higher", 1.2, "redis-benchmark SET pipeline 1"),
     ("mem", "KB per idle connection per hop", "absolute", 1.0,
      "process memory per idle connection per hop (KB)"),
+    ("shm-rr64-pinned", "leg p50 us", "lower", 0.5, "shm leg p50, 64 B ping-pong, pinned",
+     ("shm", "tcp")),
 ]
+# Not the bar: the same leg ratio in the other ping-pong forms, and the stage-1 path's.
+SHM_INFO_FORMS = (("shm-rr64", "unpinned"), ("shm-rr64-pinned", "pinned"),
+                  ("shm-rr64-poll", "poll, unpinned"), ("shm-rr64-poll-pinned", "poll, pinned"))
 LOWER_IS_BETTER = ("us", "KB", "errors", "%")
 
 
@@ -598,41 +855,78 @@ def best_peer(by_variant, lower):
     return (min if lower else max)(peers)
 
 
+def is_shm(section):
+    return section.startswith("shm-")
+
+
+def section_variants(section, variants):
+    """The columns of a section: the shm section has its own variants, not the proxies."""
+    return list(SHM_VARIANTS) if is_shm(section) else variants
+
+
+def ratio_of(mine, ref):
+    """mine / ref of two medians, or None when it means nothing (a leg at or below zero)."""
+    return mine / ref if ref > 0 and mine is not None else None
+
+
 def table(summary, variants, ours):
     lines = []
     for sec, metrics in summary.items():
+        shm = is_shm(sec)
+        cols = section_variants(sec, variants)
         lines.append(f"== {sec}")
-        header = f"{'metric':32s}" + "".join(f"{v:>22s}" for v in variants)
-        header += f"  {ours + ' vs best peer':>22s}"
+        header = f"{'metric':32s}" + "".join(f"{v:>22s}" for v in cols)
+        header += ("".join(f"  {v + ' vs tcp':>12s}" for v in ("unix", "shm")) if shm else
+                   f"  {ours + ' vs best peer':>22s}")
         lines.append(header)
         for metric, by_variant in metrics.items():
             lower = lower_better(metric)
             row = f"{metric:32s}"
-            for v in variants:
+            for v in cols:
                 s = by_variant.get(v)
                 cell = "-" if s is None else (
                     fmt(s["median"]) if s["n"] == 1 else
                     f"{fmt(s['median'])} [{fmt(s['min'])}..{fmt(s['max'])}]")
-                row += f"{cell:>22s}"
-            peer, name = best_peer(by_variant, lower)
-            mine = by_variant.get(ours)
-            if peer and mine and "%" not in metric and metric != "errors":
-                row += f"  {mine['median'] / peer:>13.2f}x {name:>8s}"
+                row += f" {cell:>21s}"  # a long cell still stands apart
+            if "%" in metric or metric == "errors":
+                pass
+            elif shm:
+                tcp = by_variant.get("tcp")
+                for v in ("unix", "shm"):
+                    r = tcp and by_variant.get(v) and ratio_of(by_variant[v]["median"],
+                                                            tcp["median"])
+                    row += f"  {r:>11.2f}x" if r is not None else f"  {'-':>12s}"
+            else:
+                peer, name = best_peer(by_variant, lower)
+                mine = by_variant.get(ours)
+                if peer and mine:
+                    row += f"  {mine['median'] / peer:>13.2f}x {name:>8s}"
             lines.append(row)
         lines.append("")
     return lines
 
 
 def bar_lines(summary, ours):
-    lines = [f"== the bar ({ours} on the kernel stack vs the best peer in this run)"]
+    lines = [f"== the bar ({ours} on the kernel stack vs the best peer in this run; "
+             "shm vs tcp on the shm line)"]
     verdicts = []
-    for sec, metric, better, need, label in BAR:
+    for sec, metric, better, need, label, *pair in BAR:
         by_variant = summary.get(sec, {}).get(metric)
-        if not by_variant or ours not in by_variant:
+        mine_name, ref_name = pair[0] if pair else (ours, None)
+        if not by_variant or mine_name not in by_variant or (
+                ref_name and ref_name not in by_variant):
             lines.append(f"  {label:50s} not measured")
             continue
-        mine = by_variant[ours]["median"]
-        if better == "absolute":
+        mine = by_variant[mine_name]["median"]
+        if ref_name:
+            ref = by_variant[ref_name]["median"]
+            r = ratio_of(mine, ref)
+            ok = r is not None and (r <= need if better == "lower" else r >= need)
+            req = ("<= " if better == "lower" else ">= ") + f"{need}x"
+            shown = f"{r:.2f}x" if r is not None else "undefined"
+            lines.append(f"  {label:50s} {fmt(mine):>8s} vs {ref_name} {fmt(ref):>8s} = "
+                         f"{shown}  required {req}  {'MET' if ok else 'NOT MET'}")
+        elif better == "absolute":
             ok = mine <= need
             lines.append(f"  {label:50s} {fmt(mine):>8s}  required <= {need}  "
                          f"{'MET' if ok else 'NOT MET'}")
@@ -650,6 +944,27 @@ def bar_lines(summary, ours):
     return lines, verdicts
 
 
+def shm_info_lines(summary):
+    """The leg of each path in every ping-pong form, and its ratio to the tcp leg."""
+    lines = []
+    for sec, form in SHM_INFO_FORMS:
+        legs = summary.get(sec, {}).get("leg p50 us", {})
+        if "tcp" not in legs:
+            continue
+        tcp = legs["tcp"]["median"]
+        row = f"  {form:16s} leg p50 tcp {fmt(tcp):>6s} us"
+        for v in ("unix", "shm"):
+            if v in legs:
+                r = ratio_of(legs[v]["median"], tcp)
+                row += (f", {v} {fmt(legs[v]['median']):>6s} us = "
+                        + (f"{r:.2f}x" if r is not None else "undefined"))
+        lines.append(row + (" (the bar line)" if sec == "shm-rr64-pinned" else ""))
+    if lines:
+        lines.insert(0, "== shm: the application-to-sidecar leg, p50(path) - p50(direct), "
+                        "and its ratio to the tcp leg (informational but for the bar line)")
+    return lines
+
+
 def charts(summary, variants, out_dir):
     try:
         import matplotlib
@@ -664,13 +979,17 @@ def charts(summary, variants, out_dir):
         if not shown:
             continue
         fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
+        cols = section_variants(sec, variants)
+        # sidecars green, peers blue, direct grey; in the shm section the tcp path is the
+        # reference (blue) and the preload paths green
+        ours = ("unix", "shm") if is_shm(sec) else OURS
         for ax, metric in zip(axes[0], shown):
             by_variant = metrics[metric]
-            names = [v for v in variants if v in by_variant]
+            names = [v for v in cols if v in by_variant]
             med = [by_variant[v]["median"] for v in names]
             err = [[by_variant[v]["median"] - by_variant[v]["min"] for v in names],
                    [by_variant[v]["max"] - by_variant[v]["median"] for v in names]]
-            colors = ["tab:green" if v in OURS else "tab:gray" if v == "direct" else "tab:blue"
+            colors = ["tab:green" if v in ours else "tab:gray" if v == "direct" else "tab:blue"
                       for v in names]
             ax.bar(names, med, yerr=err, color=colors, capsize=3)
             ax.set_title(metric, fontsize=9)
@@ -713,13 +1032,27 @@ def report(bench, args):
         lines.append(f"  {k}: {v}")
     for v in variants:
         lines.append(f"  {v}: {VARIANTS[v][1]}")
+    if bench.shm:
+        for v, what in SHM_VARIANTS.items():
+            lines.append(f"  shm section, {v}: {what}")
+        lines.append(f"  shm section: servers on {SHM_ADDR} (on {bench.shm['device']}), one "
+                     "dmm-sidecar, workers=1, [fallback] mode = direct (no peer sidecar)")
     lines.append("values: median [min..max] over rounds; ratio = ours / best peer (median); "
                  "proxy% = CPU of both hops, ours% = everything this run started, others% = "
                  "other tenants of the machine (noise), all in % of one core")
+    if bench.shm:
+        lines.append("shm-* sections: ratio = variant / tcp (median); proxy% = CPU of the one "
+                     "sidecar; leg p50 = p50(path) - p50(direct) per round")
     lines.append("")
     lines += table(summary, variants, args.ours)
     bar, verdicts = bar_lines(summary, args.ours)
     lines += bar
+    shm_info = shm_info_lines(summary)
+    if shm_info:
+        lines += [""] + shm_info
+    if bench.shm:
+        lines += ["", "== shm: the warm-up connections and what the sidecar said about them"]
+        lines += ["  " + c.removeprefix("shm: ") for c in bench.shm["checks"]]
     others = [r[4] for r in bench.rows if r[2] == "others%"]
     if others:
         lines.append(f"  CPU used by other tenants during the measurements: median "
@@ -733,6 +1066,10 @@ def report(bench, args):
                    "quick": args.quick, "seconds": bench.elapsed, "versions": versions(),
                    "variants": {v: VARIANTS[v][1] for v in variants}, "ours": args.ours,
                    "summary": summary, "bar": bar, "bar_met": all(verdicts) and bool(verdicts),
+                   "shm": bench.shm and {
+                       "variants": SHM_VARIANTS, "address": SHM_ADDR,
+                       "device": bench.shm["device"], "checks": bench.shm["checks"],
+                       "paths_ok": bench.shm["ok"], "legs": shm_info},
                    "charts": [os.path.basename(p) for p in pngs]}, f, indent=1)
     print(text)
     log(f"results in {args.out}: table.txt results.json raw.csv " +
@@ -743,7 +1080,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 short rounds (about 3 minutes)")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--sections", default="tput,lat,conn,redis,mem")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated, of " + ",".join(SECTIONS) + " (default: all)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--ours", default="dmm", help="the sidecar variant the bar is judged on")
     p.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -759,6 +1097,8 @@ def parse_args():
     p.add_argument("--mem-conns", type=int, default=8000, help=FD_HARD_LIMIT_NOTE)
     a = p.parse_args()
     a.sections = set(a.sections.split(","))
+    if a.sections - set(SECTIONS):
+        p.error(f"unknown sections: {','.join(sorted(a.sections - set(SECTIONS)))}")
     a.variants = set(a.variants.split(",")) | {"direct"}
     if a.compare_sidecar or a.compare_relay is not None:
         a.compare_sidecar = os.path.abspath(a.compare_sidecar or
@@ -793,8 +1133,12 @@ def main():
             if shutil.which(tool) is None:
                 sys.exit(f"bench/run.py: {tool} is missing; tests/bootstrap.sh bench installs "
                          "everything")
-        for binary in ("bench/dmm-bench-tool", "proxy/dmm-sidecar"):
-            if not os.access(os.path.join(args.build, binary), os.X_OK):
+        binaries = ["bench/dmm-bench-tool", "proxy/dmm-sidecar"]
+        if "shm" in args.sections:
+            binaries.append("preload/libdmm-preload.so")
+        for binary in binaries:
+            mode = os.R_OK if binary.endswith(".so") else os.X_OK
+            if not os.access(os.path.join(args.build, binary), mode):
                 sys.exit(f"bench/run.py: {args.build}/{binary} is not built "
                          "(tests/bootstrap.sh build)")
         env = dict(os.environ, DMM_BENCH_IN_NETNS="1")

@@ -1,10 +1,14 @@
 // dmm-bench-tool: the small load generators and servers the benchmark needs that Debian does not
 // ship in the form we need. One binary, one subcommand per role:
 //
-//   echo PORT                       echo server on 127.0.0.1:PORT (epoll, one thread, any number
-//                                   of connections)
-//   rr HOST PORT SIZE SECONDS       ping-pong of SIZE bytes on one connection:
-//                                   prints "tps=… p50_us=… p99_us=… p999_us=…"
+//   echo [HOST] PORT                echo server on HOST:PORT, default 127.0.0.1 (epoll, one
+//                                   thread, any number of connections)
+//   rr HOST PORT SIZE SECONDS [poll]
+//                                   ping-pong of SIZE bytes on one connection:
+//                                   prints "tps=… p50_us=… p99_us=… p999_us=…"; with "poll" the
+//                                   socket is non-blocking and every read waits in poll() for
+//                                   POLLIN first, every write that meets EAGAIN for POLLOUT (the
+//                                   event-loop form: a different wake-up path than a blocking read)
 //   crr HOST PORT SIZE SECONDS      connect, send SIZE bytes, read them back, close, again:
 //                                   prints "cps=… p50_us=… p99_us=…"
 //   idle HOST PORT N SECONDS        opens N connections, echoes one byte on each so every hop is
@@ -13,8 +17,10 @@
 // Every client bounds its run time; errors go to stderr with a non-zero exit.
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -96,13 +102,13 @@ void raiseFdLimit() {
   }
 }
 
-int echoServer(int port) {
+int echoServer(const char* host, int port) {
   raiseFdLimit();
   int lfd = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (lfd < 0) die("socket");
   int one = 1;
   ::setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  auto a = address("127.0.0.1", port);
+  auto a = address(host, port);
   if (::bind(lfd, reinterpret_cast<const sockaddr*>(&a), sizeof a) != 0) die("bind");
   if (::listen(lfd, 8192) != 0) die("listen");
   int ep = ::epoll_create1(EPOLL_CLOEXEC);
@@ -142,9 +148,50 @@ int echoServer(int port) {
   }
 }
 
-int pingPong(const char* host, int port, std::size_t size, double seconds) {
+// Waits until fd is ready for `events` (a non-blocking socket, the event-loop form).
+bool waitFor(int fd, short events) {
+  pollfd p{fd, events, 0};
+  int n;
+  do {
+    n = ::poll(&p, 1, -1);
+  } while (n < 0 && errno == EINTR);
+  return n > 0;  // POLLHUP/POLLERR too: the read or write that follows reports them
+}
+
+bool writeAllPolled(int fd, const char* p, std::size_t n) {
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!waitFor(fd, POLLOUT)) return false;
+      continue;
+    }
+    if (w <= 0) return false;
+    p += w;
+    n -= static_cast<std::size_t>(w);
+  }
+  return true;
+}
+
+bool readAllPolled(int fd, char* p, std::size_t n) {
+  while (n > 0) {
+    if (!waitFor(fd, POLLIN)) return false;
+    ssize_t r = ::read(fd, p, n);
+    if (r < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<std::size_t>(r);
+  }
+  return true;
+}
+
+int pingPong(const char* host, int port, std::size_t size, double seconds, bool polled) {
   auto a = address(host, port);
   int fd = connectTo(a);
+  if (polled) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) die("fcntl O_NONBLOCK");
+  }
   std::vector<char> out(size, 'x');
   std::vector<char> in(size);
   std::vector<double> lat;
@@ -154,7 +201,9 @@ int pingPong(const char* host, int port, std::size_t size, double seconds) {
   Clock::time_point now = start;
   while (now < end) {
     auto t0 = now;
-    if (!writeAll(fd, out.data(), size) || !readAll(fd, in.data(), size)) die("ping-pong");
+    bool ok = polled ? writeAllPolled(fd, out.data(), size) && readAllPolled(fd, in.data(), size)
+                     : writeAll(fd, out.data(), size) && readAll(fd, in.data(), size);
+    if (!ok) die("ping-pong");
     now = Clock::now();
     lat.push_back(std::chrono::duration<double, std::micro>(now - t0).count());
   }
@@ -218,8 +267,9 @@ int holdIdle(const char* host, int port, int count, double seconds) {
 
 void usage() {
   std::fprintf(stderr,
-               "usage: dmm-bench-tool echo PORT\n"
-               "       dmm-bench-tool rr|crr HOST PORT SIZE SECONDS\n"
+               "usage: dmm-bench-tool echo [HOST] PORT\n"
+               "       dmm-bench-tool rr HOST PORT SIZE SECONDS [poll]\n"
+               "       dmm-bench-tool crr HOST PORT SIZE SECONDS\n"
                "       dmm-bench-tool idle HOST PORT N SECONDS\n");
   std::exit(2);
 }
@@ -229,12 +279,14 @@ void usage() {
 int main(int argc, char** argv) {
   if (argc < 2) usage();
   std::string cmd = argv[1];
-  if (cmd == "echo" && argc == 3) return echoServer(std::atoi(argv[2]));
-  if ((cmd == "rr" || cmd == "crr") && argc == 6) {
+  if (cmd == "echo" && argc == 3) return echoServer("127.0.0.1", std::atoi(argv[2]));
+  if (cmd == "echo" && argc == 4) return echoServer(argv[2], std::atoi(argv[3]));
+  bool polled = cmd == "rr" && argc == 7 && std::string(argv[6]) == "poll";
+  if ((cmd == "rr" || cmd == "crr") && (argc == 6 || polled)) {
     auto size = static_cast<std::size_t>(std::atol(argv[4]));
     double seconds = std::atof(argv[5]);
     if (size == 0 || seconds <= 0) usage();
-    return cmd == "rr" ? pingPong(argv[2], std::atoi(argv[3]), size, seconds)
+    return cmd == "rr" ? pingPong(argv[2], std::atoi(argv[3]), size, seconds, polled)
                        : connectLoop(argv[2], std::atoi(argv[3]), size, seconds);
   }
   if (cmd == "idle" && argc == 6)
