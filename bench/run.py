@@ -64,16 +64,24 @@ SHM_ADDR = "10.77.0.1"
 SHM_DEV = "dmmshm0"
 SHM_SERVICES = {"echo": 7000, "iperf3": 5201}  # on SHM_ADDR
 SHM_FORWARD = {"echo": 11000, "iperf3": 11001}  # the sidecar's [[forward]] listeners, 127.0.0.1
+# The ipt path's own servers (same programs, other ports): the REDIRECT rule takes only these,
+# so the direct client and the sidecar's own connections to SHM_SERVICES are never redirected.
+SHM_IPT_SERVICES = {"echo": 7002, "iperf3": 5202}
+SHM_CAPTURE = 11002  # the sidecar's capture listener, 127.0.0.1 (the ipt path)
+SHM_MARK = "0x444d"  # the sidecar's SO_MARK (its default): its own connections are not redirected
 SHM_METRICS = 11008
 SHM_TUNNEL = 11009  # the peer tunnel port dialed on SHM_ADDR: nothing listens, so no sidecar
 SHM_VARIANTS = {
     "direct": f"client straight to the echo server on {SHM_ADDR}, no sidecar",
-    "tcp": "loopback TCP to the sidecar's [[forward]] listener (what iptables REDIRECT gives)",
+    "ipt": "iptables REDIRECT of the client's connection to the sidecar's capture listener "
+           "(loopback TCP plus netfilter NAT and SO_ORIGINAL_DST: the capture the issue names)",
+    "tcp": "loopback TCP to the sidecar's [[forward]] listener (the REDIRECT path without "
+           "netfilter: a faster baseline than ipt)",
     "unix": "LD_PRELOAD=libdmm-preload.so, stage 1: a Unix socket to the sidecar "
             "(DMM_PRELOAD_SHM=0)",
     "shm": "LD_PRELOAD=libdmm-preload.so with DMM_PRELOAD_SHM=1 (the shared-memory data path)",
 }
-SHM_LEGS = ("tcp", "unix", "shm")
+SHM_LEGS = ("ipt", "tcp", "unix", "shm")
 # (section, pinned, event-loop client): the 64 B ping-pong forms, measured in this order.
 SHM_RR = (("shm-rr64", False, False), ("shm-rr64-pinned", True, False),
           ("shm-rr64-poll", False, True), ("shm-rr64-poll-pinned", True, True))
@@ -279,7 +287,7 @@ def shm_sidecar_conf(state_dir, log_level):
     lines = [
         "[sidecar]", "workers = 1",
         "[log]", f'level = "{log_level}"', 'format = "plain"',
-        "[capture]", "enabled = false",
+        "[capture]", "enabled = true", f'listen = ["127.0.0.1:{SHM_CAPTURE}"]',
         "[security]", f'psk = "{PSK}"',
         "[metrics]", f'listen = "127.0.0.1:{SHM_METRICS}"',
         "[timeouts]", 'idle = "10m"',
@@ -443,6 +451,10 @@ http {{
             "shm-echo-server", [self.tool, "echo", SHM_ADDR, str(SHM_SERVICES["echo"])])
         self.procs.start("shm-iperf3-server", ["iperf3", "-s", "-p", str(SHM_SERVICES["iperf3"]),
                                                "-B", SHM_ADDR])
+        self.shm["ipt-echo"] = self.procs.start(
+            "shm-ipt-echo-server", [self.tool, "echo", SHM_ADDR, str(SHM_IPT_SERVICES["echo"])])
+        self.procs.start("shm-ipt-iperf3-server",
+                         ["iperf3", "-s", "-p", str(SHM_IPT_SERVICES["iperf3"]), "-B", SHM_ADDR])
         conf = os.path.join(d, "sidecar.toml")
         with open(conf, "w") as f:
             f.write(shm_sidecar_conf(d, self.args.sidecar_log_level))
@@ -452,7 +464,18 @@ http {{
             raise SystemExit(f"sidecar config {conf} invalid:\n{check.stderr}")
         self.shm["sidecar"] = self.procs.start("shm-sidecar", [self.sidecar, "-c", conf])
         want = {f"{SHM_ADDR}:{p}" for p in SHM_SERVICES.values()}
+        want |= {f"{SHM_ADDR}:{p}" for p in SHM_IPT_SERVICES.values()}
         want |= {f"127.0.0.1:{p}" for p in SHM_FORWARD.values()}
+        want.add(f"127.0.0.1:{SHM_CAPTURE}")
+        # The ipt path: what `capture install` puts in the nat OUTPUT chain, narrowed to the
+        # bench's servers and without its "local destination: RETURN" rule (SHM_ADDR is local
+        # here). The sidecar's own connections carry its mark and are left alone. The rule goes
+        # with the namespace.
+        subprocess.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", SHM_ADDR,
+                        "-m", "multiport", "--dports",
+                        ",".join(str(p) for p in SHM_IPT_SERVICES.values()),
+                        "-m", "mark", "!", "--mark", SHM_MARK,
+                        "-j", "REDIRECT", "--to-ports", str(SHM_CAPTURE)], check=True)
         deadline = time.time() + 15
         missing = want
         while time.time() < deadline:
@@ -468,6 +491,8 @@ http {{
     def shm_target(self, variant, service):
         if variant == "tcp":
             return "127.0.0.1", SHM_FORWARD[service]
+        if variant == "ipt":
+            return SHM_ADDR, SHM_IPT_SERVICES[service]
         return SHM_ADDR, SHM_SERVICES[service]
 
     def shm_env(self, variant):
@@ -510,11 +535,12 @@ http {{
             except subprocess.TimeoutExpired:
                 client.kill()
                 out, _ = client.communicate()
-            dst = f"dst={SHM_ADDR}:{SHM_SERVICES['echo']}"
+            port_ = (SHM_IPT_SERVICES if v == "ipt" else SHM_SERVICES)["echo"]
+            dst = f"dst={SHM_ADDR}:{port_}"
             lines = [line for line in ctl.stdout.splitlines() if dst in line]
             if v == "direct":
                 good = not lines  # nothing else talks to the echo server now
-            elif v == "tcp":
+            elif v in ("tcp", "ipt"):
                 good = len(lines) == 1 and " app=" not in lines[0]
             else:
                 good = len(lines) == 1 and " app=dmm-bench-tool " in lines[0] + " "
@@ -535,7 +561,8 @@ http {{
         self.shm["ok"] = ok
 
     def pin_shm(self, cpus):
-        for p in [self.shm["echo"].pid] + descendants(self.shm["sidecar"].pid):
+        for p in ([self.shm["echo"].pid, self.shm["ipt-echo"].pid] +
+                  descendants(self.shm["sidecar"].pid)):
             subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(p)], capture_output=True)
 
     # -------------------------------------------------------------- measuring
@@ -809,8 +836,8 @@ BAR = [
     ("redis-P1", "SET requests/s", "higher", 1.2, "redis-benchmark SET pipeline 1"),
     ("mem", "KB per idle connection per hop", "absolute", 1.0,
      "process memory per idle connection per hop (KB)"),
-    ("shm-rr64-pinned", "leg p50 us", "lower", 0.5, "shm leg p50, 64 B ping-pong, pinned",
-     ("shm", "tcp")),
+    ("shm-rr64-pinned", "leg p50 us", "lower", 0.5, "shm leg p50 vs iptables capture, pinned",
+     ("shm", "ipt")),
 ]
 # Not the bar: the same leg ratio in the other ping-pong forms, and the stage-1 path's.
 SHM_INFO_FORMS = (("shm-rr64", "unpinned"), ("shm-rr64-pinned", "pinned"),
@@ -876,7 +903,9 @@ def table(summary, variants, ours):
         cols = section_variants(sec, variants)
         lines.append(f"== {sec}")
         header = f"{'metric':32s}" + "".join(f"{v:>22s}" for v in cols)
-        header += ("".join(f"  {v + ' vs tcp':>12s}" for v in ("unix", "shm")) if shm else
+        header += ("".join(f"  {v + ' vs ' + b:>12s}"
+                           for b, v in (("tcp", "unix"), ("tcp", "shm"), ("ipt", "shm")))
+                   if shm else
                    f"  {ours + ' vs best peer':>22s}")
         lines.append(header)
         for metric, by_variant in metrics.items():
@@ -891,10 +920,10 @@ def table(summary, variants, ours):
             if "%" in metric or metric == "errors":
                 pass
             elif shm:
-                tcp = by_variant.get("tcp")
-                for v in ("unix", "shm"):
-                    r = tcp and by_variant.get(v) and ratio_of(by_variant[v]["median"],
-                                                            tcp["median"])
+                for base, v in (("tcp", "unix"), ("tcp", "shm"), ("ipt", "shm")):
+                    b = by_variant.get(base)
+                    r = b and by_variant.get(v) and ratio_of(by_variant[v]["median"],
+                                                            b["median"])
                     row += f"  {r:>11.2f}x" if r is not None else f"  {'-':>12s}"
             else:
                 peer, name = best_peer(by_variant, lower)
@@ -908,7 +937,7 @@ def table(summary, variants, ours):
 
 def bar_lines(summary, ours):
     lines = [f"== the bar ({ours} on the kernel stack vs the best peer in this run; "
-             "shm vs tcp on the shm line)"]
+             "shm vs ipt on the shm line)"]
     verdicts = []
     for sec, metric, better, need, label, *pair in BAR:
         by_variant = summary.get(sec, {}).get(metric)
@@ -945,23 +974,25 @@ def bar_lines(summary, ours):
 
 
 def shm_info_lines(summary):
-    """The leg of each path in every ping-pong form, and its ratio to the tcp leg."""
+    """The leg of each path in every ping-pong form, and its ratio to the ipt and tcp legs."""
     lines = []
     for sec, form in SHM_INFO_FORMS:
         legs = summary.get(sec, {}).get("leg p50 us", {})
-        if "tcp" not in legs:
-            continue
-        tcp = legs["tcp"]["median"]
-        row = f"  {form:16s} leg p50 tcp {fmt(tcp):>6s} us"
-        for v in ("unix", "shm"):
+        row = f"  {form:16s} leg p50"
+        for v in SHM_LEGS:
             if v in legs:
-                r = ratio_of(legs[v]["median"], tcp)
-                row += (f", {v} {fmt(legs[v]['median']):>6s} us = "
-                        + (f"{r:.2f}x" if r is not None else "undefined"))
-        lines.append(row + (" (the bar line)" if sec == "shm-rr64-pinned" else ""))
+                row += f" {v} {fmt(legs[v]['median'])}"
+        row += " us"
+        for base in ("ipt", "tcp"):
+            if base not in legs or "shm" not in legs:
+                continue
+            r = ratio_of(legs["shm"]["median"], legs[base]["median"])
+            row += f"; shm/{base} " + (f"{r:.2f}x" if r is not None else "undefined")
+        lines.append(row + (" (shm/ipt is the bar line)" if sec == "shm-rr64-pinned" else ""))
     if lines:
         lines.insert(0, "== shm: the application-to-sidecar leg, p50(path) - p50(direct), "
-                        "and its ratio to the tcp leg (informational but for the bar line)")
+                        "and shm's ratio to the ipt and tcp legs (informational but for the "
+                        "bar line)")
     return lines
 
 
@@ -1041,7 +1072,7 @@ def report(bench, args):
                  "proxy% = CPU of both hops, ours% = everything this run started, others% = "
                  "other tenants of the machine (noise), all in % of one core")
     if bench.shm:
-        lines.append("shm-* sections: ratio = variant / tcp (median); proxy% = CPU of the one "
+        lines.append("shm-* sections: ratio = variant / tcp or ipt (median); proxy% = CPU of the one "
                      "sidecar; leg p50 = p50(path) - p50(direct) per round")
     lines.append("")
     lines += table(summary, variants, args.ours)

@@ -282,10 +282,13 @@ ssize_t shmRead(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, int
       if (!peek && empty) {
         // Settle now, while the caller handles its bytes: arm, and take the doorbell that
         // announced them, so that the fd stops polling readable.
+        // A doorbell taken in this call already was that one: one is sent per arming, and
+        // every arming of this call was followed by the receive that took its doorbell.
         ch->down.control().consumer_armed.store(1, std::memory_order_seq_cst);
         if (ch->down.emptyAfterArming()) {
           char sink[64];
-          if (sys::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0) took_doorbell = true;
+          if (!took_doorbell && sys::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0)
+            took_doorbell = true;
           empty = ch->down.readable() == 0;
         } else {
           empty = false;
