@@ -622,6 +622,14 @@ int captureConnect(int fd, const sockaddr* addr, socklen_t len, const Endpoint& 
   }
   r.close(u);
   bool nonblocking = (r.fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+  if (shm != nullptr) {
+    // The entry holds the channel's reference now; how reads wait is the open file's.
+    shmSetNonBlocking(shm, nonblocking);
+    timeval tv{};
+    socklen_t tv_len = sizeof(tv);
+    if (r.getsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, &tv_len) == 0)
+      shmSetReceiveTimeout(shm, tv.tv_sec, tv.tv_usec);
+  }
   debugLog("fd %d: %s captured via %s%s%s%s", fd, where, cfg.socket_path, qos[0] ? ", qos " : "",
            qos,
            shm != nullptr ? ", shared memory"
@@ -815,9 +823,21 @@ DMM_EXPORT int dup3(int from, int to, int flags) noexcept {
 }
 
 namespace {
+// The channel of a shared-memory fd, for a bookkeeping update (not across I/O), or null.
+dmm::preload::ShmChannel* shmOf(int fd) {
+  dmm::preload::FdEntry* e = fdTable().find(fd);
+  return e != nullptr ? static_cast<dmm::preload::ShmChannel*>(e->shm()) : nullptr;
+}
+
 int fcntlCommon(int (*fn)(int, int, ...), int fd, int cmd, void* arg) {
   int rc = fn(fd, cmd, arg);
   if (rc >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)) fdTable().copy(fd, rc);
+  if (rc >= 0 && cmd == F_SETFL) {
+    if (auto* ch = shmOf(fd)) {
+      auto flags = static_cast<int>(reinterpret_cast<std::intptr_t>(arg));
+      dmm::preload::shmSetNonBlocking(ch, (flags & O_NONBLOCK) != 0);
+    }
+  }
   return rc;
 }
 }  // namespace
@@ -911,7 +931,16 @@ DMM_EXPORT int setsockopt(int fd, int level, int name, const void* value, sockle
     }
     return 0;
   }
-  return real().setsockopt(fd, level, name, value, len);
+  int rc = real().setsockopt(fd, level, name, value, len);
+  if (rc == 0 && level == SOL_SOCKET && name == SO_RCVTIMEO && value != nullptr &&
+      len >= sizeof(timeval)) {
+    if (auto* ch = shmOf(fd)) {
+      timeval tv{};
+      std::memcpy(&tv, value, sizeof(tv));
+      shmSetReceiveTimeout(ch, tv.tv_sec, tv.tv_usec);
+    }
+  }
+  return rc;
 }
 
 DMM_EXPORT int getsockopt(int fd, int level, int name, void* __restrict value,
@@ -1233,6 +1262,17 @@ DMM_EXPORT int ioctl(int fd, unsigned long request, ...) {
   va_start(ap, request);
   void* arg = va_arg(ap, void*);
   va_end(ap);
+  if (request == FIONBIO && arg != nullptr) {
+    int rc = static_cast<int>(::syscall(SYS_ioctl, fd, request, arg));
+    if (rc == 0) {
+      if (auto* ch = shmOf(fd)) {
+        int on = 0;
+        std::memcpy(&on, arg, sizeof on);
+        dmm::preload::shmSetNonBlocking(ch, on != 0);
+      }
+    }
+    return rc;
+  }
   if (request == FIONREAD) {
     if (ShmRef ch{fd}) {
       // The bytes ready in the ring, not the doorbells on the socket.

@@ -91,12 +91,14 @@ ShmChannel* allocateChannel() {
 
 void freeChannel(ShmChannel* ch) {
   if (ch->mapping != nullptr) ::munmap(ch->mapping, ch->size);
-  if (ch->wake_fd >= 0) {
-    if (FdEntry* e = fdTable().find(ch->wake_fd)) e->clear();
-    sys::close(ch->wake_fd);
+  for (int fd : {ch->wake_fd, ch->bell_fd}) {
+    if (fd < 0) continue;
+    if (FdEntry* e = fdTable().find(fd)) e->clear();
+    sys::close(fd);
   }
   ch->header = nullptr;
   ch->wake_fd = -1;
+  ch->bell_fd = -1;
   poolLock();
   ch->mapping = g_free;
   g_free = ch;
@@ -159,6 +161,17 @@ int sendTimeoutMs(int fd) {
 
 }  // namespace
 
+void shmSetNonBlocking(ShmChannel* ch, bool nonblocking) {
+  ch->header->app_nonblocking.store(nonblocking ? 1 : 0, std::memory_order_relaxed);
+}
+
+void shmSetReceiveTimeout(ShmChannel* ch, long sec, long usec) {
+  long ms = sec * 1000 + (usec + 999) / 1000;
+  if (ms < 0) ms = 0;
+  if (ms > 0x7fffffff) ms = 0x7fffffff;
+  ch->header->app_rcvtimeo_ms.store(static_cast<std::uint32_t>(ms), std::memory_order_relaxed);
+}
+
 void shmRetain(void* channel) {
   static_cast<ShmChannel*>(channel)->refs.fetch_add(1, std::memory_order_relaxed);
 }
@@ -198,7 +211,7 @@ ShmReply receiveShmReply(int sock, ShmChannel** out) {
       sys::close(fds[i]);
   };
   if (reply == shm::kReplyStream && nfds == 0) return ShmReply::kStream;
-  if (reply != shm::kReplyShm || nfds != 2 || (msg.msg_flags & MSG_CTRUNC) != 0) {
+  if (reply != shm::kReplyShm || nfds != 3 || (msg.msg_flags & MSG_CTRUNC) != 0) {
     closeAll();
     errno = EPROTO;
     return ShmReply::kFailed;
@@ -213,8 +226,12 @@ ShmReply receiveShmReply(int sock, ShmChannel** out) {
   auto size = static_cast<std::size_t>(st.st_size);
   void* mapping = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
   sys::close(fds[0]);
-  if (mapping == MAP_FAILED) {
+  auto closeRest = [&] {
     sys::close(fds[1]);
+    sys::close(fds[2]);
+  };
+  if (mapping == MAP_FAILED) {
+    closeRest();
     return ShmReply::kFailed;
   }
   auto* h = static_cast<shm::Header*>(mapping);
@@ -222,22 +239,25 @@ ShmReply receiveShmReply(int sock, ShmChannel** out) {
   if (h->magic != shm::kMagic || h->version != shm::kVersion || ring == 0 ||
       (ring & (ring - 1)) != 0 || shm::mappingBytes(ring) != size) {
     ::munmap(mapping, size);
-    sys::close(fds[1]);
+    closeRest();
     errno = EPROTO;
     return ShmReply::kFailed;
   }
   ShmChannel* ch = allocateChannel();
-  FdEntry* hidden = fdTable().get(fds[1]);
-  if (ch == nullptr || hidden == nullptr) {
+  FdEntry* hidden_wake = fdTable().get(fds[1]);
+  FdEntry* hidden_bell = fdTable().get(fds[2]);
+  if (ch == nullptr || hidden_wake == nullptr || hidden_bell == nullptr) {
     if (ch != nullptr) freeChannel(ch);
     ::munmap(mapping, size);
-    sys::close(fds[1]);
+    closeRest();
     errno = ENOMEM;
     return ShmReply::kFailed;
   }
   FdData d;
   d.state = FdState::kHidden;
-  hidden->write(d);
+  hidden_wake->write(d);
+  hidden_bell->write(d);
+  ch->bell_fd = fds[2];
   ch->mapping = mapping;
   ch->size = size;
   ch->header = h;
@@ -298,9 +318,46 @@ ssize_t shmRead(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, int
       if (!empty && took_doorbell) requestDoorbell(ch);
       return static_cast<ssize_t>(got);
     }
-    // Nothing to take: arm, look once more, then wait for a doorbell or the end on the socket
-    // (blocking or not as the fd is, bounded by its SO_RCVTIMEO).
-    ch->down.control().consumer_armed.store(1, std::memory_order_seq_cst);
+    // Nothing to take. A blocking read waits on the bell (a pipe: cheaper than a socket
+    // doorbell, and the sidecar's death closes it), unless the sidecar said its direction
+    // ended; the others arm the doorbell and look at the socket.
+    const bool blocking = (flags & MSG_DONTWAIT) == 0 &&
+                          ch->header->app_nonblocking.load(std::memory_order_relaxed) == 0;
+    if (blocking && ch->header->down_eof.load(std::memory_order_seq_cst) == 0) {
+      ch->down.control().consumer_armed.store(shm::kArmedBell, std::memory_order_seq_cst);
+      if (!ch->down.emptyAfterArming()) continue;
+      if (ch->header->down_eof.load(std::memory_order_seq_cst) == 0) {
+        int timeout = static_cast<int>(ch->header->app_rcvtimeo_ms.load(std::memory_order_relaxed));
+        if (timeout > 0) {
+          pollfd p{ch->bell_fd, POLLIN, 0};
+          int rc = sys::poll(&p, 1, timeout);
+          if (rc == 0) {
+            if (got > 0) return static_cast<ssize_t>(got);
+            errno = EAGAIN;  // as SO_RCVTIMEO on a socket
+            return -1;
+          }
+          if (rc < 0) {
+            if (got > 0) return static_cast<ssize_t>(got);
+            return -1;  // EINTR
+          }
+        }
+        char bells[64];
+        ssize_t b = ::syscall(SYS_read, ch->bell_fd, bells, sizeof bells);
+        if (b > 0) {
+          // The arming this bell answered sent no doorbell to the socket.
+          took_doorbell = true;
+          continue;
+        }
+        if (b < 0 && errno != EAGAIN) {
+          if (got > 0) return static_cast<ssize_t>(got);
+          return -1;  // EINTR
+        }
+        // b == 0: the sidecar is gone; its socket says how (below). EAGAIN: a bell taken by
+        // another thread; look again.
+        if (b < 0) continue;
+      }
+    }
+    ch->down.control().consumer_armed.store(shm::kArmedDoorbell, std::memory_order_seq_cst);
     if (!ch->down.emptyAfterArming()) continue;
     char sink[64];
     ssize_t k = sys::recv(fd, sink, sizeof sink, flags & MSG_DONTWAIT);

@@ -20,6 +20,7 @@ struct ShmChannel {
   shm::Ring up;      // we produce
   shm::Ring down;    // we consume
   int wake_fd = -1;  // the eventfd the sidecar waits on: a kHidden entry of the fd table
+  int bell_fd = -1;  // the read end of the bell pipe a blocked reader waits on: kHidden too
 };
 
 enum class ShmReply {
@@ -31,6 +32,11 @@ enum class ShmReply {
 // Reads the sidecar's one-byte answer to a preamble that asked for shared memory, on the
 // blocking socket `sock` (its SO_RCVTIMEO bounds the wait), and maps what came with it.
 ShmReply receiveShmReply(int sock, ShmChannel** out);
+
+// What the application sets on the open file that decides how reads wait (shared by every
+// process holding it): O_NONBLOCK and SO_RCVTIMEO.
+void shmSetNonBlocking(ShmChannel* ch, bool nonblocking);
+void shmSetReceiveTimeout(ShmChannel* ch, long sec, long usec);
 
 // For the fd table's ShmHooks.
 void shmRetain(void* channel);

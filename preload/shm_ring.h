@@ -4,7 +4,7 @@
 // the standard library and pthreads only: the shim and the daemon include the same file.
 //
 // One memfd per connection, made by the sidecar and passed to the shim over the connection's
-// Unix socket (SCM_RIGHTS, with an eventfd):
+// Unix socket (SCM_RIGHTS, with an eventfd and the read end of a pipe):
 //
 //   [Header: one page][up ring: application -> sidecar][down ring: sidecar -> application]
 //
@@ -18,8 +18,13 @@
 //   application -> sidecar: the eventfd. Written when the application produced into an empty
 //     ring the sidecar is waiting on (up.consumer_armed), freed space the sidecar waits for
 //     (down.producer_waiting), or asks for a doorbell (doorbell_request).
-//   sidecar -> application: the Unix socket, which stays the application's fd, so that poll,
-//     epoll and select see the truth without being intercepted:
+//   sidecar -> application, a reader blocked in read()/recv() (down.consumer_armed ==
+//     kArmedBell): one byte into a pipe whose read end the shim holds and blocks on. A pipe
+//     rather than an eventfd because the sidecar's death closes its write end, which wakes the
+//     reader (end of file); cheaper than a socket doorbell. The sidecar sets down_eof before it
+//     ends its direction and writes the bell then too.
+//   sidecar -> application, otherwise (kArmedDoorbell): the Unix socket, which stays the
+//     application's fd, so that poll, epoll and select see the truth without being intercepted:
 //     - readable: a kDoorbell byte, sent when the sidecar produced into the down ring while the
 //       application had found it empty (down.consumer_armed); or the socket's end of stream,
 //       after the sidecar's last byte (half-close) or when it closed.
@@ -47,9 +52,13 @@ inline constexpr std::size_t kHeaderBytes = 4096;
 
 // The sidecar's answer to a preamble that asked for shared memory: one byte, the first the
 // sidecar ever sends on the connection.
-inline constexpr char kReplyShm = 'S';     // with SCM_RIGHTS {memfd, eventfd}: stage 2
+inline constexpr char kReplyShm = 'S';     // with SCM_RIGHTS {memfd, eventfd, bell pipe}: stage 2
 inline constexpr char kReplyStream = 'U';  // no shared memory: the socket carries the stream
 inline constexpr char kDoorbell = 'D';
+inline constexpr char kBell = 'B';
+// consumer_armed of the down ring: how the application waits.
+inline constexpr std::uint32_t kArmedDoorbell = 1;  // poll/epoll/select or non-blocking
+inline constexpr std::uint32_t kArmedBell = 2;      // blocked in a read: the pipe
 inline constexpr char kFiller = 'F';
 
 struct RingControl {
@@ -74,6 +83,14 @@ struct Header {
   // Set by the application: it consumed a doorbell while bytes stay in the down ring (its
   // buffer was full), so its fd would not poll readable; the sidecar sends another.
   std::atomic<std::uint32_t> doorbell_request;
+  // Set by the sidecar before it shuts down its direction (after its last byte): a reader
+  // blocked on the bell looks at the socket for the end instead of blocking again.
+  std::atomic<std::uint32_t> down_eof;
+  // The application's side, shared by every process holding the fd (the file status flag and
+  // SO_RCVTIMEO belong to the open file, not to one process): O_NONBLOCK, and the receive
+  // timeout in ms (0: none). The sidecar never reads them.
+  std::atomic<std::uint32_t> app_nonblocking;
+  std::atomic<std::uint32_t> app_rcvtimeo_ms;
   RingControl up;    // application -> sidecar
   RingControl down;  // sidecar -> application
 };
@@ -181,10 +198,12 @@ class Ring {
   }
 
   // After a put(): whether the consumer must be woken (it was armed; disarms it).
-  bool takeConsumerArmed() {
+  bool takeConsumerArmed() { return takeConsumerArmedHow() != 0; }
+  // The same, saying how it waits (kArmedDoorbell, kArmedBell; 0: not armed).
+  std::uint32_t takeConsumerArmedHow() {
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (c_->consumer_armed.load(std::memory_order_relaxed) == 0) return false;
-    return c_->consumer_armed.exchange(0, std::memory_order_seq_cst) != 0;
+    if (c_->consumer_armed.load(std::memory_order_relaxed) == 0) return 0;
+    return c_->consumer_armed.exchange(0, std::memory_order_seq_cst);
   }
   // After a get(): whether the producer must be woken (it was waiting; clears the flag).
   bool takeProducerWaiting() {

@@ -1,5 +1,6 @@
 #include "proxy/shm_connection.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -33,17 +34,28 @@ Result<std::unique_ptr<ShmConnection>> ShmConnection::create(EventLoop& loop, Un
     ::munmap(mapping, size);
     return Error{e, "eventfd"};
   }
-  return std::unique_ptr<ShmConnection>(
-      new ShmConnection(loop, std::move(socket), std::move(memfd), std::move(wake), mapping, live));
+  // The read end blocks (the shim's reader sleeps in read() on it); ours never does.
+  int bell[2];
+  if (::pipe2(bell, O_CLOEXEC) != 0 || ::fcntl(bell[1], F_SETFL, O_NONBLOCK) != 0) {
+    int e = errno;
+    ::munmap(mapping, size);
+    return Error{e, "pipe2"};
+  }
+  return std::unique_ptr<ShmConnection>(new ShmConnection(loop, std::move(socket), std::move(memfd),
+                                                          std::move(wake), UniqueFd(bell[0]),
+                                                          UniqueFd(bell[1]), mapping, live));
 }
 
 ShmConnection::ShmConnection(EventLoop& loop, UniqueFd socket, UniqueFd memfd, UniqueFd wake,
-                             void* mapping, std::size_t& live)
+                             UniqueFd bell_read, UniqueFd bell_write, void* mapping,
+                             std::size_t& live)
     : loop_(loop),
       live_(live),
       socket_(std::move(socket)),
       memfd_(std::move(memfd)),
       wake_(std::move(wake)),
+      bell_read_(std::move(bell_read)),
+      bell_write_(std::move(bell_write)),
       mapping_(mapping),
       header_(static_cast<shm::Header*>(mapping)),
       up_(shm::upRing(mapping, kRingBytes)),
@@ -59,7 +71,7 @@ ShmConnection::~ShmConnection() {
 Status ShmConnection::offer() {
   char reply = shm::kReplyShm;
   iovec iov{&reply, 1};
-  alignas(cmsghdr) char control[CMSG_SPACE(2 * sizeof(int))] = {};
+  alignas(cmsghdr) char control[CMSG_SPACE(3 * sizeof(int))] = {};
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
@@ -68,16 +80,17 @@ Status ShmConnection::offer() {
   cmsghdr* c = CMSG_FIRSTHDR(&msg);
   c->cmsg_level = SOL_SOCKET;
   c->cmsg_type = SCM_RIGHTS;
-  c->cmsg_len = CMSG_LEN(2 * sizeof(int));
-  int fds[2] = {memfd_.get(), wake_.get()};
+  c->cmsg_len = CMSG_LEN(3 * sizeof(int));
+  int fds[3] = {memfd_.get(), wake_.get(), bell_read_.get()};
   std::memcpy(CMSG_DATA(c), fds, sizeof fds);
   ssize_t n;
   do {
     n = ::sendmsg(socket_.get(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
   } while (n < 0 && errno == EINTR);
   if (n != 1) return Error{n < 0 ? errno : EIO, "shm_offer"};
-  // The shim has the memory now; ours need not stay open.
+  // The shim has the memory and the bell's read end now; ours need not stay open.
   memfd_.reset();
+  bell_read_.reset();
   wake_event_ =
       loop_.newEvent(wake_.get(), EV_READ | EV_PERSIST | EV_ET, &ShmConnection::onWake, this);
   socket_event_ = loop_.newEvent(socket_.get(), EV_READ | EV_CLOSED | EV_PERSIST | EV_ET,
@@ -142,6 +155,12 @@ void ShmConnection::drainFiller() {
   }
 }
 
+void ShmConnection::ringBell() {
+  char b = shm::kBell;
+  // EAGAIN: the pipe is full of bells the reader has not taken; one of them will do.
+  (void)!::write(bell_write_.get(), &b, 1);
+}
+
 void ShmConnection::ringDoorbell() {
   char bell = shm::kDoorbell;
   ssize_t n = ::send(socket_.get(), &bell, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -181,7 +200,12 @@ IoResult ShmConnection::write(std::span<const std::byte> data) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     std::size_t n = down_.put(data.data(), data.size());
     if (n > 0) {
-      if (down_.takeConsumerArmed()) ringDoorbell();
+      std::uint32_t how = down_.takeConsumerArmedHow();
+      if (how == shm::kArmedBell) {
+        ringBell();
+      } else if (how != 0) {
+        ringDoorbell();
+      }
       return IoResult::ok(n);
     }
     // Full: ask the shim to write the eventfd when it frees space, then look again.
@@ -200,8 +224,10 @@ void ShmConnection::shutdownWrite() {
   if (write_shut_ || !socket_) return;
   write_shut_ = true;
   // After the last byte put in the ring: the shim reads the ring empty before it believes the
-  // end of stream.
+  // end of stream. A reader blocked on the bell is woken to look.
+  header_->down_eof.store(1, std::memory_order_seq_cst);
   ::shutdown(socket_.get(), SHUT_WR);
+  ringBell();
 }
 
 bool ShmConnection::mayBeReadable() const {
@@ -213,7 +239,8 @@ void ShmConnection::close(CloseType type) {
   wake_event_.reset();
   socket_event_.reset();
   if (type == CloseType::kAbort) header_->reset.store(1, std::memory_order_release);
-  release();
+  header_->down_eof.store(1, std::memory_order_seq_cst);
+  release();  // closing the bell's write end wakes a blocked reader (end of file)
 }
 
 void ShmConnection::release() {
@@ -221,6 +248,8 @@ void ShmConnection::release() {
   socket_.reset();
   wake_.reset();
   memfd_.reset();
+  bell_read_.reset();
+  bell_write_.reset();
   ::munmap(mapping_, shm::mappingBytes(kRingBytes));
   mapping_ = nullptr;
   header_ = nullptr;

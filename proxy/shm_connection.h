@@ -49,13 +49,15 @@ class ShmConnection final : public stacks::StackConnection {
   static constexpr std::uint32_t kRingBytes = preload::shm::kRingBytes;
 
  private:
-  ShmConnection(EventLoop& loop, UniqueFd socket, UniqueFd memfd, UniqueFd wake, void* mapping,
-                std::size_t& live);
+  ShmConnection(EventLoop& loop, UniqueFd socket, UniqueFd memfd, UniqueFd wake, UniqueFd bell_read,
+                UniqueFd bell_write, void* mapping, std::size_t& live);
   static void onWake(evutil_socket_t fd, short what, void* arg);
   static void onSocket(evutil_socket_t fd, short what, void* arg);
   // Reads back the shim's filler bytes: its fd polls writable again.
   void drainFiller();
   void ringDoorbell();
+  // Wakes a reader blocked on the bell pipe.
+  void ringBell();
   // The application's end is gone (closed, not just half-closed).
   void checkGone();
   void release();
@@ -64,7 +66,9 @@ class ShmConnection final : public stacks::StackConnection {
   std::size_t& live_;
   UniqueFd socket_;
   UniqueFd memfd_;
-  UniqueFd wake_;  // the eventfd the shim writes; never read here (edge-triggered)
+  UniqueFd wake_;        // the eventfd the shim writes; never read here (edge-triggered)
+  UniqueFd bell_read_;   // passed to the shim, then closed here
+  UniqueFd bell_write_;  // the bell: a byte wakes a reader blocked in read()
   void* mapping_;
   preload::shm::Header* header_;
   preload::shm::Ring up_;    // consumer side
