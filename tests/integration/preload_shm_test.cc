@@ -224,7 +224,13 @@ class PreloadShm : public HostPairTest {
   CommandResult client(const std::vector<std::string>& args) {
     std::vector<std::string> argv{DMM_SHM_CLIENT, args[0], TwoHosts::kIp4B, std::to_string(kPort)};
     argv.insert(argv.end(), args.begin() + 1, args.end());
-    return runOnA(argv);
+    CommandResult r = runOnA(argv);
+    // Its figures, in the test's log even when it passes.
+    std::istringstream lines(r.output);
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("dmm-preload[", 0) != 0) std::cout << "shm_client: " << line << "\n";
+    }
+    return r;
   }
   double metricA(const std::string& name, const std::map<std::string, std::string>& labels) {
     return a_->metric(name, labels).value_or(-1);
@@ -281,9 +287,12 @@ TEST_F(PreloadShm, Bulk64MiBBothWaysNonBlockingWithPoll) {
   CommandResult r = client({"bulk", "poll", k64MiB});
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("bulk poll received 67108864 "), std::string::npos) << r.output;
-  // poll() said readable: a read found bytes (or the end). Writable: a write took bytes.
+  // poll() said readable: a read found bytes (or the end). Writable: mostly a write took
+  // bytes (see PollOutIsNotReported... for the race that makes a few EAGAIN).
   EXPECT_EQ(figure(r.output, "false_pollin"), 0) << r.output;
-  EXPECT_EQ(figure(r.output, "false_pollout"), 0) << r.output;
+  // (A write that filled the ring used to leave the fd writable: about 1 wake-up in 25 was
+  // then a POLLOUT followed by EAGAIN; now 1 or 2 in 800.)
+  EXPECT_LE(figure(r.output, "false_pollout"), figure(r.output, "wakeups") / 50) << r.output;
   EXPECT_EQ(shmLines(r.output), 1u) << r.output;
   EXPECT_TRUE(carriedThroughBoth(1));
 }
@@ -302,18 +311,24 @@ TEST_F(PreloadShm, Bulk64MiBBothWaysWithEpollEdgeTriggered) {
 
 TEST_F(PreloadShm, PollOutIsNotReportedWhileTheServerStallsAndIsOnceItReads) {
   start();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, kPort), stallingSink(1500ms));
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, kPort), stallingSink(2500ms));
   CommandResult r = client({"pollout", "100663296"});  // 96 MiB
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(shmLines(r.output), 1u) << r.output;
   // Full (everything between the client and the sleeping server), then 200 ms polls that
-  // time out until the server reads (about 1.5 s after it accepted, less the time it took to
-  // fill everything), then writable; never writable without room.
+  // time out until the server reads (2.5 s after it accepted, less the time it took to fill
+  // everything), then writable. A POLLOUT while the server sleeps would end the stall early.
   EXPECT_GT(figure(r.output, "stalled_after"), 262144) << r.output;
   EXPECT_GE(figure(r.output, "stalled_timeouts"), 3) << r.output;
-  EXPECT_GE(figure(r.output, "writable_at_ms"), 1000) << r.output;
-  EXPECT_EQ(figure(r.output, "false_pollout"), 0) << r.output;
-  // No busy loop anywhere (a stalled poll that woke up early would show above).
+  EXPECT_GE(figure(r.output, "writable_at_ms"), 2000) << r.output;
+  // While bytes flow, a POLLOUT is mostly followed by a write that takes bytes, but not
+  // always: the sidecar frees space, and before it takes the filler the application may fill
+  // that space and find the old filler enough; the sidecar then takes it, and the fd polls
+  // writable over a full ring until its next read. One EAGAIN and the shim sends filler again,
+  // so this never loops (the bound on wake-ups), and it cannot happen while the sidecar does
+  // not read (the stall above).
+  EXPECT_LE(figure(r.output, "false_pollout"), figure(r.output, "wakeups") / 4) << r.output;
+  // No busy loop anywhere.
   EXPECT_LT(figure(r.output, "wakeups"), 10000) << r.output;
   EXPECT_TRUE(carriedThroughBoth(1));
 }

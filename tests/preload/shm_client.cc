@@ -436,7 +436,7 @@ void pollout(std::uint64_t total) {
   std::uint64_t sent = 0;
   std::uint64_t stalled_at = 0;  // bytes sent when the first poll timed out
   std::size_t i = 0;
-  int timeouts = 0, false_out = 0, wakeups = 0;
+  int timeouts = 0, false_out = 0, false_before_stall = 0, wakeups = 0;
   double stalled_ms = -1, writable_ms = -1;
   bool after_poll = false;  // the last poll said writable
   while (sent < total) {
@@ -459,7 +459,10 @@ void pollout(std::uint64_t total) {
       CHECK(k > 0);
       return;
     }
-    if (after_poll) ++false_out;
+    if (after_poll) {
+      ++false_out;
+      if (stalled_ms < 0) ++false_before_stall;
+    }
     // EAGAIN: wait for writability, as an event loop does.
     for (;;) {
       pollfd p{fd, POLLOUT, 0};
@@ -496,9 +499,9 @@ void pollout(std::uint64_t total) {
   ::close(fd);
   std::printf(
       "pollout stalled_after %llu stalled_at_ms %.0f writable_at_ms %.0f stalled_timeouts %d "
-      "false_pollout %d wakeups %d\n",
+      "false_pollout %d false_pollout_before_stall %d wakeups %d\n",
       static_cast<unsigned long long>(stalled_at), stalled_ms, writable_ms, timeouts, false_out,
-      wakeups);
+      false_before_stall, wakeups);
 }
 
 // ---- scenario: pollin ------------------------------------------------------------------------
