@@ -362,6 +362,13 @@ ssize_t shmWrite(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, in
     errno = ECONNRESET;
     return -1;
   }
+  if (ch->header->app_write_shut.load(std::memory_order_acquire) != 0) {
+    // After shutdown(SHUT_WR): the socket says EPIPE (and SIGPIPE unless asked not to), as TCP.
+    char f = shm::kFiller;
+    if (sys::send(fd, &f, 1, MSG_DONTWAIT | (flags & MSG_NOSIGNAL)) < 0) return -1;
+    errno = EPIPE;
+    return -1;
+  }
   const std::size_t want = total(iov, count);
   if (want == 0) return 0;
   std::size_t sent = 0;
