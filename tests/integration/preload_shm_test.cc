@@ -250,8 +250,11 @@ class PreloadShm : public HostPairTest {
                      {{"role", "inbound"}, {"stack", "kernel"}, {"outcome", "closed"}});
     };
     if (!eventually([&] { return outbound() >= n && inbound() >= n; }, 10s)) {
-      return ::testing::AssertionFailure() << "outbound kernel closed on A: " << outbound()
-                                           << ", inbound on B: " << inbound() << ", wanted " << n;
+      return ::testing::AssertionFailure()
+             << "outbound kernel closed on A: " << outbound() << ", inbound on B: " << inbound()
+             << ", wanted " << n << "\nstill open on A:\n"
+             << a_->ctl({"connections"}).output << "still open on B:\n"
+             << b_->ctl({"connections"}).output;
     }
     return ::testing::AssertionSuccess();
   }
