@@ -74,6 +74,7 @@ struct RealFunctions {
   ssize_t (*sendfile)(int, int, off_t*, size_t);
   ssize_t (*splice)(int, loff_t*, int, loff_t*, size_t, unsigned);
   int (*fclose)(FILE*);
+  int (*shutdown)(int, int);
 };
 
 // Raw system calls: what real() gives while the real functions are being resolved (dlsym may
@@ -166,6 +167,9 @@ int fclose(FILE*) {
   errno = ENOSYS;  // only while resolving: no stdio stream is closed from inside dlsym
   return EOF;
 }
+int shutdown(int fd, int how) {
+  return static_cast<int>(::syscall(SYS_shutdown, fd, how));
+}
 }  // namespace raw
 
 constexpr RealFunctions kRawFunctions = {
@@ -174,7 +178,7 @@ constexpr RealFunctions kRawFunctions = {
     raw::setsockopt, raw::getsockopt, raw::epoll_ctl, raw::close_range, raw::closefrom,
     raw::read,       raw::write,      raw::readv,     raw::writev,      raw::recv,
     raw::send,       raw::recvfrom,   raw::sendto,    raw::recvmsg,     raw::sendmsg,
-    raw::sendfile,   raw::splice,     raw::fclose};
+    raw::sendfile,   raw::splice,     raw::fclose,    raw::shutdown};
 
 // constinit: no dynamic initialiser may run after our constructor and undo its work.
 constinit RealFunctions g_real = kRawFunctions;
@@ -219,6 +223,7 @@ void resolveReal() {
   resolve(r.sendfile, "sendfile");
   resolve(r.splice, "splice");
   resolve(r.fclose, "fclose");
+  resolve(r.shutdown, "shutdown");
   fdTable().init();
   fdTable().setShmHooks({shmRetain, shmRelease});
   g_real = r;
@@ -1245,6 +1250,15 @@ DMM_EXPORT ssize_t splice(int in, loff_t* in_off, int out, loff_t* out_off, size
     return -1;
   }
   return real().splice(in, in_off, out, out_off, n, flags);
+}
+
+DMM_EXPORT int shutdown(int fd, int how) noexcept {
+  int rc = real().shutdown(fd, how);
+  if (rc == 0 && (how == SHUT_WR || how == SHUT_RDWR)) {
+    // The socket refuses writes now; the ring must too (shmWrite() checks the flag).
+    if (ShmRef ch{fd}) ch.get()->header->app_write_shut.store(1, std::memory_order_release);
+  }
+  return rc;
 }
 
 DMM_EXPORT int fclose(FILE* stream) {

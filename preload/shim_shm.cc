@@ -380,6 +380,35 @@ ssize_t shmRead(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, int
   }
 }
 
+namespace {
+
+// The up ring is full: makes the fd stop polling writable, as a TCP socket does when its send
+// buffer is full (filler bytes into the socket's minimal send buffer, read back by the sidecar
+// when it frees space), and asks the sidecar to say when it does. Returns 1 if there is room
+// again already (the sidecar is told to take the filler), 0 if not, -1 if the socket failed
+// (errno: EPIPE, the sidecar is gone; SIGPIPE came with it unless `flags` has MSG_NOSIGNAL).
+int stopWritable(ShmChannel* ch, int fd, int flags) {
+  for (int i = 0; i < 64; ++i) {
+    pollfd p{fd, POLLOUT, 0};
+    if (sys::poll(&p, 1, 0) != 1 || (p.revents & (POLLERR | POLLHUP)) != 0) break;
+    char f = shm::kFiller;
+    if (sys::send(fd, &f, 1, MSG_DONTWAIT | (flags & MSG_NOSIGNAL)) < 0) {
+      if (errno == EAGAIN) break;
+      return -1;
+    }
+  }
+  ch->up.control().producer_waiting.store(1, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (ch->up.writable() > 0) {
+    // Space came meanwhile; the sidecar may not have seen us wait: have it take the filler.
+    sys::signal(ch->wake_fd);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
 ssize_t shmWrite(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, int flags) {
   if ((flags & MSG_OOB) != 0) {
     errno = EOPNOTSUPP;
@@ -391,6 +420,13 @@ ssize_t shmWrite(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, in
     ssize_t k = sys::send(fd, &f, 1, MSG_DONTWAIT | (flags & MSG_NOSIGNAL));
     if (k < 0) return -1;
     errno = ECONNRESET;
+    return -1;
+  }
+  if (ch->header->app_write_shut.load(std::memory_order_acquire) != 0) {
+    // After shutdown(SHUT_WR): the socket says EPIPE (and SIGPIPE unless asked not to), as TCP.
+    char f = shm::kFiller;
+    if (sys::send(fd, &f, 1, MSG_DONTWAIT | (flags & MSG_NOSIGNAL)) < 0) return -1;
+    errno = EPIPE;
     return -1;
   }
   const std::size_t want = total(iov, count);
@@ -409,33 +445,28 @@ ssize_t shmWrite(ShmChannel* ch, int fd, const iovec* iov, std::size_t count, in
     }
     if (wake) sys::signal(ch->wake_fd);
     sent += n;
-    if (sent == want) return static_cast<ssize_t>(sent);
-    if (nonblocking < 0)
+    if (sent < want && nonblocking < 0)
       nonblocking = (flags & MSG_DONTWAIT) != 0 || (sys::fileFlags(fd) & O_NONBLOCK) != 0;
-    if (sent > 0 && nonblocking) return static_cast<ssize_t>(sent);
-    if (n > 0) continue;  // a blocking write goes on while there is room
-    // The ring is full. Make the fd stop polling writable: filler bytes into a minimal send
-    // buffer, read back by the sidecar when it frees space.
-    for (int i = 0; i < 64; ++i) {
-      pollfd p{fd, POLLOUT, 0};
-      if (sys::poll(&p, 1, 0) != 1 || (p.revents & (POLLERR | POLLHUP)) != 0) break;
-      char f = shm::kFiller;
-      if (sys::send(fd, &f, 1, MSG_DONTWAIT | (flags & MSG_NOSIGNAL)) < 0) {
-        if (errno == EAGAIN) break;
-        if (sent > 0) return static_cast<ssize_t>(sent);
-        return -1;  // EPIPE: the sidecar is gone (SIGPIPE came with it unless MSG_NOSIGNAL)
+    if (sent == want || (sent > 0 && nonblocking)) {
+      // Done. If these bytes filled the ring, the fd must not poll writable any more: the
+      // next write could take nothing (on TCP, a write that fills the buffer ends POLLOUT).
+      if (ch->up.writable() == 0) {
+        int saved = errno;
+        stopWritable(ch, fd, MSG_NOSIGNAL);  // a failure shows on the next write
+        errno = saved;
       }
+      return static_cast<ssize_t>(sent);
     }
-    ch->up.control().producer_waiting.store(1, std::memory_order_seq_cst);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (ch->up.writable() > 0) {
-      // Space came meanwhile; the sidecar may not have seen us wait: have it take the filler.
-      sys::signal(ch->wake_fd);
-      continue;
-    }
-    if (nonblocking) {
+    if (n > 0) continue;  // a blocking write goes on while there is room
+    // The ring is full.
+    int room = stopWritable(ch, fd, flags);
+    if (room < 0) {
       if (sent > 0) return static_cast<ssize_t>(sent);
-      errno = EAGAIN;
+      return -1;  // EPIPE: the sidecar is gone
+    }
+    if (room > 0) continue;
+    if (nonblocking) {
+      errno = EAGAIN;  // nothing sent: a non-blocking write with bytes returned above
       return -1;
     }
     pollfd p{fd, POLLOUT, 0};

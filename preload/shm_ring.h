@@ -91,6 +91,11 @@ struct Header {
   // timeout in ms (0: none). The sidecar never reads them.
   std::atomic<std::uint32_t> app_nonblocking;
   std::atomic<std::uint32_t> app_rcvtimeo_ms;
+  // Set by the application when it shut down its direction (shutdown(SHUT_WR or SHUT_RDWR)):
+  // its writes fail with EPIPE from then on, as on TCP, rather than put bytes in the ring after
+  // its end of stream. In the shared page, so that a fork()ed process's shutdown counts for
+  // every process. The sidecar does not read it: the socket's end of stream tells it.
+  std::atomic<std::uint32_t> app_write_shut;
   RingControl up;    // application -> sidecar
   RingControl down;  // sidecar -> application
 };
