@@ -124,12 +124,20 @@ void ShmConnection::onWake(evutil_socket_t, short, void* arg) {
 
 void ShmConnection::onSocket(evutil_socket_t, short what, void* arg) {
   auto* self = static_cast<ShmConnection*>(arg);
-  if ((what & EV_CLOSED) == 0) return;  // filler: read back when space is freed
-  if (self->app_eof_) return;
-  self->app_eof_ = true;
-  self->checkGone();
-  self->callbacks_->onReadable(*self);
-  if (self->mapping_ == nullptr) return;
+  if ((what & EV_CLOSED) == 0) {
+    // Filler (read back when space is freed), or the application's close: libevent reports a
+    // hang-up (EPOLLHUP, both directions shut) as EV_READ | EV_WRITE without EV_CLOSED.
+    pollfd p{self->socket_.get(), POLLRDHUP, 0};
+    if (::poll(&p, 1, 0) != 1 || (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) == 0) return;
+  }
+  if (!self->app_eof_) {
+    self->app_eof_ = true;
+    self->checkGone();
+    self->callbacks_->onReadable(*self);
+    if (self->mapping_ == nullptr) return;
+  } else if (!self->app_gone_) {
+    self->checkGone();  // a half-close earlier, the close now
+  }
   if (self->app_gone_ && self->want_write_) {
     self->want_write_ = false;
     self->callbacks_->onWritable(*self);  // the write sees the reset

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -733,6 +734,41 @@ print("redis ok", f.readline().decode().strip())
   EXPECT_NE(r.output.find("redis ok :20000\n"), std::string::npos) << r.output;
   EXPECT_EQ(shmLines(r.output), 1u) << r.output;
   EXPECT_TRUE(carriedThroughBoth(1));
+}
+
+}  // namespace
+}  // namespace dmm::testbed
+
+namespace dmm::testbed {
+namespace {
+
+TEST_F(PreloadShm, ACloseWithoutShutdownEndsTheSidecarsConnectionAtOnce) {
+  // close() of a shared-memory fd with nothing in flight: the sidecar sees its socket hang up
+  // (EPOLLHUP, which libevent reports as a read event, not EV_CLOSED) and ends the connection
+  // while the application is still running, not at the idle timeout.
+  start();
+  EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, kPort));
+  std::string script = dir_.write("close.py", R"PY(
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+assert "dmm-preload-shm" in open("/proc/self/maps").read(), "no shared memory mapped"
+s.sendall(b"x" * 64)
+got = b""
+while len(got) < 64:
+    got += s.recv(64)
+s.close()
+print("closed", flush=True)
+time.sleep(4)
+)PY");
+  auto started = std::chrono::steady_clock::now();
+  auto python = std::async(std::launch::async, [&] {
+    return runOnA({"/usr/bin/python3", script, TwoHosts::kIp4B, std::to_string(kPort)});
+  });
+  EXPECT_TRUE(carriedThroughBoth(1));
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3500ms) << "ended only when python exited";
+  CommandResult r = python.get();
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(shmLines(r.output), 1u) << r.output;
 }
 
 }  // namespace
