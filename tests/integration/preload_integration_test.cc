@@ -29,27 +29,6 @@ connect = "2s"
 handshake = "2s"
 )";
 
-// An HTTP/1.x server on a ThreadServer: answers every request with `body` and closes.
-ThreadServer::Handler httpHandler(const std::string& body) {
-  return [body](UniqueFd conn) {
-    std::string request;
-    char buf[4096];
-    while (request.find("\r\n\r\n") == std::string::npos) {
-      ssize_t n = ::read(conn.get(), buf, sizeof(buf));
-      if (n <= 0) return;
-      request.append(buf, static_cast<std::size_t>(n));
-    }
-    std::string path = request.substr(4, request.find(' ', 4) - 4);
-    std::string reply_body = body + " " + path;
-    std::string reply = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: " +
-                        std::to_string(reply_body.size()) + "\r\nConnection: close\r\n\r\n" +
-                        reply_body;
-    writeAll(conn.get(), reply.data(), reply.size());
-    ::shutdown(conn.get(), SHUT_WR);
-    readToEof(conn.get());
-  };
-}
-
 class PreloadShim : public HostPairTest {
  protected:
   void start(const std::map<std::string, std::string>& policy = {}) {
@@ -110,7 +89,8 @@ TEST_F(PreloadShim, CurlThroughBothSidecarsAndThePolicySeesItsNameAndQos) {
           "[[rule]]\nname = \"curl-latency\"\nmatch.app = [\"curl\"]\n"
           "match.qos = [\"latency\"]\nstacks = [\"kernel\"]\n\n"
           "[[rule]]\nname = \"curl\"\nmatch.app = [\"curl\"]\nstacks = [\"kernel\"]\n"}});
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 8081), httpHandler("hello from B"));
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 8081),
+                      httpHandler("hello from B", /*append_path=*/true));
   const std::vector<std::string> curl{
       "curl", "-sS", "--noproxy", "*", "--max-time", "10", "http://10.201.0.2:8081/first"};
   CommandResult r = runOnA(curl);
@@ -133,7 +113,8 @@ TEST_F(PreloadShim, CurlThroughBothSidecarsAndThePolicySeesItsNameAndQos) {
 
 TEST_F(PreloadShim, CurlOverIpv6) {
   start();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp6B, 8081), httpHandler("v6 on B"));
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp6B, 8081),
+                      httpHandler("v6 on B", /*append_path=*/true));
   CommandResult r = runOnA(
       {"curl", "-sS", "--noproxy", "*", "--max-time", "10", "http://[fd00:201::2]:8081/six"});
   EXPECT_EQ(r.status, 0) << r.output;
@@ -143,7 +124,8 @@ TEST_F(PreloadShim, CurlOverIpv6) {
 
 TEST_F(PreloadShim, CurlIsRefusedWhenTheSidecarIsGoneAndGoesDirectWhenAllowed) {
   start();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 8081), httpHandler("direct"));
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 8081),
+                      httpHandler("direct", /*append_path=*/true));
   a_->process().signal(SIGTERM);
   ASSERT_EQ(a_->process().wait(5s), 0);
   const std::vector<std::string> curl{
@@ -245,32 +227,11 @@ TEST_F(PreloadShim, NginxReverseProxyWithItsUpstreamsThroughTheShim) {
   start({{"10-nginx.toml",
           "[[rule]]\nname = \"nginx-upstream\"\nmatch.app = [\"nginx\"]\n"
           "stacks = [\"kernel\"]\n"}});
-  ThreadServer upstream(hosts_.b(), at(TwoHosts::kIp4B, 8081), httpHandler("upstream on B"));
+  ThreadServer upstream(hosts_.b(), at(TwoHosts::kIp4B, 8081),
+                        httpHandler("upstream on B", /*append_path=*/true));
   std::string prefix = dir_.path() + "/nginx";
   std::filesystem::create_directories(prefix);
-  std::string conf = dir_.write("nginx.conf", R"(daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid )" + prefix + R"(/nginx.pid;
-error_log )" + prefix + R"(/error.log info;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path )" + prefix + R"(/client_body;
-  proxy_temp_path )" + prefix + R"(/proxy;
-  fastcgi_temp_path )" + prefix + R"(/fastcgi;
-  uwsgi_temp_path )" + prefix + R"(/uwsgi;
-  scgi_temp_path )" + prefix + R"(/scgi;
-  server {
-    listen 127.0.0.1:8080;
-    location / {
-      proxy_pass http://10.201.0.2:8081;
-      proxy_connect_timeout 5s;
-    }
-  }
-}
-)");
+  std::string conf = dir_.write("nginx.conf", nginxProxyConf(prefix, "10.201.0.2:8081"));
   Process nginx(&hosts_.a(),
                 underShim({"nginx", "-p", prefix, "-c", conf, "-e", prefix + "/error.log"}),
                 dir_.path() + "/nginx.out");

@@ -144,4 +144,60 @@ void EchoServer::loop() {
   }
 }
 
+ThreadServer::Handler httpHandler(const std::string& body, bool append_path) {
+  return [body, append_path](UniqueFd conn) {
+    std::string request;
+    char buf[4096];
+    while (request.find("\r\n\r\n") == std::string::npos) {
+      ssize_t n = ::read(conn.get(), buf, sizeof(buf));
+      if (n <= 0) return;
+      request.append(buf, static_cast<std::size_t>(n));
+    }
+    std::string reply_body = body;
+    if (append_path) reply_body += " " + request.substr(4, request.find(' ', 4) - 4);
+    std::string head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Length: " +
+        std::to_string(reply_body.size()) + "\r\nConnection: close\r\n\r\n";
+    writeAll(conn.get(), head.data(), head.size());
+    writeAll(conn.get(), reply_body.data(), reply_body.size());
+    ::shutdown(conn.get(), SHUT_WR);
+    readToEof(conn.get());
+  };
+}
+
+std::string nginxProxyConf(const std::string& prefix, const std::string& upstream) {
+  return R"(daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid )" + prefix +
+         R"(/nginx.pid;
+error_log )" +
+         prefix + R"(/error.log info;
+events { worker_connections 64; }
+http {
+  access_log off;
+  client_body_temp_path )" +
+         prefix + R"(/client_body;
+  proxy_temp_path )" +
+         prefix + R"(/proxy;
+  fastcgi_temp_path )" +
+         prefix + R"(/fastcgi;
+  uwsgi_temp_path )" +
+         prefix + R"(/uwsgi;
+  scgi_temp_path )" +
+         prefix + R"(/scgi;
+  server {
+    listen 127.0.0.1:8080;
+    location / {
+      proxy_pass http://)" +
+         upstream + R"(;
+      proxy_connect_timeout 5s;
+    }
+  }
+}
+)";
+}
+
 }  // namespace dmm::testbed

@@ -62,4 +62,12 @@ class EchoServer {
   std::thread thread_;
 };
 
+// A ThreadServer handler for HTTP/1.x: answers every request with `body` (followed by " " and
+// the request's path when `append_path`), "Connection: close", then waits for the client's end.
+ThreadServer::Handler httpHandler(const std::string& body, bool append_path = false);
+
+// nginx.conf for a reverse proxy on 127.0.0.1:8080 to `upstream` ("10.201.0.2:8081"), not
+// daemonised, two workers, everything under `prefix` (which must exist).
+std::string nginxProxyConf(const std::string& prefix, const std::string& upstream);
+
 }  // namespace dmm::testbed
