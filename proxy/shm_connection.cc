@@ -177,6 +177,14 @@ void ShmConnection::ringDoorbell() {
 }
 
 IoResult ShmConnection::read(std::span<std::byte> buffer) {
+  // The shim waits for space: take its filler back just before freeing the space, not after.
+  // Taken after, the application could meanwhile fill the freed space, find its fd still
+  // unwritable (the old filler) and send none: the fd would then poll writable over a full
+  // ring. The check after the copy stays, for a wait that began during it.
+  if (!buffer.empty() && up_.control().producer_waiting.load(std::memory_order_relaxed) != 0 &&
+      up_.readable() > 0 && up_.takeProducerWaiting()) {
+    drainFiller();
+  }
   for (int attempt = 0; attempt < 2; ++attempt) {
     std::size_t n = up_.get(buffer.data(), buffer.size());
     if (n > 0) {

@@ -164,27 +164,6 @@ ThreadServer::Handler resetHandler(bool after) {
   };
 }
 
-// An HTTP/1.x server: answers every request with `body` and closes.
-ThreadServer::Handler httpHandler(const std::string& body) {
-  return [body](UniqueFd conn) {
-    std::string request;
-    char buf[4096];
-    while (request.find("\r\n\r\n") == std::string::npos) {
-      ssize_t n = ::read(conn.get(), buf, sizeof(buf));
-      if (n <= 0) return;
-      request.append(buf, static_cast<std::size_t>(n));
-    }
-    std::string reply =
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-        "Content-Length: " +
-        std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n";
-    writeAll(conn.get(), reply.data(), reply.size());
-    writeAll(conn.get(), body.data(), body.size());
-    ::shutdown(conn.get(), SHUT_WR);
-    readToEof(conn.get());
-  };
-}
-
 // ---- the fixture -------------------------------------------------------------------------------
 
 class PreloadShm : public HostPairTest {
@@ -315,23 +294,29 @@ TEST_F(PreloadShm, Bulk64MiBBothWaysWithEpollEdgeTriggered) {
 
 TEST_F(PreloadShm, PollOutIsNotReportedWhileTheServerStallsAndIsOnceItReads) {
   start();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, kPort), stallingSink(2500ms));
+  // 4 s, so that the fill (a few MiB through both sidecars) leaves time for the timed-out
+  // polls even on a loaded two-core machine (ctest -j2).
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, kPort), stallingSink(4000ms));
   CommandResult r = client({"pollout", "100663296"});  // 96 MiB
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(shmLines(r.output), 1u) << r.output;
   // Full (everything between the client and the sleeping server), then 200 ms polls that
-  // time out until the server reads (2.5 s after it accepted, less the time it took to fill
+  // time out until the server reads (4 s after it accepted, less the time it took to fill
   // everything), then writable. A POLLOUT while the server sleeps would end the stall early.
   EXPECT_GT(figure(r.output, "stalled_after"), 262144) << r.output;
   EXPECT_GE(figure(r.output, "stalled_timeouts"), 3) << r.output;
-  EXPECT_GE(figure(r.output, "writable_at_ms"), 2000) << r.output;
+  EXPECT_GE(figure(r.output, "writable_at_ms"), 3500) << r.output;
   // While bytes flow, a POLLOUT is mostly followed by a write that takes bytes, but not
-  // always: the sidecar frees space, and before it takes the filler the application may fill
-  // that space and find the old filler enough; the sidecar then takes it, and the fd polls
-  // writable over a full ring until its next read. One EAGAIN and the shim sends filler again,
-  // so this never loops (the bound on wake-ups), and it cannot happen while the sidecar does
-  // not read (the stall above).
-  EXPECT_LE(figure(r.output, "false_pollout"), figure(r.output, "wakeups") / 4) << r.output;
+  // always: the sidecar frees space and takes the filler back; the application may fill that
+  // space meanwhile and find the fd unwritable already (the old filler), so it sends none; the
+  // fd then polls writable over a full ring until the sidecar's next read. One EAGAIN and the
+  // shim sends filler again, so this never loops (the bound on wake-ups below), and it cannot
+  // happen while the sidecar does not read (the stall above). How often depends on how the
+  // two processes are scheduled: on an idle machine a few in a hundred wake-ups, under ctest
+  // -j2 up to half of those after the stall, so only the fill before the stall is bounded
+  // here (the sidecar takes the filler before it frees space, which made that phase rare).
+  EXPECT_LE(figure(r.output, "false_pollout_before_stall"), figure(r.output, "wakeups") / 4)
+      << r.output;
   // No busy loop anywhere.
   EXPECT_LT(figure(r.output, "wakeups"), 10000) << r.output;
   EXPECT_TRUE(carriedThroughBoth(1));
@@ -613,29 +598,7 @@ TEST_F(PreloadShm, NginxReverseProxyUpstreamsOnTheStreamTheirSocketsAreNotCloexe
   ThreadServer upstream(hosts_.b(), at(TwoHosts::kIp4B, 8081), httpHandler(big));
   std::string prefix = dir_.path() + "/nginx";
   std::filesystem::create_directories(prefix);
-  std::string conf = dir_.write("nginx.conf", R"(daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid )" + prefix + R"(/nginx.pid;
-error_log )" + prefix + R"(/error.log info;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path )" + prefix + R"(/client_body;
-  proxy_temp_path )" + prefix + R"(/proxy;
-  fastcgi_temp_path )" + prefix + R"(/fastcgi;
-  uwsgi_temp_path )" + prefix + R"(/uwsgi;
-  scgi_temp_path )" + prefix + R"(/scgi;
-  server {
-    listen 127.0.0.1:8080;
-    location / {
-      proxy_pass http://10.201.0.2:8081;
-      proxy_connect_timeout 5s;
-    }
-  }
-}
-)");
+  std::string conf = dir_.write("nginx.conf", nginxProxyConf(prefix, "10.201.0.2:8081"));
   std::string log = dir_.path() + "/nginx.out";
   Process nginx(
       &hosts_.a(),
