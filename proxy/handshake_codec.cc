@@ -26,7 +26,8 @@ enum Tlv : std::uint16_t {
   kTlvResult = 0x0010,
   kTlvChosen = 0x0011,
   kTlvSessionToken = 0x0012,
-  kTlvStackKinds = 0x0013,  // REPLY: the stack kinds the responder runs (peer facts)
+  kTlvStackKinds = 0x0013,    // REPLY: the stack kinds the responder runs (peer facts)
+  kTlvChosenParams = 0x0014,  // REPLY: the chosen instance's connect parameters (its kind's)
   kTlvAuth = 0x00FF,
 };
 constexpr std::uint16_t kCritical = 0x8000;
@@ -493,6 +494,11 @@ std::vector<std::uint8_t> encodeReply(const Reply& reply, std::span<const std::u
     w.bytes(reply.token->data(), reply.token->size());
     w.endTlv(at);
   }
+  if (reply.accepted && !reply.chosen_params.empty()) {
+    at = w.beginTlv(kTlvChosenParams);
+    w.bytes(reply.chosen_params.data(), std::min(reply.chosen_params.size(), kMaxParamsSize));
+    w.endTlv(at);
+  }
   if (reply.framing != 0) {
     at = w.beginTlv(kTlvFraming);
     w.u8(reply.framing);
@@ -514,8 +520,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
     result.error = e;
     return result;
   }
-  static constexpr std::uint16_t kKnown[] = {kTlvResult, kTlvChosen, kTlvSessionToken, kTlvFraming,
-                                             kTlvStackKinds};
+  static constexpr std::uint16_t kKnown[] = {kTlvResult,  kTlvChosen,     kTlvSessionToken,
+                                             kTlvFraming, kTlvStackKinds, kTlvChosenParams};
   std::vector<TlvView> tlvs;
   std::size_t auth_at = 0;
   std::span<const std::uint8_t> mac;
@@ -528,12 +534,14 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   const TlvView* token = nullptr;
   const TlvView* framing = nullptr;
   const TlvView* kinds = nullptr;
+  const TlvView* params = nullptr;
   for (const auto& t : tlvs) {
-    const TlvView** slot = t.type == kTlvResult       ? &res
-                           : t.type == kTlvChosen     ? &chosen
-                           : t.type == kTlvFraming    ? &framing
-                           : t.type == kTlvStackKinds ? &kinds
-                                                      : &token;
+    const TlvView** slot = t.type == kTlvResult         ? &res
+                           : t.type == kTlvChosen       ? &chosen
+                           : t.type == kTlvFraming      ? &framing
+                           : t.type == kTlvStackKinds   ? &kinds
+                           : t.type == kTlvChosenParams ? &params
+                                                        : &token;
     if (*slot != nullptr) {
       result.error = RejectReason::kMalformed;
       return result;
@@ -545,7 +553,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
                    (chosen->value.size() >= 2 && chosen->value.size() == 2u + chosen->value[1])) &&
                   (token == nullptr || token->value.size() == kTokenSize) &&
                   (framing == nullptr || framing->value.size() == 1) &&
-                  (kinds == nullptr || kinds->value.size() <= kMaxOffers);
+                  (kinds == nullptr || kinds->value.size() <= kMaxOffers) &&
+                  (params == nullptr || params->value.size() <= kMaxParamsSize);
   if (!sizes_ok) {
     result.error = RejectReason::kMalformed;
     return result;
@@ -563,7 +572,8 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   r.accepted = status == 0;
   r.reason = static_cast<RejectReason>(be16(res->value.data() + 1));
   // Accepted needs a choice; a reject carries none.
-  if (r.accepted != (chosen != nullptr) || (r.accepted && r.reason != RejectReason::kNone)) {
+  if (r.accepted != (chosen != nullptr) || (r.accepted && r.reason != RejectReason::kNone) ||
+      (params != nullptr && !r.accepted)) {
     result.error = RejectReason::kMalformed;
     return result;
   }
@@ -583,6 +593,7 @@ ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std
   }
   if (framing != nullptr) r.framing = framing->value[0];
   if (kinds != nullptr) r.stack_kinds.assign(kinds->value.begin(), kinds->value.end());
+  if (params != nullptr) r.chosen_params.assign(params->value.begin(), params->value.end());
   return result;
 }
 

@@ -85,7 +85,10 @@ struct Reply {
   std::uint8_t chosen_index = 0;  // index into the HELLO's offers
   std::string chosen_name;        // the responder's instance name
   std::optional<Token> token;     // for stacks that open a data connection of their own
-  std::uint8_t framing = 0;       // accepted: the HELLO's framing, if the responder frames too
+  // Accepted: the responder's instance's connect parameters (kind-specific, at most
+  // kMaxParamsSize bytes), for stacks that open a data connection of their own.
+  std::vector<std::uint8_t> chosen_params;
+  std::uint8_t framing = 0;  // accepted: the HELLO's framing, if the responder frames too
   // The StackKind values the responder runs (at most kMaxOffers): what the initiator learns
   // of the peer for its policy's `peer_stacks`. Values it does not know are kept as they are.
   std::vector<std::uint8_t> stack_kinds;

@@ -365,6 +365,44 @@ TEST(HandshakeReply, AcceptedRoundTripsWithAToken) {
   EXPECT_EQ(*r.reply.token, t);
 }
 
+TEST(HandshakeReply, ChosenParamsCarryTheRespondersEndpoint) {
+  // A stack with a data connection of its own (dpdk): the responder's connect parameters.
+  Reply reply;
+  reply.accepted = true;
+  reply.chosen_name = "dp0";
+  reply.token = Token{};
+  reply.chosen_params = {1, 4, 10, 202, 0, 2, 0x1c, 0x85};
+  auto nonce = makeNonce(6);
+  auto frame = encodeReply(reply, kKey, nonce);
+  auto r = decodeReply(frame, kKey, nonce, kMaxBody);
+  ASSERT_EQ(r.error, RejectReason::kNone) << reasonName(r.error);
+  EXPECT_EQ(r.reply.chosen_params, reply.chosen_params);
+  // TLV 0x0014, non-critical: an initiator that predates it skips it (and never offered a
+  // kind that needs it).
+  const Bytes tlv{0x00, 0x14, 0x00, 0x08, 1, 4, 10, 202};
+  EXPECT_NE(std::search(frame.begin(), frame.end(), tlv.begin(), tlv.end()), frame.end());
+  // Not sent without params; twice, with a reject, or over 1024 bytes: malformed.
+  reply.chosen_params.clear();
+  auto none = encodeReply(reply, kKey, nonce);
+  EXPECT_TRUE(decodeReply(none, kKey, nonce, kMaxBody).reply.chosen_params.empty());
+  auto n = nonceBytes(nonce);
+  auto twice = RawFrame(2)
+                   .tlv(0x0010, Bytes{0, 0, 0})
+                   .tlv(0x0011, Bytes{0, 1, 'd'})
+                   .tlv(0x0014, Bytes{1})
+                   .tlv(0x0014, Bytes{1})
+                   .finish(kKey, n);
+  EXPECT_EQ(decodeReply(twice, kKey, nonce, kMaxBody).error, RejectReason::kMalformed);
+  auto rejected = RawFrame(2).tlv(0x0010, Bytes{1, 0, 8}).tlv(0x0014, Bytes{1}).finish(kKey, n);
+  EXPECT_EQ(decodeReply(rejected, kKey, nonce, kMaxBody).error, RejectReason::kMalformed);
+  auto big = RawFrame(2)
+                 .tlv(0x0010, Bytes{0, 0, 0})
+                 .tlv(0x0011, Bytes{0, 1, 'd'})
+                 .tlv(0x0014, Bytes(1025, 7))
+                 .finish(kKey, n);
+  EXPECT_EQ(decodeReply(big, kKey, nonce, 4096).error, RejectReason::kMalformed);
+}
+
 TEST(HandshakeFraming, IsOfferedAndAcceptedWithItsOwnTlv) {
   Hello h = sampleHello();
   EXPECT_EQ(decodeHello(encodeHello(h, kKey), lookup(kKey), kMaxBody).hello.framing, 0);
