@@ -3,6 +3,9 @@
 #include <cerrno>
 
 #include "stacks/kernel/kernel_stack.h"
+#ifdef DMM_WITH_DPDK
+#include "stacks/dpdk/dpdk_stack.h"
+#endif
 
 namespace dmm::stacks {
 
@@ -17,6 +20,20 @@ IoResult IoResult::fromErrno(int e) {
     default:
       return {Status::kError, 0, e};
   }
+}
+
+Result<std::vector<std::uint8_t>> Stack::expectData(EventLoop&, const SessionToken&,
+                                                    std::span<const std::uint8_t>, DataAcceptor&) {
+  return Error{EOPNOTSUPP, "no_data_path"};
+}
+
+void Stack::cancelData(const SessionToken&) {}
+
+Result<std::unique_ptr<StackConnection>> Stack::connectData(EventLoop&,
+                                                            std::span<const std::uint8_t>,
+                                                            const SessionToken&,
+                                                            ConnectionCallbacks&) {
+  return Error{EOPNOTSUPP, "no_data_path"};
 }
 
 void StackRegistry::add(std::unique_ptr<StackFactory> factory) {
@@ -39,6 +56,9 @@ std::vector<std::string> StackRegistry::kinds() const {
 
 void registerBuiltinStacks(StackRegistry& registry) {
   registry.add(std::make_unique<kernel::KernelStackFactory>());
+#ifdef DMM_WITH_DPDK
+  registry.add(std::make_unique<dpdk::DpdkStackFactory>());
+#endif
 }
 
 }  // namespace dmm::stacks

@@ -11,6 +11,7 @@
 // every callback runs on that loop's thread. A Stack is shared by all workers and must be safe
 // to call from any of them.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -35,7 +36,14 @@ enum Capability : std::uint32_t {
   kNeedsPollThread = 1u << 2,  // the stack runs its own poll thread (DPDK lcore, RDMA CQ)
   kIpv6 = 1u << 3,             // can carry IPv6 destinations and peers
   kHalfClose = 1u << 4,        // shutdownWrite() keeps the other direction open
+  // Sessions flow on a data connection of the stack's own, opened after the handshake and bound
+  // to the session with its token (connectData() / expectData()); the handshake's control
+  // connection stays open beside it as the liveness channel.
+  kOwnDataPath = 1u << 5,
 };
+
+// The handshake's SESSION_TOKEN: binds a data connection to the session that issued it.
+using SessionToken = std::array<std::uint8_t, 16>;
 
 enum class CloseType : std::uint8_t {
   kGraceful,  // flush what was written, then end the stream (FIN)
@@ -104,6 +112,24 @@ class StackConnection {
   virtual std::optional<SocketAddress> peerAddress() const = 0;
 };
 
+// Receives the data connection a responder expected (Stack::expectData()), on the loop it
+// registered with.
+class DataAcceptor {
+ public:
+  virtual ~DataAcceptor() = default;
+  virtual void onDataConnection(std::unique_ptr<StackConnection> conn) = 0;
+};
+
+// One metric sample a stack instance reports at scrape time (the proxy adds its stack label).
+struct StackSample {
+  const char* name;  // full metric name, dmm_sidecar_<kind>_...
+  const char* help;
+  bool counter;  // counter (else gauge)
+  double value;
+  const char* label = nullptr;  // an optional second label and its value
+  const char* label_value = nullptr;
+};
+
 struct ConnectOptions {
   SocketAddress remote;
   std::uint32_t mark = 0;  // SO_MARK for kernel sockets (0: leave unset)
@@ -133,6 +159,28 @@ class Stack {
   virtual std::vector<std::uint8_t> advertise() const = 0;
   // False while the instance cannot carry connections (device gone, port down).
   virtual bool healthy() const { return true; }
+
+  // kOwnDataPath stacks only.
+  // Responder: the peer offered this kind with `offer_params`; expect its data connection
+  // presenting `token`, and hand it to `acceptor` on `loop` (the caller's). Returns this
+  // instance's connect parameters for the REPLY, or an error when it cannot take the offer
+  // (unreachable from here, full). `acceptor` must stay valid until the connection arrives or
+  // cancelData().
+  virtual Result<std::vector<std::uint8_t>> expectData(EventLoop& loop, const SessionToken& token,
+                                                       std::span<const std::uint8_t> offer_params,
+                                                       DataAcceptor& acceptor);
+  // Responder: no longer expect `token` (timeout, control connection gone). Loop thread.
+  virtual void cancelData(const SessionToken& token);
+  // Initiator: opens the data connection to the responder's `peer_params` (its REPLY) over
+  // this instance and presents `token`. onConnected() when the responder accepted the token,
+  // onConnectFailed() otherwise.
+  virtual Result<std::unique_ptr<StackConnection>> connectData(
+      EventLoop& loop, std::span<const std::uint8_t> peer_params, const SessionToken& token,
+      ConnectionCallbacks& callbacks);
+  // One line of state for `ctl stacks` and the start-up log ("" when there is nothing to say).
+  virtual std::string status() const { return {}; }
+  // The instance's own metrics, read at scrape time (any thread).
+  virtual void samples(std::vector<StackSample>& out) const { (void)out; }
 };
 
 // Kind-specific options of one [[stack]] table, produced by the kind's factory.

@@ -24,10 +24,11 @@ fi
 # Build and test dependencies, all from Debian 12.
 build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
-  libgtest-dev libsystemd-dev)
+  libgtest-dev libsystemd-dev
+  dpdk-dev libdpdk-dev dpkg-dev)
 # prometheus: promtool lints the /metrics page, and a real Prometheus server scrapes a sidecar
 # (tests/integration/metrics_integration_test.cc); the tests start their own, never the service.
-run_deps=(iproute2 iptables curl python3 procps prometheus)
+run_deps=(iproute2 iptables curl python3 procps prometheus ethtool)
 # The benchmark's peers, load generators and chart drawing.
 bench_deps=(util-linux iperf3 wrk haproxy nginx libnginx-mod-stream redis-server redis-tools
   python3-matplotlib)
@@ -68,6 +69,9 @@ if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
     fi
   fi
 fi
+
+# lwIP, the dpdk stack kind's TCP/IP engine, from Debian's source package (not committed).
+stacks/dpdk/fetch-lwip.sh
 
 echo "== building in $build"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
