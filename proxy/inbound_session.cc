@@ -55,10 +55,37 @@ void InboundSession::resume(Worker& worker, std::unique_ptr<stacks::StackConnect
   session->readHello();
 }
 
-InboundSession::~InboundSession() = default;
+InboundSession::~InboundSession() {
+  cancelData();
+}
 
 void InboundSession::onReadable(stacks::StackConnection& conn) {
-  if (&conn == control_.get() && state_ == State::kReadingHello) readHello();
+  if (&conn != control_.get()) return;
+  if (state_ == State::kReadingHello) {
+    readHello();
+  } else if (state_ == State::kAwaitingData) {
+    // Nothing more is due on the control connection before the data connection comes: the
+    // initiator gave up (closed, reset) or broke the protocol.
+    std::byte b[1];
+    auto r = control_->read(b);
+    if (r.status != stacks::IoResult::Status::kWouldBlock) drop(RejectionLabel::kTimeout, false);
+  }
+}
+
+void InboundSession::onDataConnection(std::unique_ptr<stacks::StackConnection> conn) {
+  expecting_ = false;
+  if (state_ != State::kAwaitingData) {
+    conn->close(CloseType::kAbort);
+    return;
+  }
+  data_ = std::move(conn);
+  startRelay();
+}
+
+void InboundSession::cancelData() {
+  if (!expecting_) return;
+  expecting_ = false;
+  worker_.context().stacks[chosen_stack_]->cancelData(token_);
 }
 
 void InboundSession::onWritable(stacks::StackConnection& conn) {
@@ -196,14 +223,28 @@ void InboundSession::onHello() {
   bool found = false;
   for (std::size_t i = 0; i < hello_.offers.size() && !found; ++i) {
     for (std::size_t j : decision_.action->stacks) {
-      const auto& stack = *ctx.stacks[j];
-      if (stack.kind() == handshake::stackKindName(hello_.offers[i].kind) && stack.healthy()) {
-        chosen_offer_ = static_cast<std::uint8_t>(i);
-        chosen_stack_ = j;
-        stack_chosen_ = true;
-        found = true;
-        break;
+      auto& stack = *ctx.stacks[j];
+      if (stack.kind() != handshake::stackKindName(hello_.offers[i].kind) || !stack.healthy())
+        continue;
+      if (stack.has(stacks::kOwnDataPath)) {
+        // The instance expects the initiator's data connection with a fresh token; one that
+        // cannot (the peer's instance is not reachable from it, it is full) is passed over.
+        worker_.randomBytes(token_);
+        auto params = stack.expectData(worker_.loop(), token_, hello_.offers[i].params, *this);
+        if (!params) {
+          spdlog::debug("conn {:x}: stack {} cannot take offer {}: {}", id_, stack.name(), i,
+                        params.error().reason);
+          continue;
+        }
+        chosen_params_ = std::move(*params);
+        own_data_path_ = true;
+        expecting_ = true;
       }
+      chosen_offer_ = static_cast<std::uint8_t>(i);
+      chosen_stack_ = j;
+      stack_chosen_ = true;
+      found = true;
+      break;
     }
   }
   if (!found) {
@@ -227,9 +268,14 @@ void InboundSession::onConnected(stacks::StackConnection& conn) {
   reply.accepted = true;
   reply.chosen_index = chosen_offer_;
   reply.chosen_name = worker_.context().stacks[chosen_stack_]->name();
-  // Framed data, and the connection kept for the peer's next session, when both want it.
-  framed_ = hello_.framing == handshake::kFramingV1 && config.tunnel_reuse;
+  // Framed data, and the connection kept for the peer's next session, when both want it (not
+  // for a session on a data connection of its own: the control connection is its liveness).
+  framed_ = hello_.framing == handshake::kFramingV1 && config.tunnel_reuse && !own_data_path_;
   if (framed_) reply.framing = handshake::kFramingV1;
+  if (own_data_path_) {
+    reply.token = token_;
+    reply.chosen_params = chosen_params_;
+  }
   reply.stack_kinds = worker_.context().stackKinds;
   writer_.set(handshake::encodeReply(reply, config.psk, hello_.nonce));
   state_ = State::kAccepting;
@@ -257,6 +303,7 @@ void InboundSession::reject(handshake::RejectReason reason) {
                hello_valid_ ? hello_.original_dst.toString() : std::string("-"),
                handshake::reasonName(reason), hello_valid_ ? hello_.connection_id : 0);
   if (server_) server_->close(CloseType::kAbort);
+  cancelData();
   handshake::Reply reply;
   reply.accepted = false;
   reply.reason = reason;
@@ -279,7 +326,12 @@ void InboundSession::flushReply() {
     case FrameWriter::Step::kDone:
       break;
   }
-  if (state_ == State::kAccepting) {
+  if (state_ == State::kAccepting && own_data_path_) {
+    // The initiator opens the data connection now; the control connection stays beside it.
+    state_ = State::kAwaitingData;
+    armTimer(worker_.config().handshake_timeout + worker_.config().connect_timeout);
+    if (data_) startRelay();
+  } else if (state_ == State::kAccepting) {
     startRelay();
   } else {
     control_->close(CloseType::kGraceful);
@@ -291,9 +343,12 @@ void InboundSession::startRelay() {
   auto& ctx = worker_.context();
   if (reused_) worker_.metrics().tunnelReused(Role::kInbound);
   // A reused connection is already tuned for the stack it carried.
-  auto adopted = reused_ && tuned_for_ == chosen_stack_
+  std::unique_ptr<stacks::StackConnection> liveness;
+  auto adopted = own_data_path_ ? Result<std::unique_ptr<stacks::StackConnection>>(std::move(data_))
+                 : reused_ && tuned_for_ == chosen_stack_
                      ? Result<std::unique_ptr<stacks::StackConnection>>(std::move(control_))
                      : ctx.stacks[chosen_stack_]->adopt(std::move(control_));
+  if (own_data_path_) liveness = std::move(control_);
   if (!adopted) {
     static log::RateLimiter limiter;
     log::limited(limiter, spdlog::level::warn, "conn {:x}: stack {} cannot carry the session: {}",
@@ -319,7 +374,8 @@ void InboundSession::startRelay() {
   info.rule = decision_.rule;
   info.facts = ClassifiedFacts::of(facts_);
   end();
-  Relay::start(worker_, info, std::move(*adopted), std::move(server_), reader_.surplus());
+  Relay::start(worker_, info, std::move(*adopted), std::move(server_), reader_.surplus(),
+               std::move(liveness));
 }
 
 void InboundSession::drop(RejectionLabel label, bool count) {
@@ -329,8 +385,10 @@ void InboundSession::drop(RejectionLabel label, bool count) {
     spdlog::info("conn {:x} role=inbound peer={} end=dropped reason={}", id_,
                  peer ? peer->toString() : "-", rejectionLabelName(label));
   }
+  cancelData();
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
+  if (data_) data_->close(CloseType::kAbort);
   end();
 }
 
@@ -338,8 +396,10 @@ void InboundSession::shutdown() {
   worker_.metrics().connectionFailed(Role::kInbound,
                                      stack_chosen_ ? chosen_stack_ : worker_.metrics().noStack(),
                                      Outcome::kShutdown);
+  cancelData();
   if (control_) control_->close(CloseType::kAbort);
   if (server_) server_->close(CloseType::kAbort);
+  if (data_) data_->close(CloseType::kAbort);
   end();
 }
 
@@ -360,6 +420,7 @@ void InboundSession::onTimeout() {
       reject(handshake::RejectReason::kDestinationUnreachable);
       break;
     case State::kAccepting:
+    case State::kAwaitingData:
       drop(RejectionLabel::kTimeout, true);
       break;
     case State::kRejecting:

@@ -21,7 +21,9 @@
 
 namespace dmm::proxy {
 
-class InboundSession final : public Session, public stacks::ConnectionCallbacks {
+class InboundSession final : public Session,
+                             public stacks::ConnectionCallbacks,
+                             public stacks::DataAcceptor {
  public:
   // Takes a connection accepted on a tunnel listener (worker thread).
   static void start(Worker& worker, UniqueFd control);
@@ -38,9 +40,11 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   void onConnectFailed(stacks::StackConnection& conn, Error error) override;
   void onReadable(stacks::StackConnection& conn) override;
   void onWritable(stacks::StackConnection& conn) override;
+  // The chosen stack's data connection (kOwnDataPath stacks), bound by the token.
+  void onDataConnection(std::unique_ptr<stacks::StackConnection> conn) override;
 
  private:
-  enum class State { kReadingHello, kConnecting, kAccepting, kRejecting };
+  enum class State { kReadingHello, kConnecting, kAccepting, kAwaitingData, kRejecting };
 
   InboundSession(Worker& worker, UniqueFd control);
   InboundSession(Worker& worker, std::unique_ptr<stacks::StackConnection> control);
@@ -53,6 +57,8 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   void startRelay();
   // Ends without a reply (not our protocol, timeout, peer gone).
   void drop(RejectionLabel label, bool count);
+  // No longer waits for a data connection (kOwnDataPath stacks).
+  void cancelData();
   void onTimeout() override;
 
   State state_ = State::kReadingHello;
@@ -64,6 +70,13 @@ class InboundSession final : public Session, public stacks::ConnectionCallbacks 
   std::size_t chosen_stack_ = 0;
   bool stack_chosen_ = false;  // chosen_stack_ is meaningful
   std::uint8_t chosen_offer_ = 0;
+  // A stack whose sessions flow on a data connection of its own: the token it expects and its
+  // connect parameters for the REPLY; data_ once it came.
+  bool own_data_path_ = false;
+  bool expecting_ = false;
+  stacks::SessionToken token_{};
+  std::vector<std::uint8_t> chosen_params_;
+  std::unique_ptr<stacks::StackConnection> data_;
   bool reused_ = false;               // an earlier session ran on control_
   std::size_t tuned_for_ = SIZE_MAX;  // reused: the stack instance control_ is tuned for
   bool framed_ = false;               // this session's data is framed

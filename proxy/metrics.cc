@@ -58,6 +58,10 @@ const char* fallbackReasonName(FallbackReason r) {
       return "cached_no_sidecar";
     case FallbackReason::kBreakerOpen:
       return "breaker_open";
+    case FallbackReason::kDataPathFailed:
+      return "data_path_failed";
+    case FallbackReason::kStackDown:
+      return "stack_down";
     default:
       return "unknown";
   }
@@ -81,6 +85,10 @@ const char* attemptOutcomeName(AttemptOutcome o) {
       return "rejected";
     case AttemptOutcome::kSkippedBreaker:
       return "skipped_breaker_open";
+    case AttemptOutcome::kSkippedDown:
+      return "skipped_down";
+    case AttemptOutcome::kFailedDataPath:
+      return "failed_data_path";
     default:
       return "unknown";
   }

@@ -77,6 +77,8 @@ enum class FallbackReason : std::uint8_t {
   kPeerOverloaded,          // the peer asked us to go elsewhere
   kCachedNoSidecar,         // the peer was recently found to have no sidecar
   kBreakerOpen,             // every candidate stack's circuit breaker toward the peer is open
+  kDataPathFailed,          // the chosen stack's own data connection failed, none other left
+  kStackDown,               // every candidate stack instance of this side is down
   kCount
 };
 const char* fallbackReasonName(FallbackReason r);
@@ -116,6 +118,8 @@ enum class AttemptOutcome : std::uint8_t {
   kFailedClosed,       // the peer closed, broke or timed out the connection before its REPLY
   kRejected,           // the peer sidecar answered with a reject
   kSkippedBreaker,     // not tried: its circuit breaker toward the peer is open
+  kSkippedDown,        // not tried: the instance is down (its port or EAL failed to start)
+  kFailedDataPath,     // accepted, but its data connection could not be opened or bound
   kCount
 };
 const char* attemptOutcomeName(AttemptOutcome o);

@@ -9,11 +9,13 @@
 
 #include "common/socket_util.h"
 #include "proxy/process_metrics.h"
+#include "proxy/stack_metrics.h"
 
 namespace dmm::proxy {
 
-MetricsServer::MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry)
-    : registry_(std::move(registry)), http_(evhttp_new(loop.base())) {
+MetricsServer::MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry,
+                             const std::vector<std::unique_ptr<stacks::Stack>>& stacks)
+    : registry_(std::move(registry)), stacks_(stacks), http_(evhttp_new(loop.base())) {
   evhttp_set_allowed_methods(http_, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
   evhttp_set_timeout(http_, 10);
   evhttp_set_gencb(http_, &MetricsServer::onRequest, this);
@@ -51,6 +53,8 @@ void MetricsServer::onRequest(evhttp_request* request, void* arg) {
   auto families = self->registry_->Collect();
   auto process = collectProcessMetrics();
   families.insert(families.end(), process.begin(), process.end());
+  auto stack = collectStackMetrics(self->stacks_);
+  families.insert(families.end(), stack.begin(), stack.end());
   prometheus::TextSerializer().Serialize(text, families);
   std::string page = text.str();
   evbuffer_add(body, page.data(), page.size());

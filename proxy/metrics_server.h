@@ -13,16 +13,20 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/event_loop.h"
 #include "common/socket_address.h"
 #include "common/unique_fd.h"
+#include "stacks/stack.h"
 
 namespace dmm::proxy {
 
 class MetricsServer {
  public:
-  MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry);
+  // `stacks`: the instances whose own metrics are added at each scrape (they outlive this).
+  MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry,
+                const std::vector<std::unique_ptr<stacks::Stack>>& stacks);
   ~MetricsServer();
   MetricsServer(const MetricsServer&) = delete;
   MetricsServer& operator=(const MetricsServer&) = delete;
@@ -34,6 +38,7 @@ class MetricsServer {
   static void onRequest(evhttp_request* request, void* arg);
 
   std::shared_ptr<prometheus::Registry> registry_;
+  const std::vector<std::unique_ptr<stacks::Stack>>& stacks_;
   evhttp* http_ = nullptr;
 };
 

@@ -100,6 +100,10 @@ OutboundSession::OutboundSession(Worker& worker, std::unique_ptr<stacks::StackCo
 OutboundSession::~OutboundSession() = default;
 
 void OutboundSession::retireUpstream() {
+  if (data_) {
+    data_->close(CloseType::kAbort);
+    retired_.push_back(std::move(data_));
+  }
   if (!upstream_) return;
   upstream_->close(CloseType::kAbort);
   retired_.push_back(std::move(upstream_));
@@ -129,11 +133,17 @@ void OutboundSession::begin() {
   // The candidates: the decision's stacks this side can offer now, without those the peer is
   // known not to run, and without those whose breaker toward the peer is open.
   bool skipped_by_breaker = false;
+  bool skipped_down = false;
   auto now = Clock::now();
   for (std::size_t stack : decision_.action->stacks) {
     const auto& s = *ctx.stacks[stack];
     auto bit = stackKindBit(s.kind());
-    if (bit == 0 || !s.healthy()) continue;
+    if (bit == 0) continue;
+    if (!s.healthy()) {
+      rule_metrics_->attempt(stack, AttemptOutcome::kSkippedDown).Increment();
+      skipped_down = true;
+      continue;
+    }
     if (peer_kinds != 0 && (peer_kinds & bit) == 0) continue;
     PeerTable::Transition t;
     auto verdict = ctx.peers.breakerCheck(destination_.ip(), stack, now, &t);
@@ -148,7 +158,9 @@ void OutboundSession::begin() {
     if (verdict == PeerTable::Verdict::kProbe) probes_.push_back(stack);
   }
   if (candidates_.empty()) {
-    fallBack(skipped_by_breaker ? FallbackReason::kBreakerOpen : FallbackReason::kPeerNoCommonStack,
+    fallBack(skipped_by_breaker ? FallbackReason::kBreakerOpen
+             : skipped_down     ? FallbackReason::kStackDown
+                                : FallbackReason::kPeerNoCommonStack,
              false);
     return;
   }
@@ -288,6 +300,13 @@ void OutboundSession::onConnected(stacks::StackConnection& conn) {
     if (auto* a = findAttempt(conn)) onEstablished(a);
     return;
   }
+  if (state_ == State::kConnectingData && &conn == data_.get()) {
+    winnerDone(AttemptOutcome::kWon);
+    auto data = std::move(data_);
+    auto control = std::move(upstream_);
+    startRelay(std::move(data), data_stack_, std::move(control));
+    return;
+  }
   if (&conn != upstream_.get()) return;
   if (state_ == State::kConnectingDirect) {
     startRelay(std::move(upstream_), worker_.metrics().directStack());
@@ -297,6 +316,10 @@ void OutboundSession::onConnected(stacks::StackConnection& conn) {
 void OutboundSession::onConnectFailed(stacks::StackConnection& conn, Error error) {
   if (state_ == State::kConnectingPeer) {
     if (auto* a = findAttempt(conn)) attemptFailed(a, error.code);
+    return;
+  }
+  if (state_ == State::kConnectingData && &conn == data_.get()) {
+    dataPathFailed(error.code);
     return;
   }
   if (&conn != upstream_.get()) return;
@@ -388,6 +411,11 @@ void OutboundSession::onWritable(stacks::StackConnection& conn) {
 void OutboundSession::onReadable(stacks::StackConnection& conn) {
   // The client's bytes wait in its socket until the relay starts; only the reply matters here.
   if (&conn == upstream_.get() && state_ == State::kHandshaking) readReply();
+  if (&conn == upstream_.get() && state_ == State::kConnectingData) {
+    // Nothing is due on the control connection now: the responder gave up on the session.
+    std::byte b[1];
+    if (upstream_->read(b).status != IoResult::Status::kWouldBlock) dataPathFailed(ECONNRESET);
+  }
 }
 
 void OutboundSession::readReply() {
@@ -426,6 +454,59 @@ void OutboundSession::readReply() {
   onReply(result.reply);
 }
 
+void OutboundSession::connectData(std::size_t stack, const handshake::Reply& reply) {
+  auto& ctx = worker_.context();
+  if (!reply.token || reply.chosen_params.empty()) {
+    // Accepted without what the data connection needs: not a peer we can work with.
+    winnerDone(AttemptOutcome::kFailedClosed);
+    fallBack(FallbackReason::kPeerProtocolError, false);
+    return;
+  }
+  data_stack_ = stack;
+  // The attempt's outcome and breaker belong to the stack that carries the data.
+  winner_ = stack;
+  winner_probe_ = std::find(probes_.begin(), probes_.end(), stack) != probes_.end();
+  state_ = State::kConnectingData;
+  auto conn =
+      ctx.stacks[stack]->connectData(worker_.loop(), reply.chosen_params, *reply.token, *this);
+  if (!conn) {
+    dataPathFailed(conn.error().code);
+    return;
+  }
+  data_ = std::move(*conn);
+  armTimer(decision_.action->attempt_timeout);
+}
+
+void OutboundSession::dataPathFailed(int err) {
+  auto& ctx = worker_.context();
+  spdlog::debug("conn {:x}: data connection over {} failed: {}", id_,
+                ctx.stacks[data_stack_]->name(), std::strerror(err));
+  winnerDone(AttemptOutcome::kFailedDataPath);
+  if (data_) {
+    data_->close(CloseType::kAbort);
+    retired_.push_back(std::move(data_));
+  }
+  retireUpstream();  // the responder drops its side of the session with it
+  // The other candidates get a fresh handshake without this one.
+  std::vector<std::size_t> rest;
+  for (std::size_t c : candidates_) {
+    if (c != data_stack_) rest.push_back(c);
+  }
+  candidates_ = std::move(rest);
+  next_candidate_ = 0;
+  winner_ = SIZE_MAX;
+  winner_counted_ = false;
+  reused_ = false;
+  reader_ = FrameReader(handshake::MessageType::kReply, worker_.config().max_header_bytes);
+  last_failure_ = FallbackReason::kDataPathFailed;
+  state_ = State::kConnectingPeer;
+  if (candidates_.empty() || !startNextAttempt()) {
+    fallBack(FallbackReason::kDataPathFailed, false);
+    return;
+  }
+  armTimer(ctx.config.handshake_timeout + ctx.config.connect_timeout);
+}
+
 void OutboundSession::winnerDone(AttemptOutcome outcome) {
   if (winner_ == SIZE_MAX || winner_counted_) return;
   winner_counted_ = true;
@@ -436,7 +517,6 @@ void OutboundSession::winnerDone(AttemptOutcome outcome) {
 
 void OutboundSession::onReply(const handshake::Reply& reply) {
   auto& ctx = worker_.context();
-  winnerDone(reply.accepted ? AttemptOutcome::kWon : AttemptOutcome::kRejected);
   std::uint32_t kinds = 0;
   for (auto k : reply.stack_kinds) {
     if (k > 0 && k < 32) kinds |= 1u << k;
@@ -447,12 +527,22 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
   ctx.peers.markSidecar(
       destination_.ip(), kinds,
       upstream_ && !reused_ ? net::tcpSmoothedRtt(upstream_->fd()) : std::nullopt);
+  if (reply.accepted && reply.chosen_index < offered_stacks_.size() &&
+      ctx.stacks[offered_stacks_[reply.chosen_index]]->has(stacks::kOwnDataPath)) {
+    // Counted when its data connection is up (or not).
+  } else {
+    winnerDone(reply.accepted ? AttemptOutcome::kWon : AttemptOutcome::kRejected);
+  }
   if (reply.accepted) {
     if (reply.chosen_index >= offered_stacks_.size()) {
       fallBack(FallbackReason::kPeerProtocolError, false);
       return;
     }
     std::size_t stack_index = offered_stacks_[reply.chosen_index];
+    if (ctx.stacks[stack_index]->has(stacks::kOwnDataPath)) {
+      connectData(stack_index, reply);
+      return;
+    }
     framed_ = reply.framing == handshake::kFramingV1 && ctx.config.tunnel_reuse;
     if (reused_) worker_.metrics().tunnelReused(Role::kOutbound);
     // A reused connection is already tuned for the stack it carried.
@@ -535,7 +625,8 @@ void OutboundSession::connectDirect() {
 }
 
 void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstream,
-                                 std::size_t stack) {
+                                 std::size_t stack,
+                                 std::unique_ptr<stacks::StackConnection> control) {
   // The relay forwards what it reads as soon as it reads it; Nagle on a leg would hold a small
   // segment behind an unacknowledged one and add the peer's delayed ACK (~40 ms) to every
   // request/response round. The tunnel leg follows its stack instance's own `nodelay`.
@@ -564,7 +655,8 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   bool carried = early_sent_ && info.framed;
   if (carried) info.early_bytes = early_.size();
   Relay::start(worker_, info, std::move(client_), std::move(upstream),
-               carried ? std::span<const std::byte>() : std::span<const std::byte>(early_));
+               carried ? std::span<const std::byte>() : std::span<const std::byte>(early_),
+               std::move(control));
 }
 
 void OutboundSession::refuse(Outcome outcome, std::size_t stack, const char* why) {
@@ -598,6 +690,9 @@ void OutboundSession::onTimeout() {
     case State::kConnectingPeer:
     case State::kHandshaking:
       fallBack(FallbackReason::kPeerTimeout, true);
+      break;
+    case State::kConnectingData:
+      dataPathFailed(ETIMEDOUT);
       break;
     case State::kConnectingDirect:
       refuse(Outcome::kConnectFailed, worker_.metrics().directStack(), "connect timed out");

@@ -68,7 +68,7 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   void onWritable(stacks::StackConnection& conn) override;
 
  private:
-  enum class State { kConnectingPeer, kHandshaking, kConnectingDirect };
+  enum class State { kConnectingPeer, kHandshaking, kConnectingData, kConnectingDirect };
 
   // One candidate stack's try at reaching the peer sidecar.
   struct Attempt {
@@ -105,7 +105,12 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   bool retryFresh();
   void connectDirect();
   policy::NoSidecar noSidecarAction() const;
-  void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack);
+  void startRelay(std::unique_ptr<stacks::StackConnection> upstream, std::size_t stack,
+                  std::unique_ptr<stacks::StackConnection> control = nullptr);
+  // The chosen stack carries sessions on a data connection of its own: open it.
+  void connectData(std::size_t stack, const handshake::Reply& reply);
+  // That data connection failed: the next candidates get a fresh handshake, or fall back.
+  void dataPathFailed(int err);
   void refuse(Outcome outcome, std::size_t stack, const char* why);
   void retireUpstream();
   void onTimeout() override;
@@ -130,6 +135,8 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   State state_ = State::kConnectingPeer;
   std::unique_ptr<stacks::StackConnection> client_;
   std::unique_ptr<stacks::StackConnection> upstream_;
+  std::unique_ptr<stacks::StackConnection> data_;  // kConnectingData: the data connection
+  std::size_t data_stack_ = SIZE_MAX;              // its stack
   // Connections closed inside their own callbacks wait here until the session is destroyed.
   std::vector<std::unique_ptr<stacks::StackConnection>> retired_;
   handshake::Nonce nonce_{};

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -29,9 +30,14 @@ Relay::Clock::time_point nowTime() {
 void Relay::start(Worker& worker, const Info& info,
                   std::unique_ptr<stacks::StackConnection> downstream,
                   std::unique_ptr<stacks::StackConnection> upstream,
-                  std::span<const std::byte> preload) {
+                  std::span<const std::byte> preload,
+                  std::unique_ptr<stacks::StackConnection> control) {
   // The relay owns itself from here: it hands itself to deferDelete() when it finishes.
   auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
+  if (control) {
+    relay->control_ = std::move(control);
+    relay->control_->setCallbacks(*relay);
+  }
   worker.relayStarted(*relay);
   worker.metrics().connectionOpened(info.role);  // finish() closes it in the same place
   if (info.early_bytes > 0) {
@@ -44,6 +50,7 @@ void Relay::start(Worker& worker, const Info& info,
     relay->fail(Step{Status::kError, 0, EPROTO, false});
     return;
   }
+  if (relay->control_ && !relay->checkControl()) return;
   // Readiness edges may have fired during the handshake: read whatever may hold bytes.
   if (!relay->pump(relay->flows_[0])) return;
   if (!relay->pump(relay->flows_[1])) return;
@@ -108,13 +115,38 @@ Relay::~Relay() {
     releaseSpace(f);
 }
 
+bool Relay::checkControl() {
+  for (;;) {
+    std::byte buf[64];
+    auto r = control_->read(buf);
+    switch (r.status) {
+      case Status::kOk:
+        if (std::find(buf, buf + r.bytes, kPeerDone) != buf + r.bytes) peer_done_ = true;
+        continue;
+      case Status::kWouldBlock:
+        return true;
+      default:
+        if (peer_done_) return true;  // its relay ended cleanly, ours finishes on its own
+        spdlog::debug("conn {:x}: the peer sidecar's control connection ended: peer gone",
+                      info_.id);
+        finish(Outcome::kReset, CloseType::kAbort);
+        return false;
+    }
+  }
+}
+
 void Relay::onReadable(stacks::StackConnection& conn) {
+  if (&conn == control_.get()) {
+    if (!finished_) (void)checkControl();
+    return;
+  }
   Flow& f = &conn == downstream_.get() ? flows_[0] : flows_[1];
   f.src_readable = true;
   if (pump(f)) settle();
 }
 
 void Relay::onWritable(stacks::StackConnection& conn) {
+  if (&conn == control_.get()) return;
   Flow& f = &conn == upstream_.get() ? flows_[0] : flows_[1];
   f.dst_writable = true;
   if (pump(f)) settle();
@@ -497,6 +529,11 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   } else {
     downstream_->close(close);
     upstream_->close(close);
+  }
+  if (control_) {
+    // The peer learns that this end finished cleanly (or not, by the reset).
+    if (outcome == Outcome::kClosed) (void)control_->write({&kPeerDone, 1});
+    control_->close(outcome == Outcome::kClosed ? CloseType::kGraceful : CloseType::kAbort);
   }
   worker_.relayEnded(*this);
   auto duration = std::chrono::duration<double>(nowTime() - info_.started).count();

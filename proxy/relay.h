@@ -75,10 +75,15 @@ class Relay final : public Deferrable,
   // server). Both must be established. Bytes already waiting on either are picked up at once.
   // `preload`: bytes of the upstream direction read before the relay existed, moved first:
   // the client's early bytes (outbound) or framed early data behind the HELLO (inbound).
+  // `control`: for stacks with a data connection of their own (kOwnDataPath), the handshake's
+  // control connection, kept as the liveness channel: each side writes one byte (kPeerDone)
+  // on it when its relay ends cleanly, then closes it; a control connection that ends without
+  // that byte means the peer sidecar is gone, and the connection is reset.
   static void start(Worker& worker, const Info& info,
                     std::unique_ptr<stacks::StackConnection> downstream,
                     std::unique_ptr<stacks::StackConnection> upstream,
-                    std::span<const std::byte> preload = {});
+                    std::span<const std::byte> preload = {},
+                    std::unique_ptr<stacks::StackConnection> control = nullptr);
 
   ~Relay() override;
 
@@ -103,6 +108,7 @@ class Relay final : public Deferrable,
   void onWritable(stacks::StackConnection& conn) override;
 
   static constexpr std::size_t kWakeupBudget = 1024 * 1024;
+  static constexpr std::byte kPeerDone{'B'};
 
  private:
   struct Flow {
@@ -172,6 +178,8 @@ class Relay final : public Deferrable,
   // Re-evaluates after a pump: finished, half-closed, activity.
   void settle();
   void finish(Outcome outcome, stacks::CloseType close, int err = 0);
+  // Reads the liveness channel; false if the relay finished (the peer sidecar is gone).
+  bool checkControl();
 
   Worker& worker_;
   Info info_;
@@ -182,6 +190,8 @@ class Relay final : public Deferrable,
   bool half_closed_ = false;
   bool finished_ = false;
   std::vector<std::byte> leftover_;  // inbound: bytes after the end frame (the next HELLO)
+  std::unique_ptr<stacks::StackConnection> control_;  // the liveness channel (see start())
+  bool peer_done_ = false;                            // it carried kPeerDone
 };
 
 }  // namespace dmm::proxy

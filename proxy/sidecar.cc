@@ -52,7 +52,7 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
       config_, stacks_, *metrics_, *peers_, *replay_, *policy_store_, std::move(kinds)});
 
   if (config_.metrics_enabled) {
-    metrics_server_ = std::make_unique<MetricsServer>(main_loop, metrics_->registry());
+    metrics_server_ = std::make_unique<MetricsServer>(main_loop, metrics_->registry(), stacks_);
     if (auto err = metrics_server_->listen(config_.metrics_listen); !err.empty()) {
       return "metrics.listen " + config_.metrics_listen.toString() + ": " + err;
     }

@@ -286,8 +286,16 @@ class MetricsAfterTraffic : public HostPairTest {
         sidecarConfig(config + "[tunnel]\nlisten = [\"" + std::string(TwoHosts::kIp4B) +
                       ":17002\"]\n"),
         "b", std::map<std::string, std::string>{{"10-metrics.toml", policy}});
+    // A also runs a dpdk instance (on a veth pair of its own, carrying nothing: the rule picks
+    // the kernel), so that the dpdk families are on its page too.
+    hosts_.a().mustExec({"ip", "link", "add", "dpm0", "type", "veth", "peer", "name", "dpm1"});
+    hosts_.a().mustExec({"ip", "link", "set", "dpm0", "up"});
+    hosts_.a().mustExec({"ip", "link", "set", "dpm1", "up"});
+    const std::string stacks =
+        "[[stack]]\nname = \"kernel\"\nkind = \"kernel\"\n\n[[stack]]\nname = \"dp0\"\n"
+        "kind = \"dpdk\"\nport = \"net_af_packet0,iface=dpm0\"\naddress = \"10.203.0.1/24\"\n";
     a_ = std::make_unique<SidecarProcess>(
-        hosts_.a(), sidecarConfig(config), "a",
+        hosts_.a(), sidecarConfig(config + stacks), "a",
         std::map<std::string, std::string>{{"10-metrics.toml", policy}});
     a_->installCapture();
 

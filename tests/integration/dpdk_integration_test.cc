@@ -1,0 +1,362 @@
+// The dpdk stack kind end to end: two hosts in network namespaces, each with a kernel veth (the
+// control path: capture, handshake, delivery) and a second veth pair between them owned by a
+// DPDK port of each sidecar (net_af_packet, or net_memif between the two sidecars directly).
+// Both sidecars run a dpdk instance with lwIP; the policy picks it; the metrics prove it carried
+// the data.
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "testbed/servers.h"
+#include "testbed/testbed.h"
+
+namespace dmm::testbed {
+namespace {
+
+constexpr const char* kKey = "dpdk-integration-test-key-0123456";
+constexpr const char* kDpA = "10.202.0.1";
+constexpr const char* kDpB = "10.202.0.2";
+constexpr std::uint64_t k64MiB = 64ull << 20;
+
+std::string commonSections() {
+  return std::string("[security]\npsk = \"") + kKey +
+         "\"\n\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n\n";
+}
+
+// One dpdk instance and the kernel stack after it: the default policy offers both, in order.
+std::string dpdkStacks(const std::string& port, const std::string& address,
+                       const std::string& extra = {}) {
+  return "[[stack]]\nname = \"dp0\"\nkind = \"dpdk\"\nport = \"" + port + "\"\naddress = \"" +
+         address + "/24\"\nmax_connections = 512\n" + extra +
+         "\n[[stack]]\nname = \"kernel\"\nkind = \"kernel\"\n\n";
+}
+
+class DpdkPair : public HostPairTest {
+ protected:
+  void SetUp() override {
+    // The DPDK link: a veth pair between the hosts, no kernel addresses, offloads off on both
+    // kernel-side ends (frames reach the other DPDK port with full checksums).
+    dev_a_ = uniqueName("da").substr(0, 15);
+    dev_b_ = uniqueName("db").substr(0, 15);
+    mustRun({"ip", "link", "add", dev_a_, "netns", hosts_.a().name(), "type", "veth", "peer",
+             "name", dev_b_, "netns", hosts_.b().name()});
+    for (auto [ns, dev] : {std::pair{&hosts_.a(), dev_a_}, std::pair{&hosts_.b(), dev_b_}}) {
+      ns->mustExec({"sysctl", "-q", "-w", "net.ipv6.conf." + dev + ".disable_ipv6=1"});
+      ns->mustExec({"ethtool", "-K", dev, "tx", "off"});
+      ns->mustExec({"ip", "link", "set", dev, "up"});
+    }
+  }
+
+  std::string afPacket(const std::string& dev) {
+    return "net_af_packet0,iface=" + dev + ",framecnt=4096,qdisc_bypass=1";
+  }
+  void startB(const std::string& stacks) {
+    b_ =
+        std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(commonSections() + stacks), "b");
+  }
+  void startA(const std::string& stacks) {
+    a_ =
+        std::make_unique<SidecarProcess>(hosts_.a(), sidecarConfig(commonSections() + stacks), "a");
+    a_->installCapture();
+  }
+  void startBoth() {
+    startB(dpdkStacks(afPacket(dev_b_), kDpB));
+    startA(dpdkStacks(afPacket(dev_a_), kDpA));
+  }
+  double metric(SidecarProcess& s, const std::string& name,
+                const std::map<std::string, std::string>& labels) {
+    return s.metric(name, labels).value_or(-1);
+  }
+  bool waitMetric(SidecarProcess& s, const std::string& name,
+                  const std::map<std::string, std::string>& labels, double want) {
+    return eventually([&] { return s.metric(name, labels).value_or(-1) >= want; }, 10s);
+  }
+
+  std::string dev_a_;
+  std::string dev_b_;
+};
+
+TEST_F(DpdkPair, Transfers64MiBEachWayByteExact) {
+  startBoth();
+  StreamDigest server_got;
+  StreamDigest server_sent;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    server_got = receiveStream(conn.get());
+    server_sent = sendStream(conn.get(), k64MiB, 7);
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 60s);
+  ASSERT_TRUE(fd);
+  auto sent = sendStream(fd.get(), k64MiB, 3);
+  ::shutdown(fd.get(), SHUT_WR);
+  int err = 0;
+  auto got = receiveStream(fd.get(), &err);
+  fd.reset();
+  EXPECT_EQ(err, 0);
+  EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }));
+  server.stop();
+  EXPECT_EQ(server_got.bytes, k64MiB);
+  EXPECT_EQ(server_got.sha256_hex, sent.sha256_hex);
+  EXPECT_EQ(got.bytes, k64MiB);
+  EXPECT_EQ(got.sha256_hex, server_sent.sha256_hex);
+  // Carried by the dpdk instance on both sides.
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  EXPECT_GE(metric(*a_, "dmm_sidecar_relay_bytes_total",
+                   {{"role", "outbound"}, {"stack", "dp0"}, {"direction", "upstream"}}),
+            static_cast<double>(k64MiB));
+  // The port itself moved the bytes: at least 64 MiB / 1460 frames each way.
+  EXPECT_GE(metric(*a_, "dmm_sidecar_dpdk_port_tx_packets_total", {{"stack", "dp0"}}),
+            static_cast<double>(k64MiB / 1460));
+  EXPECT_GE(metric(*b_, "dmm_sidecar_dpdk_port_tx_packets_total", {{"stack", "dp0"}}),
+            static_cast<double>(k64MiB / 1460));
+}
+
+TEST_F(DpdkPair, HalfCloseEachWay) {
+  startBoth();
+  // The client half-closes first; the server answers after its EOF, more than a ring's worth.
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    std::string request = readToEof(conn.get());
+    std::string reply =
+        "got " + std::to_string(request.size()) + " bytes\n" + std::string(3 << 20, 'r');
+    writeAll(conn.get(), reply.data(), reply.size());
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  std::string request(100000, 'q');
+  ASSERT_TRUE(writeAll(fd.get(), request.data(), request.size()));
+  ASSERT_EQ(::shutdown(fd.get(), SHUT_WR), 0);
+  int err = 0;
+  std::string reply = readToEof(fd.get(), &err);
+  EXPECT_EQ(err, 0);
+  EXPECT_EQ(reply.size(), std::string("got 100000 bytes\n").size() + (3u << 20));
+  EXPECT_EQ(reply.rfind("got 100000 bytes\n", 0), 0u);
+  fd.reset();
+  server.stop();
+
+  // The server speaks first and half-closes first; the client still sends afterwards.
+  std::string server_got;
+  ThreadServer server2(hosts_.b(), at(TwoHosts::kIp4B, 9001), [&](UniqueFd conn) {
+    std::string banner = "220 hello from the server\r\n";
+    writeAll(conn.get(), banner.data(), banner.size());
+    ::shutdown(conn.get(), SHUT_WR);
+    server_got = readToEof(conn.get());
+  });
+  fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9001), 20s);
+  ASSERT_TRUE(fd);
+  EXPECT_EQ(readToEof(fd.get()), "220 hello from the server\r\n");
+  std::string late(200000, 'l');
+  ASSERT_TRUE(writeAll(fd.get(), late.data(), late.size()));
+  ::shutdown(fd.get(), SHUT_WR);
+  EXPECT_TRUE(eventually([&] { return server_got.size() == late.size(); }));
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
+}
+
+TEST_F(DpdkPair, ServerResetReachesClientAsReset) {
+  startBoth();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    readExactly(conn.get(), 5);
+    linger l{1, 0};
+    ::setsockopt(conn.get(), SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    conn.reset();  // RST
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(writeAll(fd.get(), "hello", 5));
+  int err = 0;
+  std::string rest = readToEof(fd.get(), &err);
+  EXPECT_TRUE(rest.empty());
+  EXPECT_EQ(err, ECONNRESET) << "a reset must arrive as a reset, not as a clean end of stream";
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "reset"}}, 1));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "reset"}}, 1));
+}
+
+TEST_F(DpdkPair, TwoHundredConcurrentConnections) {
+  startBoth();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  constexpr int kConns = 200;
+  constexpr std::size_t kEach = 64 * 1024;
+  // All 200 are open at once before any finishes: each sends half, waits, then the rest.
+  std::vector<UniqueFd> fds;
+  for (int i = 0; i < kConns; ++i) {
+    fds.push_back(connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s));
+    ASSERT_TRUE(fds.back()) << "connection " << i;
+  }
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kConns; ++i) {
+    threads.emplace_back([&, i] {
+      int fd = fds[static_cast<std::size_t>(i)].get();
+      std::string payload(kEach, static_cast<char>('a' + i % 26));
+      payload.replace(0, 8, std::to_string(10000000 + i));
+      if (!writeAll(fd, payload.data(), payload.size())) return;
+      ::shutdown(fd, SHUT_WR);
+      if (readToEof(fd) == payload) ++ok;
+    });
+  }
+  for (auto& t : threads)
+    t.join();
+  EXPECT_EQ(ok.load(), kConns);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, kConns));
+  EXPECT_GE(metric(*b_, "dmm_sidecar_dpdk_data_connections_total",
+                   {{"stack", "dp0"}, {"result", "accepted"}}),
+            kConns);
+  // Nothing stays open once they are done.
+  EXPECT_TRUE(eventually(
+      [&] {
+        return metric(*b_, "dmm_sidecar_dpdk_connections", {{"stack", "dp0"}}) == 0;
+      },
+      30s));
+}
+
+TEST_F(DpdkPair, InstanceThatFailsToStartFallsBackToKernel) {
+  startB(dpdkStacks(afPacket(dev_b_), kDpB));
+  // A's port names an interface that does not exist: dp0 is down from the start.
+  startA(dpdkStacks("net_af_packet0,iface=nosuchdev0", kDpA));
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 0);
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_up", {{"stack", "kernel"}, {"kind", "kernel"}}), 1);
+  EXPECT_EQ(metric(*b_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 1);
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "over the kernel"), "over the kernel");
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_attempts_total",
+                   {{"rule", "default"}, {"stack", "dp0"}, {"outcome", "skipped_down"}}),
+            1);
+  EXPECT_NE(a_->log().find("dpdk stack dp0 is down"), std::string::npos);
+}
+
+TEST_F(DpdkPair, DataPathFailureTakesTheNextCandidate) {
+  startBoth();
+  // B's DPDK link goes down under it: the handshake (kernel) still works, the data connection
+  // over dp0 cannot be made, and the session moves to the kernel candidate.
+  hosts_.b().mustExec({"ip", "link", "set", dev_b_, "down"});
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "detour"), "detour");
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_attempts_total",
+                   {{"rule", "default"}, {"stack", "dp0"}, {"outcome", "failed_data_path"}}),
+            1);
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_attempts_total",
+                   {{"rule", "default"}, {"stack", "kernel"}, {"outcome", "won"}}),
+            1);
+}
+
+TEST_F(DpdkPair, PeerSidecarKilledMidTransferFailsTheClientPromptly) {
+  startBoth();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000),
+                      [](UniqueFd conn) { receiveStream(conn.get()); });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  std::atomic<bool> done{false};
+  std::atomic<int> send_errno{0};
+  std::chrono::steady_clock::time_point failed_at;
+  std::thread sender([&] {
+    std::vector<char> block(1 << 16, 'x');
+    while (!done) {
+      ssize_t n = ::send(fd.get(), block.data(), block.size(), MSG_NOSIGNAL);
+      if (n < 0) {
+        send_errno = errno;
+        failed_at = std::chrono::steady_clock::now();
+        return;
+      }
+    }
+  });
+  // Data is flowing over dp0.
+  ASSERT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_dpdk_port_tx_bytes_total", {{"stack", "dp0"}}) > 8e6;
+      },
+      10s));
+  auto killed_at = std::chrono::steady_clock::now();
+  b_->process().signal(SIGKILL);
+  bool failed = eventually([&] { return send_errno.load() != 0; }, 10s);
+  done = true;
+  sender.join();
+  ASSERT_TRUE(failed) << "the client kept sending into a dead path";
+  EXPECT_TRUE(send_errno == ECONNRESET || send_errno == EPIPE) << std::strerror(send_errno);
+  EXPECT_LT(failed_at - killed_at, 3s);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "reset"}}, 1));
+  EXPECT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_dpdk_connections", {{"stack", "dp0"}}) == 0;
+      },
+      10s));
+}
+
+// Between the two sidecars over shared memory (net_memif, B the server): no kernel on the data
+// path. DPDK 22.11's memif server has crashed when its client left: the client side leaving
+// (and coming back) must leave B's sidecar serving.
+TEST_F(DpdkPair, MemifBetweenTheSidecarsSurvivesTheClientLeaving) {
+  TempDir dir;
+  const std::string sock = dir.path() + "/memif.sock";
+  auto memif = [&](const char* role) {
+    return std::string("net_memif0,role=") + role + ",socket=" + sock + ",socket-abstract=no";
+  };
+  startB(dpdkStacks(memif("server"), kDpB));
+  auto startClient = [&] { startA(dpdkStacks(memif("client"), kDpA)); };
+  startClient();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+    auto got = receiveStream(conn.get());
+    sendStream(conn.get(), got.bytes, 5);
+  });
+  auto transfer = [&](std::uint64_t bytes) {
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
+    if (!fd) return false;
+    auto sent = sendStream(fd.get(), bytes, 9);
+    ::shutdown(fd.get(), SHUT_WR);
+    int err = 0;
+    auto got = receiveStream(fd.get(), &err);
+    return err == 0 && sent.bytes == bytes && got.bytes == bytes;
+  };
+  ASSERT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 1;
+      },
+      10s));
+  EXPECT_TRUE(transfer(k64MiB));
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  // The client sidecar goes away abruptly, then comes back; B serves throughout.
+  a_->removeCapture();
+  a_->process().signal(SIGKILL);
+  a_->process().wait(5s);
+  std::this_thread::sleep_for(500ms);
+  ASSERT_TRUE(b_->process().running()) << b_->log();
+  EXPECT_TRUE(eventually(
+      [&] {
+        return metric(*b_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 0;
+      },
+      10s));
+  a_.reset();
+  startClient();
+  ASSERT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 1;
+      },
+      10s));
+  EXPECT_TRUE(transfer(8 << 20));
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  EXPECT_TRUE(b_->process().running());
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
+}
+
+}  // namespace
+}  // namespace dmm::testbed
