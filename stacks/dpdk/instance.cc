@@ -89,6 +89,10 @@ bool startEal(const std::vector<std::string>& args, std::string& error) {
   if (!has("-l") && !has("--lcores") && !has("-c")) argv.push_back("-l0");
   if (!has("--no-telemetry") && !has("--telemetry")) argv.push_back("--no-telemetry");
   if (!has("--log-level")) argv.push_back("--log-level=*:warning");
+  // On hugepages: unlink the page files once mapped, so that a sidecar that dies (its prefix
+  // has its PID) leaves none behind in the hugetlbfs mount.
+  if (!has("--no-huge") && !has("--huge-unlink") && !has("--in-memory"))
+    argv.push_back("--huge-unlink");
   std::vector<char*> raw;
   for (auto& a : argv)
     raw.push_back(a.data());

@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iostream>
 #include <thread>
 
 #include "testbed/servers.h"
@@ -356,6 +358,85 @@ TEST_F(DpdkPair, MemifBetweenTheSidecarsSurvivesTheClientLeaving) {
   EXPECT_TRUE(b_->process().running());
   EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
                          {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
+}
+
+TEST_F(DpdkPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
+  startBoth();
+  std::atomic<bool> read_now{false};
+  StreamDigest server_got;
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
+    while (!read_now) std::this_thread::sleep_for(10ms);  // not reading yet
+    server_got = receiveStream(conn.get());
+  });
+  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
+  ASSERT_TRUE(fd);
+  // Write until nothing more is taken for a second: everything in between (client socket,
+  // sidecar A, the dpdk rings and windows, sidecar B, the server's socket) is bounded.
+  std::vector<char> block(64 * 1024, 'w');
+  std::uint64_t sent = 0;
+  auto last_progress = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - last_progress < 1s) {
+    ssize_t n = ::send(fd.get(), block.data(), block.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<std::uint64_t>(n);
+      last_progress = std::chrono::steady_clock::now();
+      ASSERT_LT(sent, 256ull << 20) << "the writer was never stopped";
+    } else {
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+  std::cerr << "taken before the writer stopped: " << (sent >> 10) << " KiB\n";
+  EXPECT_LT(sent, 64ull << 20);
+  // The reader starts: every byte arrives, in order.
+  read_now = true;
+  ::shutdown(fd.get(), SHUT_WR);
+  EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }));
+  server.stop();
+  EXPECT_EQ(server_got.bytes, sent);
+}
+
+// The EAL on hugepages (the production setting) instead of --no-huge: 2 MiB pages reserved for
+// the test and given back afterwards (they are machine-wide).
+TEST_F(DpdkPair, RunsOnHugepages) {
+  auto read = [](const std::string& path) {
+    std::ifstream in(path);
+    long v = -1;
+    in >> v;
+    return v;
+  };
+  const std::string nr = "/proc/sys/vm/nr_hugepages";
+  long before = read(nr);
+  ASSERT_GE(before, 0);
+  TempDir mnt;
+  struct Restore {
+    std::string nr, mnt;
+    long before;
+    ~Restore() {
+      (void)run({"umount", mnt});
+      std::ofstream(nr) << before;
+    }
+  } restore{nr, mnt.path(), before};
+  std::ofstream(nr) << before + 512;  // 1 GiB more, both sidecars
+  if (read(nr) < before + 512) GTEST_SKIP() << "the kernel could not reserve 512 hugepages";
+  mustRun({"mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "nodev", mnt.path()});
+  const std::string eal = "eal_args = [\"-m\", \"400\", \"--no-pci\", \"--huge-dir\", \"" +
+                          mnt.path() + "\"]\n";
+  startB(dpdkStacks(afPacket(dev_b_), kDpB, eal));
+  startA(dpdkStacks(afPacket(dev_a_), kDpA, eal));
+  ASSERT_EQ(metric(*a_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 1)
+      << a_->log();
+  ASSERT_EQ(metric(*b_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 1)
+      << b_->log();
+  // The pages are really in use (DPDK maps its memory from them).
+  EXPECT_LT(read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"), before + 512);
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  std::string payload(1 << 20, 'h');
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload);
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  server.stop();
+  a_.reset();  // the sidecars give their pages back before the mount goes
+  b_.reset();
 }
 
 }  // namespace
