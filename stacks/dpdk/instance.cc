@@ -762,6 +762,9 @@ void Instance::handleCommands(Channel& ch, std::uint32_t cmds) {
     counters_.active.fetch_add(1, std::memory_order_relaxed);
     ch.counted = true;
     attach(pcb, ch);
+    // lwIP 2.1.3 starts every pcb with a 3 s retransmission timeout; a lost SYN would then
+    // outlast the policy's attempt_timeout. 1 s, as RFC 6298 has it.
+    pcb->rto = static_cast<s16_t>(1000 / (2 * TCP_TMR_INTERVAL));  // slow-timer ticks
     tcp_bind_netif(pcb, netif_.get());
     err_t err = tcp_connect(pcb, &dst, ch.remote.port(), onConnectedCb);
     if (err != ERR_OK) {

@@ -89,7 +89,6 @@
 #define TCP_SYNMAXRTX 4
 /* TIME_WAIT of 2 x 5 s keeps the 16k ephemeral ports of an initiator from running out. */
 #define TCP_MSL 5000UL
-#define LWIP_TCP_RTO_TIME 1000
 
 /* ---- checksums: per netif, following the port's offload capabilities ---- */
 #define LWIP_CHECKSUM_CTRL_PER_NETIF 1
