@@ -195,6 +195,7 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
   auto* status = app.add_subcommand("status", "version, policy, connections, breakers");
   auto* conns = app.add_subcommand("connections", "live connections: stack, rule, policy version");
   auto* brk = app.add_subcommand("breakers", "open circuit breakers per peer and stack");
+  auto* stk = app.add_subcommand("stacks", "stack instances: kind, up or down, state");
   auto* reload = app.add_subcommand("reload", "reload the policy (same as SIGHUP)");
   auto* pol = app.add_subcommand("policy", "the policy: show, explain, diff, reload");
   pol->require_subcommand(1);
@@ -246,6 +247,14 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
   }
   if (conns->parsed()) return connections(sidecar, out);
   if (brk->parsed()) return breakers(sidecar, out);
+  if (stk->parsed()) {
+    for (const auto& st : sidecar.context().stacks) {
+      auto line = st->status();
+      out += fmt::format("{} kind={} {}{}{}\n", st->name(), st->kind(),
+                         st->healthy() ? "up" : "down", line.empty() ? "" : " ", line);
+    }
+    return 0;
+  }
   if (reload->parsed() || preload->parsed()) {
     std::string report;
     bool ok = sidecar.reloadPolicy(report);

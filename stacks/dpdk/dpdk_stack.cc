@@ -57,7 +57,7 @@ bool DpdkStack::healthy() const {
 }
 
 std::string DpdkStack::status() const {
-  if (!instance_) return "down: " + failure_;
+  if (!instance_) return "(" + failure_ + ")";
   return instance_->describe();
 }
 

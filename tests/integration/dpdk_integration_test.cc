@@ -239,6 +239,13 @@ TEST_F(DpdkPair, InstanceThatFailsToStartFallsBackToKernel) {
                    {{"rule", "default"}, {"stack", "dp0"}, {"outcome", "skipped_down"}}),
             1);
   EXPECT_NE(a_->log().find("dpdk stack dp0 is down"), std::string::npos);
+  auto stacks = a_->ctl({"stacks"});
+  EXPECT_NE(stacks.output.find("dp0 kind=dpdk down (probing port"), std::string::npos)
+      << stacks.output;
+  EXPECT_NE(stacks.output.find("kernel kind=kernel up"), std::string::npos) << stacks.output;
+  auto b_stacks = b_->ctl({"stacks"});
+  EXPECT_NE(b_stacks.output.find("dp0 kind=dpdk up net_af_packet0"), std::string::npos)
+      << b_stacks.output;
 }
 
 TEST_F(DpdkPair, DataPathFailureTakesTheNextCandidate) {
@@ -365,7 +372,8 @@ TEST_F(DpdkPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
   std::atomic<bool> read_now{false};
   StreamDigest server_got;
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
-    while (!read_now) std::this_thread::sleep_for(10ms);  // not reading yet
+    while (!read_now)
+      std::this_thread::sleep_for(10ms);  // not reading yet
     server_got = receiveStream(conn.get());
   });
   UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 20s);
@@ -419,8 +427,8 @@ TEST_F(DpdkPair, RunsOnHugepages) {
   std::ofstream(nr) << before + 512;  // 1 GiB more, both sidecars
   if (read(nr) < before + 512) GTEST_SKIP() << "the kernel could not reserve 512 hugepages";
   mustRun({"mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "nodev", mnt.path()});
-  const std::string eal = "eal_args = [\"-m\", \"400\", \"--no-pci\", \"--huge-dir\", \"" +
-                          mnt.path() + "\"]\n";
+  const std::string eal =
+      "eal_args = [\"-m\", \"400\", \"--no-pci\", \"--huge-dir\", \"" + mnt.path() + "\"]\n";
   startB(dpdkStacks(afPacket(dev_b_), kDpB, eal));
   startA(dpdkStacks(afPacket(dev_a_), kDpA, eal));
   ASSERT_EQ(metric(*a_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 1)
