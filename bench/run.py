@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The DMM sidecar benchmark: the sidecar pair against the direct path, nginx and HAProxy.
 
-    bench/run.py [--quick] [--rounds N] [--sections tput,lat,conn,redis,mem,shm] [--out DIR]
+    bench/run.py [--quick] [--rounds N] [--sections tput,lat,conn,redis,mem,shm,dpdk] [--out DIR]
 
 Topology (every variant at once, in one network namespace this script makes with unshare -n,
 everything on 127.0.0.1):
@@ -16,6 +16,13 @@ The shm section measures the application-to-sidecar leg instead, with one sideca
     tcp    : client -> 127.0.0.1 [[forward]] -> sidecar -> echo     (what iptables capture gives)
     unix   : client under LD_PRELOAD -> Unix socket -> sidecar -> echo    (DMM_PRELOAD_SHM=0)
     shm    : the same with DMM_PRELOAD_SHM=1 (the shared-memory data path)
+
+The dpdk section measures the sidecar pair's dpdk stack between two network namespaces A and B
+(made with ip netns, deleted at the end), in phases, each with its own pair of sidecars:
+
+    direct, kernel, kernel-txoff : client(A) [-> sidecar A -> kernel TCP] over veth dpa/dpb -> B
+    xdp   : client(A) -> sidecar A -> dpdk dp0 on net_af_xdp (dpa/dpb) -> sidecar B -> server(B)
+    memif : client(A) -> sidecar A -> dpdk dp0 on net_memif (shared memory) -> sidecar B -> server
 
 Variants are measured in interleaved rounds (variant after variant, round after round) so the
 machine's noise hits all of them alike; results are medians with min..max. Output, in --out
@@ -85,7 +92,37 @@ SHM_LEGS = ("ipt", "tcp", "unix", "shm")
 # (section, pinned, event-loop client): the 64 B ping-pong forms, measured in this order.
 SHM_RR = (("shm-rr64", False, False), ("shm-rr64-pinned", True, False),
           ("shm-rr64-poll", False, True), ("shm-rr64-poll-pinned", True, True))
-SECTIONS = ("tput", "lat", "conn", "redis", "mem", "shm")
+# The dpdk section (bench/README.md): the sidecar pair between two network namespaces A
+# (clients, sidecar A) and B (servers, sidecar B) this script makes, with a kernel veth for the
+# control path (ctla/ctlb) and a second veth pair for the data path (dpa/dpb). The kernel and
+# af_xdp variants share dpa/dpb, and af_xdp's XDP program takes every frame of it, so the
+# section runs in phases: the kernel phase (dpa/dpb with kernel addresses), the xdp phase (the
+# same addresses owned by the sidecars' dpdk instances) and the memif phase.
+DPDK_CTL = ("10.88.0.1", "10.88.0.2")  # A, B on ctla/ctlb (/24): handshakes of xdp and memif
+DPDK_DATA = ("10.89.0.1", "10.89.0.2")  # A, B on dpa/dpb (/24): kernel phase, dpdk instances
+DPDK_CTL_DEVS = ("ctla", "ctlb")
+DPDK_DEVS = ("dpa", "dpb")
+DPDK_SERVICES = {"echo": 7000, "iperf3": 5201}  # in B, on every address
+DPDK_FORWARD = {"echo": 11100, "iperf3": 11101}  # sidecar A's [[forward]] listeners, 127.0.0.1
+DPDK_METRICS = 11108  # each sidecar's /metrics, 127.0.0.1 in its namespace
+DPDK_TUNNEL = 11109  # sidecar B's tunnel port (every address of B), dialed by A
+DPDK_VARIANTS = {
+    "direct": "client in A straight to the server in B over the kernel on dpa/dpb "
+              "(default offloads; reference only)",
+    "kernel": "sidecar A -> sidecar B, kernel stack only; the tunnel (control and data) over "
+              "dpa/dpb with kernel addresses and the veth's default offloads",
+    "kernel-txoff": "the same with TX checksum offload off on dpa/dpb (what a kernel peer of a "
+                    "user-space stack needs; for information)",
+    "xdp": "sidecar A -> sidecar B, [[stack]] dp0 = dpdk on net_af_xdp (dpa/dpb, no kernel "
+           "addresses) then kernel; handshake over ctla/ctlb",
+    "memif": "sidecar A -> sidecar B, [[stack]] dp0 = dpdk on net_memif between the two "
+             "sidecars (B the server) then kernel; handshake over ctla/ctlb",
+}
+# Phases in the order of odd rounds (even rounds run them backwards), with their variants.
+DPDK_PHASES = (("kernel", ("direct", "kernel", "kernel-txoff")), ("xdp", ("xdp",)),
+               ("memif", ("memif",)))
+DPDK_RATIOS = (("kernel", "xdp"), ("kernel", "memif"))  # table columns: xdp / kernel, ...
+SECTIONS = ("tput", "lat", "conn", "redis", "mem", "shm", "dpdk")
 FD_HARD_LIMIT_NOTE = "RLIMIT_NOFILE hard limit bounds the idle-connection count"
 
 
@@ -118,6 +155,25 @@ class Procs:
                              start_new_session=True, **kw)
         self.procs.append((name, p))
         return p
+
+    @staticmethod
+    def stop_one(p, grace=5):
+        """Stops one process this run started (SIGTERM to its own process group, SIGKILL after
+        `grace` seconds); returns its exit status."""
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        return p.returncode
 
     def stop(self):
         for _, p in self.procs:
@@ -303,6 +359,60 @@ def shm_sidecar_conf(state_dir, log_level):
     return "\n".join(lines) + "\n"
 
 
+def dpdk_sidecar_conf(side, state_dir, log_level, port=None, extra=""):
+    """A sidecar of the dpdk section, in namespace A (side 0) or B (side 1). With `port` (DPDK
+    devargs), [[stack]] dp0 = a dpdk instance on it with the side's DPDK_DATA address, then the
+    kernel stack (the default policy offers both, in order); without, only the kernel stack. A has
+    a [[forward]] listener per service, bound for B's control address when dp0 carries the data
+    (the handshake goes over ctla/ctlb) and for B's dpa/dpb address otherwise (the kernel
+    variant: handshake and data over dpa/dpb)."""
+    lines = [
+        "[sidecar]", "workers = 1", 'drain_timeout = "1s"',
+        "[log]", f'level = "{log_level}"', 'format = "plain"',
+        "[capture]", "enabled = false",
+        "[security]", f'psk = "{PSK}"',
+        "[metrics]", f'listen = "127.0.0.1:{DPDK_METRICS}"',
+        "[timeouts]", 'idle = "10m"',
+        "[admin]", f'socket = "{state_dir}/admin.sock"',
+        "[policy]", f'dir = "{state_dir}/policy.d"',
+        "[preload]", f'socket = "{state_dir}/preload.sock"',
+    ]
+    if port:
+        lines += ["[[stack]]", 'name = "dp0"', 'kind = "dpdk"', f'port = "{port}"',
+                  f'address = "{DPDK_DATA[side]}/24"', extra.replace(";", "\n")]
+    lines += ["[[stack]]", 'name = "kernel"', 'kind = "kernel"']
+    if side == 1:
+        lines += ["[tunnel]", f'listen = "0.0.0.0:{DPDK_TUNNEL}"']
+    else:
+        host = DPDK_CTL[1] if port else DPDK_DATA[1]
+        lines += ["[tunnel]", "enabled = false", f"port = {DPDK_TUNNEL}"]
+        for s, p in DPDK_SERVICES.items():
+            lines += ["[[forward]]", f'listen = "127.0.0.1:{DPDK_FORWARD[s]}"',
+                      f'destination = "{host}:{p}"']
+    return "\n".join(lines) + "\n"
+
+
+def parse_metrics(text):
+    """Prometheus text -> [(name, {label: value}, value)]."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$", line)
+        if m:
+            try:
+                out.append((m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or "")),
+                            float(m.group(3))))
+            except ValueError:
+                pass
+    return out
+
+
+def metric_sum(samples, name, **labels):
+    """The sum of every series of `name` whose labels include `labels`; None without any."""
+    values = [v for n, lbl, v in samples
+              if n == name and all(lbl.get(k) == x for k, x in labels.items())]
+    return sum(values) if values else None
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -319,6 +429,7 @@ class Bench:
         self.variants = [v for v in VARIANTS if v in args.variants]
         self.preload_lib = os.path.join(args.build, "preload", "libdmm-preload.so")
         self.shm = None  # the shm section's state once set up (start_shm)
+        self.dpdk = None  # the dpdk section's state once set up (start_dpdk)
 
     # -------------------------------------------------------------- setup
     def start_servers(self):
@@ -565,6 +676,247 @@ http {{
                   descendants(self.shm["sidecar"].pid)):
             subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(p)], capture_output=True)
 
+    # -------------------------------------------------------------- the dpdk section's setup
+    def nsexec(self, side, argv):
+        """argv in namespace A (side 0) or B (1); `ip netns exec` execs it in place, so the PID
+        of the Popen is the command's."""
+        return ["ip", "netns", "exec", self.dpdk["ns"][side]] + argv
+
+    def dpdk_sh(self, argv):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise SystemExit(f"dpdk: {' '.join(argv)} failed: {(r.stdout + r.stderr).strip()}")
+        return r.stdout
+
+    def dpdk_note(self, note, failed=False):
+        log(f"dpdk: {'FAILED: ' if failed else ''}{note}")
+        self.dpdk["checks"].append(f"{'FAILED: ' if failed else ''}{note}")
+        if failed:
+            self.dpdk["failed"] = True
+
+    def dpdk_available(self):
+        """Whether this dmm-sidecar has the dpdk stack kind: (ok, what validate said)."""
+        d = os.path.join(self.run_dir, "dpdk")
+        os.makedirs(d, exist_ok=True)
+        conf = os.path.join(d, "kind-check.toml")
+        with open(conf, "w") as f:
+            f.write(dpdk_sidecar_conf(1, d, "info", "net_memif0,role=server",
+                                      self.args.dpdk_stack_keys))
+        r = subprocess.run([self.sidecar, "--mode", "validate", "-c", conf], capture_output=True,
+                           text=True)
+        return r.returncode == 0, (r.stdout + r.stderr).strip()
+
+    def start_dpdk(self):
+        """Namespaces A and B, the control veth ctla/ctlb with addresses, the data veth dpa/dpb
+        without (each phase sets it up), and the servers in B. The namespaces are deleted at the
+        end of the run (stop_dpdk), also on errors and signals."""
+        d = os.path.join(self.run_dir, "dpdk")
+        os.makedirs(d, exist_ok=True)
+        ns = (f"dmmbench-{os.getpid()}-a", f"dmmbench-{os.getpid()}-b")
+        self.dpdk = {"dir": d, "ns": ns, "made": [], "checks": [], "failed": False,
+                     "down": {}, "sidecars": {}, "tx": None, "carried": {}, "ports": {}}
+        for n in ns:
+            self.dpdk_sh(["ip", "netns", "add", n])
+            self.dpdk["made"].append(n)
+        self.dpdk_sh(["ip", "link", "add", DPDK_CTL_DEVS[0], "netns", ns[0], "type", "veth",
+                      "peer", "name", DPDK_CTL_DEVS[1], "netns", ns[1]])
+        self.dpdk_sh(["ip", "link", "add", DPDK_DEVS[0], "netns", ns[0], "type", "veth",
+                      "peer", "name", DPDK_DEVS[1], "netns", ns[1]])
+        for side in (0, 1):
+            self.dpdk_sh(["ip", "-n", ns[side], "link", "set", "lo", "up"])
+            for dev in (DPDK_CTL_DEVS[side], DPDK_DEVS[side]):
+                # no IPv6: no router solicitations or MLD reports on the DPDK ports
+                self.dpdk_sh(self.nsexec(side, ["sysctl", "-q", "-w",
+                                                f"net.ipv6.conf.{dev}.disable_ipv6=1"]))
+                self.dpdk_sh(["ip", "-n", ns[side], "link", "set", dev, "up"])
+            self.dpdk_sh(["ip", "-n", ns[side], "addr", "add", f"{DPDK_CTL[side]}/24", "dev",
+                          DPDK_CTL_DEVS[side]])
+        self.dpdk["echo"] = self.procs.start(
+            "dpdk-echo-server", self.nsexec(1, [self.tool, "echo", "0.0.0.0",
+                                                str(DPDK_SERVICES["echo"])]))
+        self.procs.start("dpdk-iperf3-server",
+                         self.nsexec(1, ["iperf3", "-s", "-p", str(DPDK_SERVICES["iperf3"])]))
+        self.dpdk_wait_listening(1, [f":{p}" for p in DPDK_SERVICES.values()], "servers")
+        log(f"dpdk: namespaces {ns[0]} (clients, sidecar A) and {ns[1]} (servers, sidecar B); "
+            f"control {DPDK_CTL_DEVS[0]}/{DPDK_CTL_DEVS[1]} {DPDK_CTL[0]}-{DPDK_CTL[1]}, data "
+            f"{DPDK_DEVS[0]}/{DPDK_DEVS[1]}")
+
+    def dpdk_wait_listening(self, side, wants, what, timeout=15, procs=()):
+        """Waits for TCP listeners (":PORT" or "ADDR:PORT") in a namespace; False when one of
+        `procs` exits first."""
+        deadline = time.time() + timeout
+        missing = wants
+        while time.time() < deadline:
+            out = subprocess.run(self.nsexec(side, ["ss", "-Hltn"]), capture_output=True,
+                                 text=True).stdout
+            missing = [w for w in wants if w + " " not in out]
+            if not missing:
+                return True
+            if any(p.poll() is not None for p in procs):
+                return False
+            time.sleep(0.1)
+        if procs:
+            return False
+        raise SystemExit(f"dpdk: {what} not listening after {timeout} s: {missing}; "
+                         f"see {self.run_dir}")
+
+    def dpdk_scrape(self, side):
+        """Sidecar A's (0) or B's (1) metrics, [] when it does not answer."""
+        try:
+            r = subprocess.run(self.nsexec(side, [
+                "curl", "-s", "--max-time", "2", f"http://127.0.0.1:{DPDK_METRICS}/metrics"]),
+                capture_output=True, text=True, timeout=5)
+        except subprocess.TimeoutExpired:
+            return []
+        return parse_metrics(r.stdout) if r.returncode == 0 else []
+
+    def dpdk_tx(self, state):
+        """TX checksum offload of dpa and dpb, "on" (the veth's default) or "off"."""
+        if self.dpdk["tx"] == state:
+            return
+        for side in (0, 1):
+            subprocess.run(self.nsexec(side, ["ethtool", "-K", DPDK_DEVS[side], "tx", state]),
+                           capture_output=True)
+            out = subprocess.run(self.nsexec(side, ["ethtool", "-k", DPDK_DEVS[side]]),
+                                 capture_output=True, text=True).stdout
+            m = re.search(r"^tx-checksumming: (\w+)", out, re.M)
+            got = m.group(1) if m else "?"
+            if got != state:
+                raise SystemExit(f"dpdk: ethtool -K {DPDK_DEVS[side]} tx {state}: it is {got}")
+        self.dpdk["tx"] = state
+
+    def dpdk_start_sidecar(self, phase, side, port, rnd):
+        """One sidecar of a phase; returns its Popen once its metrics answer, or None if it
+        exited first (its log says why)."""
+        name = f"dpdk-{phase}-{'AB'[side]}-r{rnd}"
+        sd = os.path.join(self.dpdk["dir"], name)
+        os.makedirs(os.path.join(sd, "policy.d"), exist_ok=True)
+        conf = os.path.join(sd, "sidecar.toml")
+        with open(conf, "w") as f:
+            f.write(dpdk_sidecar_conf(side, sd, self.args.sidecar_log_level, port,
+                                      self.args.dpdk_stack_keys))
+        check = subprocess.run([self.sidecar, "--mode", "validate", "-c", conf],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"sidecar config {conf} invalid:\n{check.stderr}")
+        p = self.procs.start(name, self.nsexec(side, [self.sidecar, "-c", conf]))
+        self.dpdk["sidecars"][side] = p
+        deadline = time.time() + 20
+        while time.time() < deadline and p.poll() is None:
+            if self.dpdk_scrape(side):
+                return p
+            time.sleep(0.1)
+        return None
+
+    def dpdk_log(self, phase, side, rnd):
+        try:
+            with open(os.path.join(self.run_dir, f"dpdk-{phase}-{'AB'[side]}-r{rnd}.log")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def dpdk_begin(self, phase, rnd):
+        """Brings dpa/dpb into the phase's state and starts its sidecars, B first; False (and a
+        note) when the phase cannot be measured."""
+        ns = self.dpdk["ns"]
+        ports = (None, None)
+        if phase == "kernel":
+            self.dpdk_tx("on")
+            for side in (0, 1):
+                self.dpdk_sh(["ip", "-n", ns[side], "addr", "replace", f"{DPDK_DATA[side]}/24",
+                              "dev", DPDK_DEVS[side]])
+        elif phase == "xdp":
+            # what a kernel peer of a user-space stack needs; here both ends are DPDK's, but the
+            # link is in the state the stack's documentation asks for
+            self.dpdk_tx("off")
+            ports = tuple(f"net_af_xdp0,iface={dev}" for dev in DPDK_DEVS)
+        else:
+            sock = os.path.join(self.dpdk["dir"], "memif.sock")
+            if os.path.exists(sock):
+                os.unlink(sock)  # a stale socket file keeps the server from listening
+            ports = tuple(f"net_memif0,role={role},socket={sock},socket-abstract=no"
+                          for role in ("client", "server"))
+        for side in (1, 0):  # B first: it serves A's first handshake (and is memif's server)
+            if self.dpdk_start_sidecar(phase, side, ports[side], rnd) is None:
+                self.dpdk_note(f"{phase}: sidecar {'AB'[side]} did not start "
+                               f"(round {rnd}): {self.dpdk_log(phase, side, rnd)[-400:]}",
+                               failed=True)
+                return False
+        if phase != "kernel":
+            # dp0 must be up on both sides (its port started) and the port's link up (memif:
+            # the client connected to the server)
+            deadline = time.time() + 10
+            while True:
+                m = [self.dpdk_scrape(side) for side in (0, 1)]
+                up = [metric_sum(x, "dmm_sidecar_stack_up", stack="dp0") for x in m]
+                link = [metric_sum(x, "dmm_sidecar_dpdk_link_up", stack="dp0") for x in m]
+                if up == [1, 1] and link == [1, 1]:
+                    break
+                if 0 in up:
+                    side = up.index(0)
+                    found = re.search(r"dpdk stack dp0 is down: [^\n]*",
+                                      self.dpdk_log(phase, side, rnd))
+                    why = found.group(0) if found else "stack dp0 is down (dmm_sidecar_stack_up 0)"
+                    self.dpdk["down"][phase] = why  # the port cannot start here: not again
+                    self.dpdk_note(f"{phase}: not measured: sidecar {'AB'[side]}: {why} (round "
+                                   f"{rnd}; log {self.run_dir}/dpdk-{phase}-{'AB'[side]}-r{rnd}"
+                                   ".log)", failed=phase == "memif")
+                    return False
+                if time.time() > deadline:
+                    self.dpdk_note(f"{phase}: round {rnd} not measured: dp0 up {up}, link up "
+                                   f"{link} (A, B) after 10 s; logs in {self.run_dir}",
+                                   failed=True)
+                    return False
+                time.sleep(0.1)
+        ok = self.dpdk_wait_listening(0, [f"127.0.0.1:{p}" for p in DPDK_FORWARD.values()],
+                                      "sidecar A", procs=list(self.dpdk["sidecars"].values()))
+        ok = ok and self.dpdk_wait_listening(1, [f":{DPDK_TUNNEL}"], "sidecar B",
+                                             procs=list(self.dpdk["sidecars"].values()))
+        if not ok:
+            self.dpdk_note(f"{phase}: a sidecar exited while starting (round {rnd}); logs in "
+                           f"{self.run_dir}", failed=True)
+        return ok
+
+    def dpdk_end(self, phase, rnd):
+        """Stops the phase's sidecars (A first: memif's client leaves before its server), takes
+        any XDP program off dpa/dpb and, after the kernel phase, their addresses."""
+        if phase != "kernel":
+            # what the dp0 ports saw, summed over the rounds, for reading the figures
+            for side in (0, 1):
+                m = self.dpdk_scrape(side)
+                total = self.dpdk["ports"].setdefault(f"{phase} {'AB'[side]}", [0, 0, 0])
+                for i, (name, labels) in enumerate((
+                        ("dmm_sidecar_dpdk_tcp_retransmitted_segments_total", {}),
+                        ("dmm_sidecar_dpdk_port_dropped_total", {}),
+                        ("dmm_sidecar_dpdk_port_tx_packets_total", {}))):
+                    total[i] += metric_sum(m, name, stack="dp0", **labels) or 0
+        for side in (0, 1):
+            p = self.dpdk["sidecars"].pop(side, None)
+            if p is not None:
+                rc = Procs.stop_one(p)
+                if rc not in (0, -signal.SIGTERM):
+                    self.dpdk_note(f"{phase}: sidecar {'AB'[side]} exited with status {rc} when "
+                                   f"stopped (round {rnd})")
+                # the EAL's runtime directory (its default --file-prefix), left behind by DPDK
+                shutil.rmtree(f"/var/run/dpdk/dmm-sidecar-{p.pid}", ignore_errors=True)
+        ns = self.dpdk["ns"]
+        for side in (0, 1):
+            subprocess.run(["ip", "-n", ns[side], "link", "set", "dev", DPDK_DEVS[side], "xdp",
+                            "off"], capture_output=True)
+            if phase == "kernel":
+                self.dpdk_sh(["ip", "-n", ns[side], "addr", "flush", "dev", DPDK_DEVS[side]])
+
+    def stop_dpdk(self):
+        """Deletes the namespaces (with them their veths); the processes in them are stopped
+        by then (Procs.stop)."""
+        if not self.dpdk:
+            return
+        for n in self.dpdk["made"]:
+            r = subprocess.run(["ip", "netns", "del", n], capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"dpdk: ip netns del {n}: {r.stderr.strip()}")
+        self.dpdk["made"] = []
+
     # -------------------------------------------------------------- measuring
     def record(self, section, variant, metric, rnd, value):
         if value is None:
@@ -744,6 +1096,103 @@ http {{
                 continue
             self.record("shm-tput-P1", v, "Gbit/s", rnd, gbps / 1e9)
 
+    def run_dpdk(self, rnd):
+        """One round of the dpdk section: the phases in turn (backwards in even rounds), in each
+        iperf3 then the 64 B ping-pong through each of its variants."""
+        phases = DPDK_PHASES if rnd % 2 else DPDK_PHASES[::-1]
+        for phase, variants in phases:
+            if phase in self.dpdk["down"]:
+                continue
+            try:
+                if not self.dpdk_begin(phase, rnd):
+                    continue
+                for kind in ("tput", "rr"):
+                    for v in variants:
+                        if phase == "kernel":
+                            self.dpdk_tx("off" if v == "kernel-txoff" else "on")
+                        self.dpdk_one(kind, v, rnd)
+            finally:
+                self.dpdk_end(phase, rnd)
+
+    def dpdk_carried(self, before, stack, want):
+        """Whether sidecar A's outbound connections since `before` ended on `stack` only (at
+        least `want` of them; closes are counted a moment after the client is done): (ok, the
+        counts by stack)."""
+        deadline = time.time() + 3
+        while True:
+            after = self.dpdk_scrape(0)
+            delta = {}
+            for s in ("dp0", "kernel", "direct", "none"):
+                delta[s] = ((metric_sum(after, "dmm_sidecar_connections_total",
+                                        role="outbound", stack=s) or 0) -
+                            (metric_sum(before, "dmm_sidecar_connections_total",
+                                        role="outbound", stack=s) or 0))
+            if delta[stack] >= want or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        ok = delta[stack] >= want and not any(n for s, n in delta.items() if s != stack)
+        return ok, ", ".join(f"{s} {n:.0f}" for s, n in delta.items() if n) or "none"
+
+    def dpdk_one(self, kind, v, rnd):
+        """One measurement from namespace A: iperf3 -P1 (kind "tput") or the 64 B ping-pong
+        ("rr"), straight to B (direct) or through sidecar A's forward listener. Through the
+        sidecars, A's metrics must then show the connections ended on the variant's stack (dp0
+        for xdp and memif, kernel for kernel), else nothing is recorded and the run fails."""
+        svc = "iperf3" if kind == "tput" else "echo"
+        if v == "direct":
+            host, prt = DPDK_DATA[1], DPDK_SERVICES[svc]
+        else:
+            host, prt = "127.0.0.1", DPDK_FORWARD[svc]
+        if kind == "tput":
+            sec, t = "dpdk-tput-P1", self.args.t_dpdk_tput
+            argv, timeout = ["iperf3", "-c", host, "-p", str(prt), "-t", str(t), "-P", "1",
+                             "-J"], t + 15
+        else:
+            sec, t = "dpdk-rr64", self.args.t_dpdk_rr
+            argv, timeout = [self.tool, "rr", host, str(prt), "64", str(t)], t + 10
+        pids = []
+        before = None
+        if v != "direct":
+            for p in self.dpdk["sidecars"].values():
+                pids += descendants(p.pid)
+            before = self.dpdk_scrape(0)
+        mark = len(self.rows)
+        out, pct = self.measure(sec, v, rnd, self.nsexec(0, argv), timeout, pids=pids)
+        if kind == "tput":
+            try:
+                gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+                values = {"Gbit/s": gbps}
+                if v != "direct" and pct >= 5:
+                    values["Gbit/s per proxy core"] = gbps * 100.0 / pct
+            except (ValueError, KeyError):
+                log(f"{sec} {v}: iperf3 failed: {out[-300:]}")
+                values = None
+        else:
+            kv = self.parse_kv(out)
+            values = None
+            if "tps" in kv:
+                values = {"p50 us": kv["p50_us"], "p99 us": kv["p99_us"],
+                          "transactions/s": kv["tps"]}
+                if v != "direct" and kv["tps"] > 0:
+                    values["proxy CPU us per transaction"] = pct / 100.0 * 1e6 / kv["tps"]
+            else:
+                log(f"{sec} {v}: failed: {out[-300:]}")
+        if v != "direct":
+            stack = "dp0" if v in ("xdp", "memif") else "kernel"
+            ok, counts = self.dpdk_carried(before, stack, 2 if kind == "tput" else 1)
+            tally = self.dpdk["carried"].setdefault(v, [0, 0])
+            tally[0] += ok
+            tally[1] += 1
+            if not ok:
+                del self.rows[mark:]
+                self.dpdk_note(f"{sec} {v} round {rnd}: not recorded: sidecar A's connections "
+                               f"ended on stacks {counts}, expected only {stack} (logs in "
+                               f"{self.run_dir})", failed=True)
+                return
+        if values:
+            for metric, x in values.items():
+                self.record(sec, v, metric, rnd, x)
+
     def run_mem(self):
         n = self.args.mem_conns
         for v in self.variants:
@@ -775,8 +1224,17 @@ http {{
     def run(self):
         start = time.time()
         sections = self.args.sections
-        # The shared servers and the proxy variants serve every section but shm.
-        common = bool(sections - {"shm"}) or bool(self.args.shell)
+        if "dpdk" in sections and not self.args.shell:
+            ok, said = self.dpdk_available()
+            if not ok:
+                msg = (f"dpdk: {self.sidecar} has no dpdk stack kind (built without "
+                       f"DMM_WITH_DPDK?): {said[-300:]}")
+                if self.args.sections_given:
+                    raise SystemExit(msg)
+                log(msg + "; the dpdk section is skipped")
+                sections.discard("dpdk")
+        # The shared servers and the proxy variants serve every section but shm and dpdk.
+        common = bool(sections - {"shm", "dpdk"}) or bool(self.args.shell)
         if common:
             self.start_servers()
             self.start_proxies()
@@ -785,6 +1243,12 @@ http {{
             self.variants = []
         if "shm" in sections:
             self.start_shm()
+        if "dpdk" in sections:
+            if self.args.shell:
+                log("dpdk: not set up with --shell (it runs in phases, each with its own "
+                    "sidecars)")
+            else:
+                self.start_dpdk()
         time.sleep(0.5)
         if common:
             subprocess.run(["redis-cli", "-p", "6379", "set", "key:__rand_int__", "x"],
@@ -812,7 +1276,7 @@ http {{
         for rnd in range(1, self.args.rounds + 1):
             for sec, fn in (("tput", self.run_tput), ("lat", self.run_lat),
                             ("conn", self.run_conn), ("redis", self.run_redis),
-                            ("shm", self.run_shm)):
+                            ("shm", self.run_shm), ("dpdk", self.run_dpdk)):
                 if sec in sections:
                     log(f"round {rnd}/{self.args.rounds}: {sec}")
                     fn(rnd)
@@ -838,6 +1302,10 @@ BAR = [
      "process memory per idle connection per hop (KB)"),
     ("shm-rr64-pinned", "leg p50 us", "lower", 0.5, "shm leg p50 vs iptables capture, pinned",
      ("shm", "ipt")),
+    ("dpdk-tput-P1", "Gbit/s", "higher", 0.7, "dpdk af_xdp vs kernel stack, same veth, -P1",
+     ("xdp", "kernel")),
+    ("dpdk-tput-P1", "Gbit/s", "minimum", 6.0, "dpdk memif between the sidecars, -P1 (Gbit/s)",
+     ("memif", None)),
 ]
 # Not the bar: the same leg ratio in the other ping-pong forms, and the stage-1 path's.
 SHM_INFO_FORMS = (("shm-rr64", "unpinned"), ("shm-rr64-pinned", "pinned"),
@@ -886,9 +1354,27 @@ def is_shm(section):
     return section.startswith("shm-")
 
 
+def is_dpdk(section):
+    return section.startswith("dpdk-")
+
+
 def section_variants(section, variants):
-    """The columns of a section: the shm section has its own variants, not the proxies."""
+    """The columns of a section: the shm and dpdk sections have their own variants, not the
+    proxies."""
+    if is_dpdk(section):
+        return list(DPDK_VARIANTS)
     return list(SHM_VARIANTS) if is_shm(section) else variants
+
+
+SHM_RATIOS = (("tcp", "unix"), ("tcp", "shm"), ("ipt", "shm"))
+
+
+def section_ratios(section):
+    """The (reference, variant) pairs of a section's last columns; None: ours vs the best
+    peer."""
+    if is_dpdk(section):
+        return DPDK_RATIOS
+    return SHM_RATIOS if is_shm(section) else None
 
 
 def ratio_of(mine, ref):
@@ -899,13 +1385,12 @@ def ratio_of(mine, ref):
 def table(summary, variants, ours):
     lines = []
     for sec, metrics in summary.items():
-        shm = is_shm(sec)
+        pairs = section_ratios(sec)
         cols = section_variants(sec, variants)
         lines.append(f"== {sec}")
         header = f"{'metric':32s}" + "".join(f"{v:>22s}" for v in cols)
-        header += ("".join(f"  {v + ' vs ' + b:>12s}"
-                           for b, v in (("tcp", "unix"), ("tcp", "shm"), ("ipt", "shm")))
-                   if shm else
+        header += ("".join(f"  {v + ' vs ' + b:>12s}" for b, v in pairs)
+                   if pairs else
                    f"  {ours + ' vs best peer':>22s}")
         lines.append(header)
         for metric, by_variant in metrics.items():
@@ -919,8 +1404,8 @@ def table(summary, variants, ours):
                 row += f" {cell:>21s}"  # a long cell still stands apart
             if "%" in metric or metric == "errors":
                 pass
-            elif shm:
-                for base, v in (("tcp", "unix"), ("tcp", "shm"), ("ipt", "shm")):
+            elif pairs:
+                for base, v in pairs:
                     b = by_variant.get(base)
                     r = b and by_variant.get(v) and ratio_of(by_variant[v]["median"],
                                                             b["median"])
@@ -936,8 +1421,10 @@ def table(summary, variants, ours):
 
 
 def bar_lines(summary, ours):
+    dpdk = any(is_dpdk(sec) for sec in summary)
     lines = [f"== the bar ({ours} on the kernel stack vs the best peer in this run; "
-             "shm vs ipt on the shm line)"]
+             "shm vs ipt on the shm line" +
+             ("; dpdk: xdp vs kernel over dpa/dpb, memif absolute)" if dpdk else ")")]
     verdicts = []
     for sec, metric, better, need, label, *pair in BAR:
         by_variant = summary.get(sec, {}).get(metric)
@@ -959,6 +1446,10 @@ def bar_lines(summary, ours):
             ok = mine <= need
             lines.append(f"  {label:50s} {fmt(mine):>8s}  required <= {need}  "
                          f"{'MET' if ok else 'NOT MET'}")
+        elif better == "minimum":
+            ok = mine >= need
+            lines.append(f"  {label:50s} {fmt(mine):>8s}  required >= {need}  "
+                         f"{'MET' if ok else 'NOT MET'}")
         else:
             peer, name = best_peer(by_variant, better == "lower")
             if peer is None:
@@ -978,6 +1469,8 @@ def shm_info_lines(summary):
     lines = []
     for sec, form in SHM_INFO_FORMS:
         legs = summary.get(sec, {}).get("leg p50 us", {})
+        if not legs:
+            continue
         row = f"  {form:16s} leg p50"
         for v in SHM_LEGS:
             if v in legs:
@@ -1012,8 +1505,9 @@ def charts(summary, variants, out_dir):
         fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
         cols = section_variants(sec, variants)
         # sidecars green, peers blue, direct grey; in the shm section the tcp path is the
-        # reference (blue) and the preload paths green
-        ours = ("unix", "shm") if is_shm(sec) else OURS
+        # reference (blue) and the preload paths green; in the dpdk section the kernel stack
+        # is the reference and the dpdk stack green
+        ours = ("unix", "shm") if is_shm(sec) else ("xdp", "memif") if is_dpdk(sec) else OURS
         for ax, metric in zip(axes[0], shown):
             by_variant = metrics[metric]
             names = [v for v in cols if v in by_variant]
@@ -1068,12 +1562,22 @@ def report(bench, args):
             lines.append(f"  shm section, {v}: {what}")
         lines.append(f"  shm section: servers on {SHM_ADDR} (on {bench.shm['device']}), one "
                      "dmm-sidecar, workers=1, [fallback] mode = direct (no peer sidecar)")
+    if bench.dpdk:
+        for v, what in DPDK_VARIANTS.items():
+            lines.append(f"  dpdk section, {v}: {what}")
+        lines.append(f"  dpdk section: namespaces A and B, control veth {DPDK_CTL[0]}-"
+                     f"{DPDK_CTL[1]}, data veth dpa/dpb {DPDK_DATA[0]}-{DPDK_DATA[1]}; "
+                     f"sidecars workers=1; iperf3 -t {args.t_dpdk_tput}, ping-pong "
+                     f"{args.t_dpdk_rr} s; dp0 keys: {args.dpdk_stack_keys or 'defaults'}")
     lines.append("values: median [min..max] over rounds; ratio = ours / best peer (median); "
                  "proxy% = CPU of both hops, ours% = everything this run started, others% = "
                  "other tenants of the machine (noise), all in % of one core")
     if bench.shm:
         lines.append("shm-* sections: ratio = variant / tcp or ipt (median); proxy% = CPU of the one "
                      "sidecar; leg p50 = p50(path) - p50(direct) per round")
+    if bench.dpdk:
+        lines.append("dpdk-* sections: ratio = variant / kernel (median); proxy% = CPU of both "
+                     "sidecars (their poll threads included)")
     lines.append("")
     lines += table(summary, variants, args.ours)
     bar, verdicts = bar_lines(summary, args.ours)
@@ -1084,6 +1588,8 @@ def report(bench, args):
     if bench.shm:
         lines += ["", "== shm: the warm-up connections and what the sidecar said about them"]
         lines += ["  " + c.removeprefix("shm: ") for c in bench.shm["checks"]]
+    dpdk_info = dpdk_info_lines(summary, bench) if bench.dpdk else []
+    lines += dpdk_info
     others = [r[4] for r in bench.rows if r[2] == "others%"]
     if others:
         lines.append(f"  CPU used by other tenants during the measurements: median "
@@ -1101,18 +1607,57 @@ def report(bench, args):
                        "variants": SHM_VARIANTS, "address": SHM_ADDR,
                        "device": bench.shm["device"], "checks": bench.shm["checks"],
                        "paths_ok": bench.shm["ok"], "legs": shm_info},
+                   "dpdk": bench.dpdk and {
+                       "variants": DPDK_VARIANTS, "control": DPDK_CTL, "data": DPDK_DATA,
+                       "t_tput": args.t_dpdk_tput, "t_rr": args.t_dpdk_rr,
+                       "stack_keys": args.dpdk_stack_keys, "down": bench.dpdk["down"],
+                       "carried": bench.dpdk["carried"], "ports": bench.dpdk["ports"],
+                       "checks": bench.dpdk["checks"],
+                       "failed": bench.dpdk["failed"], "info": dpdk_info},
                    "charts": [os.path.basename(p) for p in pngs]}, f, indent=1)
     print(text)
     log(f"results in {args.out}: table.txt results.json raw.csv " +
         " ".join(os.path.basename(p) for p in pngs))
 
 
+def dpdk_info_lines(summary, bench):
+    """The dpdk section's figures in one place, and what was checked along the way."""
+    tput = summary.get("dpdk-tput-P1", {}).get("Gbit/s", {})
+    rr = summary.get("dpdk-rr64", {})
+    lines = ["", "== dpdk: iperf3 -P1 and 64 B ping-pong (medians) per variant"]
+    for v in DPDK_VARIANTS:
+        row = f"  {v:14s}"
+        row += f" {fmt(tput[v]['median']):>6s} Gbit/s" if v in tput else f" {'-':>6s} Gbit/s"
+        for metric in ("p50 us", "p99 us"):
+            x = rr.get(metric, {}).get(v)
+            row += f"  {metric.split()[0]} {fmt(x['median']) if x else '-':>6s} us"
+        if v in bench.dpdk["down"]:
+            row += f"  (not measured: {bench.dpdk['down'][v]})"
+        lines.append(row)
+    for v, base in (("xdp", "kernel"), ("xdp", "kernel-txoff"), ("memif", "kernel")):
+        if v in tput and base in tput:
+            r = ratio_of(tput[v]["median"], tput[base]["median"])
+            lines.append(f"  {v} / {base} throughput: {r:.2f}x")
+    carried = bench.dpdk["carried"]
+    lines.append("  carried by the variant's stack (sidecar A's metrics after each measurement): "
+                 + (", ".join(f"{v} {ok} of {n}" for v, (ok, n) in carried.items())
+                    or "nothing"))
+    for port, (rexmit, drops, tx) in bench.dpdk["ports"].items():
+        lines.append(f"  dp0 of {port}, all rounds: {tx:,.0f} frames sent, {rexmit:,.0f} TCP "
+                     f"segments retransmitted, {drops:,.0f} frames dropped")
+    if bench.dpdk["checks"]:
+        lines.append("== dpdk: notes")
+        lines += ["  " + c for c in bench.dpdk["checks"]]
+    return lines
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 short rounds (about 3 minutes)")
     p.add_argument("--rounds", type=int)
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="comma-separated, of " + ",".join(SECTIONS) + " (default: all)")
+    p.add_argument("--sections",
+                   help="comma-separated, of " + ",".join(SECTIONS) + " (default: all; dpdk "
+                   "only when the sidecar has the dpdk stack kind)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--ours", default="dmm", help="the sidecar variant the bar is judged on")
     p.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -1126,8 +1671,12 @@ def parse_args():
     p.add_argument("--sidecar-relay", default="",
                    help='extra [relay] keys for the sidecars, e.g. "splice = false; buffer_size = 131072"')
     p.add_argument("--mem-conns", type=int, default=8000, help=FD_HARD_LIMIT_NOTE)
+    p.add_argument("--dpdk-stack-keys", default="",
+                   help='extra keys for both sidecars\' dpdk [[stack]] dp0 in the dpdk section, '
+                   'e.g. "busy_poll = true; idle_sleep_us = 20"')
     a = p.parse_args()
-    a.sections = set(a.sections.split(","))
+    a.sections_given = a.sections is not None
+    a.sections = set((a.sections or ",".join(SECTIONS)).split(","))
     if a.sections - set(SECTIONS):
         p.error(f"unknown sections: {','.join(sorted(a.sections - set(SECTIONS)))}")
     a.variants = set(a.variants.split(",")) | {"direct"}
@@ -1144,6 +1693,8 @@ def parse_args():
     a.t_lat = 1 if a.quick else 2
     a.t_conn = 1 if a.quick else 2
     a.redis_n = 20000 if a.quick else 50000
+    a.t_dpdk_tput = 2 if a.quick else 5
+    a.t_dpdk_rr = 1 if a.quick else 2
     if a.quick:
         a.mem_conns = min(a.mem_conns, 3000)
     if a.out is None:
@@ -1159,8 +1710,11 @@ def main():
     if os.environ.get("DMM_BENCH_IN_NETNS") != "1":
         if os.geteuid() != 0:
             sys.exit("bench/run.py: run as root (it makes a network namespace)")
-        for tool in ("iperf3", "wrk", "haproxy", "nginx", "redis-server", "redis-benchmark",
-                     "taskset", "unshare", "ss"):
+        tools = ["iperf3", "wrk", "haproxy", "nginx", "redis-server", "redis-benchmark",
+                 "taskset", "unshare", "ss"]
+        if "dpdk" in args.sections:
+            tools += ["ip", "ethtool", "curl"]
+        for tool in tools:
             if shutil.which(tool) is None:
                 sys.exit(f"bench/run.py: {tool} is missing; tests/bootstrap.sh bench installs "
                          "everything")
@@ -1190,9 +1744,17 @@ def main():
     try:
         bench.run()
     finally:
-        bench.procs.stop()
+        # a second Ctrl-C must not leave the dpdk section's namespaces behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            bench.procs.stop()
+        finally:
+            bench.stop_dpdk()
     if not args.shell:
         report(bench, args)
+    if bench.dpdk and bench.dpdk["failed"]:
+        sys.exit("bench/run.py: the dpdk section failed (see its notes above)")
 
 
 if __name__ == "__main__":
