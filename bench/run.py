@@ -821,6 +821,10 @@ http {{
         ns = self.dpdk["ns"]
         ports = (None, None)
         if phase == "kernel":
+            for side in (0, 1):
+                # nothing of an af_xdp port may be left (a sidecar killed leaves its program)
+                self.dpdk_sh(["ip", "-n", ns[side], "link", "set", "dev", DPDK_DEVS[side],
+                              "xdp", "off"])
             self.dpdk_tx("on")
             for side in (0, 1):
                 self.dpdk_sh(["ip", "-n", ns[side], "addr", "replace", f"{DPDK_DATA[side]}/24",
