@@ -71,7 +71,7 @@ class ByteRing {
 };
 
 // Each ring's size: lwIP's receive window and send buffer (lwipopts.h checks it).
-inline constexpr std::size_t kRingBytes = 256 * 1024;
+inline constexpr std::size_t kRingBytes = 512 * 1024;
 
 // Events, poll thread -> worker.
 enum Event : std::uint32_t {

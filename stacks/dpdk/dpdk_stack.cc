@@ -228,6 +228,8 @@ std::unique_ptr<StackOptions> DpdkStackFactory::parseOptions(TomlTable& table) c
   if (auto v = table.getInt("tx_descriptors", 64, 16384))
     o->tx_descriptors = static_cast<std::uint16_t>(*v);
   if (auto v = table.getBool("busy_poll")) o->busy_poll = *v;
+  if (auto v = table.getInt("idle_spin_us", 0, 100000))
+    o->idle_spin_us = static_cast<std::uint32_t>(*v);
   if (auto v = table.getInt("idle_sleep_us", 1, 100000))
     o->idle_sleep_us = static_cast<std::uint32_t>(*v);
   if (auto v = table.getInt("cpu", -1, 4095)) o->cpu = static_cast<int>(*v);

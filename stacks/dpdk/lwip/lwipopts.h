@@ -62,7 +62,7 @@
 /* Receive window = the per-connection receive ring (DMM_DPDK_RING_BYTES): bytes are acknowledged
  * into the ring and the window reopens only as the worker takes them out, so the ring never
  * overflows and a slow reader throttles the sender. */
-#define DMM_DPDK_RING_BYTES (256 * 1024)
+#define DMM_DPDK_RING_BYTES (512 * 1024)
 #define TCP_WND DMM_DPDK_RING_BYTES
 /* The send buffer is the per-connection send ring: lwIP references its bytes (no copy) until
  * they are acknowledged. */
