@@ -447,5 +447,70 @@ TEST_F(DpdkPair, RunsOnHugepages) {
   b_.reset();
 }
 
+// Two dpdk instances in each sidecar (multi-instance: one lwIP, two ports, two poll threads),
+// af_packet and memif, each picked by its own rule, carrying at the same time.
+TEST_F(DpdkPair, TwoInstancesCarryAtOnceEachOnItsPort) {
+  TempDir dir;
+  const std::string sock = dir.path() + "/memif.sock";
+  auto stacks = [&](const std::string& dev, const char* ip0, const char* role, const char* ip1) {
+    return "[[stack]]\nname = \"dp0\"\nkind = \"dpdk\"\nport = \"" + afPacket(dev) +
+           "\"\naddress = \"" + ip0 + "/24\"\n\n[[stack]]\nname = \"dp1\"\nkind = \"dpdk\"\n" +
+           "port = \"net_memif0,role=" + role + ",socket=" + sock +
+           ",socket-abstract=no\"\naddress = \"" + ip1 + "/24\"\ndata_port = 7302\n\n" +
+           "[[stack]]\nname = \"kernel\"\nkind = \"kernel\"\n\n";
+  };
+  const std::map<std::string, std::string> policy{
+      {"10-two.toml",
+       "[[rule]]\nname = \"to-dp0\"\nmatch.ports = [\"9000\"]\nstacks = [\"dp0\"]\n\n"
+       "[[rule]]\nname = \"to-dp1\"\nmatch.ports = [\"9001\"]\nstacks = [\"dp1\"]\n"}};
+  b_ = std::make_unique<SidecarProcess>(
+      hosts_.b(), sidecarConfig(commonSections() + stacks(dev_b_, kDpB, "server", "10.204.0.2")),
+      "b", policy);
+  a_ = std::make_unique<SidecarProcess>(
+      hosts_.a(), sidecarConfig(commonSections() + stacks(dev_a_, kDpA, "client", "10.204.0.1")),
+      "a", policy);
+  a_->installCapture();
+  ASSERT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp1"}}) == 1;
+      },
+      10s));
+  std::vector<std::unique_ptr<ThreadServer>> servers;
+  for (std::uint16_t p : {std::uint16_t{9000}, std::uint16_t{9001}}) {
+    servers.push_back(
+        std::make_unique<ThreadServer>(hosts_.b(), at(TwoHosts::kIp4B, p), [](UniqueFd conn) {
+          auto got = receiveStream(conn.get());
+          sendStream(conn.get(), got.bytes, 11);
+        }));
+  }
+  std::atomic<int> ok{0};
+  std::vector<std::thread> clients;
+  for (std::uint16_t p : {std::uint16_t{9000}, std::uint16_t{9001}}) {
+    for (int i = 0; i < 4; ++i) {
+      clients.emplace_back([&, p] {
+        UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, p), 30s);
+        if (!fd) return;
+        auto sent = sendStream(fd.get(), 16 << 20, 13);
+        ::shutdown(fd.get(), SHUT_WR);
+        int err = 0;
+        auto got = receiveStream(fd.get(), &err);
+        if (err == 0 && sent.bytes == (16u << 20) && got.bytes == (16u << 20)) ++ok;
+      });
+    }
+  }
+  for (auto& t : clients)
+    t.join();
+  EXPECT_EQ(ok.load(), 8);
+  for (const char* st : {"dp0", "dp1"}) {
+    EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                           {{"role", "outbound"}, {"stack", st}, {"outcome", "closed"}}, 4))
+        << st;
+    EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                           {{"role", "inbound"}, {"stack", st}, {"outcome", "closed"}}, 4))
+        << st;
+    EXPECT_GE(metric(*a_, "dmm_sidecar_dpdk_port_tx_bytes_total", {{"stack", st}}), 64 << 20) << st;
+  }
+}
+
 }  // namespace
 }  // namespace dmm::testbed
