@@ -138,7 +138,9 @@ struct Channel {
 
   // ---- worker only ----
   DpdkConnection* conn = nullptr;
-  std::shared_ptr<Expectation> expectation;  // responder: what it was accepted for
+  // Responder: what it was accepted for. Set by the poll thread before it queues
+  // kEvAccepted (the queue orders it), taken by the worker when it handles that event.
+  std::shared_ptr<Expectation> expectation;
 
   void retain() { refs.fetch_add(1, std::memory_order_relaxed); }
   // Drops a reference; the last one frees the channel (and its rings).

@@ -89,9 +89,7 @@ void DpdkConnection::dispatch(std::uint32_t events) {
   // A callback may close this connection (not delete it): check before each.
   if ((events & kEvFailed) != 0) {
     int err = ch_->error.load();
-    Channel* ch = ch_;
-    close(CloseType::kAbort);
-    (void)ch;
+    close(CloseType::kAbort);  // the connection is dead; its owner hears it once, here
     callbacks_->onConnectFailed(*this, Error{err != 0 ? err : ECONNREFUSED, "dpdk_connect"});
     return;
   }
