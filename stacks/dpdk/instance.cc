@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 #include "lwip/etharp.h"
@@ -93,6 +94,16 @@ bool startEal(const std::vector<std::string>& args, std::string& error) {
   // has its PID) leaves none behind in the hugetlbfs mount.
   if (!has("--no-huge") && !has("--huge-unlink") && !has("--in-memory"))
     argv.push_back("--huge-unlink");
+  // Under systemd DPDK keeps its runtime files in $RUNTIME_DIRECTORY/dpdk/<prefix>: our unit's
+  // own /run/dmm-sidecar. systemd joins several RuntimeDirectory= entries with ':', which DPDK
+  // would take as one path: keep the first.
+  if (const char* rd = std::getenv("RUNTIME_DIRECTORY"); rd != nullptr) {
+    std::string first(rd);
+    if (auto colon = first.find(':'); colon != std::string::npos) {
+      first.resize(colon);
+      (void)setenv("RUNTIME_DIRECTORY", first.c_str(), 1);
+    }
+  }
   std::vector<char*> raw;
   for (auto& a : argv)
     raw.push_back(a.data());
