@@ -30,10 +30,10 @@ struct DpdkOptions : StackOptions {
   std::uint32_t mbufs = 16383;           // the port's packet buffer pool
   std::uint16_t rx_descriptors = 1024;
   std::uint16_t tx_descriptors = 1024;
-  bool busy_poll = false;             // spin when idle (a dedicated core) instead of sleeping
-  std::uint32_t idle_spin_us = 100;   // idle this long, the poll thread still polls
+  bool busy_poll = false;              // spin when idle (a dedicated core) instead of sleeping
+  std::uint32_t idle_spin_us = 100;    // idle this long, the poll thread still polls
   std::uint32_t idle_sleep_us = 1000;  // the longest sleep of an idle poll thread
-  int cpu = -1;                       // pin the poll thread to this CPU (-1: not pinned)
+  int cpu = -1;                        // pin the poll thread to this CPU (-1: not pinned)
 };
 
 class Instance;

@@ -86,26 +86,7 @@ class DpdkPair : public HostPairTest {
 
 TEST_F(DpdkPair, Transfers64MiBEachWayByteExact) {
   startBoth();
-  StreamDigest server_got;
-  StreamDigest server_sent;
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
-    server_got = receiveStream(conn.get());
-    server_sent = sendStream(conn.get(), k64MiB, 7);
-  });
-  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 60s);
-  ASSERT_TRUE(fd);
-  auto sent = sendStream(fd.get(), k64MiB, 3);
-  ::shutdown(fd.get(), SHUT_WR);
-  int err = 0;
-  auto got = receiveStream(fd.get(), &err);
-  fd.reset();
-  EXPECT_EQ(err, 0);
-  EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }));
-  server.stop();
-  EXPECT_EQ(server_got.bytes, k64MiB);
-  EXPECT_EQ(server_got.sha256_hex, sent.sha256_hex);
-  EXPECT_EQ(got.bytes, k64MiB);
-  EXPECT_EQ(got.sha256_hex, server_sent.sha256_hex);
+  EXPECT_TRUE(transferBothWays(hosts_.a(), hosts_.b(), at(TwoHosts::kIp4B, 9000), k64MiB, 60s));
   // Carried by the dpdk instance on both sides.
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));

@@ -105,27 +105,7 @@ TEST_F(SidecarPair, Transfers256MiBEachWayByteExactWithCopies) {
 }
 
 void SidecarPair::transferBothWays() {
-  StreamDigest server_got;
-  StreamDigest server_sent;
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
-    server_got = receiveStream(conn.get());
-    server_sent = sendStream(conn.get(), kBig, 7);
-  });
-  UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
-  ASSERT_TRUE(fd);
-  auto sent = sendStream(fd.get(), kBig, 3);
-  ::shutdown(fd.get(), SHUT_WR);
-  int err = 0;
-  auto got = receiveStream(fd.get(), &err);
-  fd.reset();
-  EXPECT_EQ(err, 0);
-  EXPECT_EQ(sent.bytes, kBig);
-  EXPECT_TRUE(eventually([&] { return server.accepted() == 1; }));
-  server.stop();  // joins the handler: its digests are final
-  EXPECT_EQ(server_got.bytes, kBig);
-  EXPECT_EQ(server_got.sha256_hex, sent.sha256_hex);
-  EXPECT_EQ(got.bytes, kBig);
-  EXPECT_EQ(got.sha256_hex, server_sent.sha256_hex);
+  EXPECT_TRUE(testbed::transferBothWays(hosts_.a(), hosts_.b(), at(TwoHosts::kIp4B, 9000), kBig));
   // Carried by the kernel stack through B's sidecar, not around it.
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));

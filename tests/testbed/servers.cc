@@ -200,4 +200,34 @@ http {
 )";
 }
 
+::testing::AssertionResult transferBothWays(const Netns& from, const Netns& server_ns,
+                                            const SocketAddress& to, std::uint64_t bytes,
+                                            std::chrono::milliseconds connect_timeout) {
+  StreamDigest server_got;
+  StreamDigest server_sent;
+  ThreadServer server(server_ns, to, [&](UniqueFd conn) {
+    server_got = receiveStream(conn.get());
+    server_sent = sendStream(conn.get(), bytes, 7);
+  });
+  UniqueFd fd = connectTcp(from, to, connect_timeout);
+  if (!fd) return ::testing::AssertionFailure() << "connect to " << to.toString() << " failed";
+  auto sent = sendStream(fd.get(), bytes, 3);
+  ::shutdown(fd.get(), SHUT_WR);
+  int err = 0;
+  auto got = receiveStream(fd.get(), &err);
+  fd.reset();
+  bool accepted = eventually([&] { return server.accepted() == 1; });
+  server.stop();  // joins the handler: its digests are final
+  if (err != 0) return ::testing::AssertionFailure() << "the client's read ended in error " << err;
+  if (!accepted) return ::testing::AssertionFailure() << "the server accepted no connection";
+  if (sent.bytes != bytes || server_got.bytes != bytes || server_got.sha256_hex != sent.sha256_hex)
+    return ::testing::AssertionFailure()
+           << "up: sent " << sent.bytes << ", the server got " << server_got.bytes << " (digests "
+           << (server_got.sha256_hex == sent.sha256_hex ? "equal" : "differ") << ")";
+  if (got.bytes != bytes || got.sha256_hex != server_sent.sha256_hex)
+    return ::testing::AssertionFailure()
+           << "down: the server sent " << server_sent.bytes << ", the client got " << got.bytes;
+  return ::testing::AssertionSuccess();
+}
+
 }  // namespace dmm::testbed

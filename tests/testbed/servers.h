@@ -21,6 +21,13 @@ void echoHandler(UniqueFd conn);
 // came back, or "<connect failed>" / "<write failed>".
 std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload);
 
+// One connection from `from` to a server this starts at `to` inside `server_ns`: `bytes` of
+// a seeded stream up, the client's half-close, then `bytes` back; both directions checked
+// byte-exact (length and SHA-256) and the end of stream clean.
+::testing::AssertionResult transferBothWays(const Netns& from, const Netns& server_ns,
+                                            const SocketAddress& to, std::uint64_t bytes,
+                                            std::chrono::milliseconds connect_timeout = 30s);
+
 // Accepts connections and runs `handler` for each on its own thread, until destroyed.
 class ThreadServer {
  public:

@@ -14,8 +14,8 @@ extern "C" {
 /* Called for every TCP segment lwIP builds (data, SYN, FIN, ACK, RST, probes), first
  * transmissions and retransmissions alike: counts retransmissions per instance. Returns `opts`
  * unchanged. */
-uint32_t* dmm_lwip_tcp_out_hook(const struct pbuf* p, const struct tcp_hdr* hdr, const struct tcp_pcb* pcb,
-                                uint32_t* opts);
+uint32_t* dmm_lwip_tcp_out_hook(const struct pbuf* p, const struct tcp_hdr* hdr,
+                                const struct tcp_pcb* pcb, uint32_t* opts);
 #ifdef __cplusplus
 }
 #endif
