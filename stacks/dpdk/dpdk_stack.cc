@@ -6,36 +6,11 @@
 #include <cerrno>
 #include <cstring>
 
-#include "common/socket_util.h"
 #include "stacks/dpdk/dpdk_connection.h"
 #include "stacks/dpdk/instance.h"
-#include "stacks/kernel/kernel_connection.h"
+#include "stacks/kernel/kernel_stack.h"
 
 namespace dmm::stacks::dpdk {
-
-namespace {
-constexpr std::uint8_t kEndpointVersion = 1;
-}
-
-std::vector<std::uint8_t> encodeEndpoint(const Endpoint& e) {
-  // version, family 4, IPv4 address, port (big-endian): 8 bytes.
-  std::vector<std::uint8_t> out(8);
-  out[0] = kEndpointVersion;
-  out[1] = 4;
-  std::memcpy(out.data() + 2, e.address.bytes(), 4);
-  out[6] = static_cast<std::uint8_t>(e.port >> 8);
-  out[7] = static_cast<std::uint8_t>(e.port & 0xff);
-  return out;
-}
-
-std::optional<Endpoint> decodeEndpoint(std::span<const std::uint8_t> params) {
-  if (params.size() != 8 || params[0] != kEndpointVersion || params[1] != 4) return std::nullopt;
-  in_addr a{};
-  std::memcpy(&a.s_addr, params.data() + 2, 4);
-  Endpoint e{IpAddress::v4(a), static_cast<std::uint16_t>(params[6] << 8 | params[7])};
-  if (e.port == 0 || e.address.isUnspecified()) return std::nullopt;
-  return e;
-}
 
 DpdkStack::DpdkStack(std::string name, const DpdkOptions& options)
     : name_(std::move(name)), options_(options) {}
@@ -121,11 +96,7 @@ Result<std::unique_ptr<StackConnection>> DpdkStack::connect(EventLoop& loop,
                                                             const ConnectOptions& options,
                                                             ConnectionCallbacks& callbacks) {
   if (!instance_) return Error{ENETDOWN, "dpdk_down"};
-  auto fd = net::connectTcp(options.remote, options.mark);
-  if (!fd) return fd.error();
-  (void)net::setNoDelay(fd->get(), true);
-  return std::unique_ptr<StackConnection>(
-      std::make_unique<kernel::KernelConnection>(loop, std::move(*fd), callbacks, true));
+  return kernel::connectControl(loop, options, callbacks);
 }
 
 Result<std::unique_ptr<StackConnection>> DpdkStack::adopt(std::unique_ptr<StackConnection>) {
@@ -141,7 +112,7 @@ Result<std::vector<std::uint8_t>> DpdkStack::expectData(EventLoop& loop, const S
                                                         DataAcceptor& acceptor) {
   if (!instance_) return Error{ENETDOWN, "dpdk_down"};
   auto peer = decodeEndpoint(offer_params);
-  if (!peer) return Error{EINVAL, "bad_offer_params"};
+  if (!peer || !peer->address.isV4()) return Error{EINVAL, "bad_offer_params"};
   // This instance can take the peer's connection only if the peer's instance is on its
   // subnet or behind its gateway.
   auto subnet =
@@ -162,7 +133,7 @@ Result<std::unique_ptr<StackConnection>> DpdkStack::connectData(
     ConnectionCallbacks& callbacks) {
   if (!instance_) return Error{ENETDOWN, "dpdk_down"};
   auto peer = decodeEndpoint(peer_params);
-  if (!peer) return Error{EINVAL, "bad_peer_params"};
+  if (!peer || !peer->address.isV4()) return Error{EINVAL, "bad_peer_params"};
   Channel* ch = instance_->newChannel();
   if (ch == nullptr) return Error{EAGAIN, "dpdk_full"};
   ch->remote = SocketAddress(peer->address, peer->port);

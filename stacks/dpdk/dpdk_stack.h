@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/socket_address.h"
+#include "stacks/endpoint.h"
 #include "stacks/stack.h"
 
 namespace dmm::stacks::dpdk {
@@ -86,13 +87,5 @@ class DpdkStackFactory final : public StackFactory {
   Result<std::unique_ptr<Stack>> create(std::string name,
                                         const StackOptions& options) const override;
 };
-
-// The offer/REPLY parameters of a dpdk instance: where it takes data connections.
-struct Endpoint {
-  IpAddress address;
-  std::uint16_t port = 0;
-};
-std::vector<std::uint8_t> encodeEndpoint(const Endpoint& e);
-std::optional<Endpoint> decodeEndpoint(std::span<const std::uint8_t> params);
 
 }  // namespace dmm::stacks::dpdk

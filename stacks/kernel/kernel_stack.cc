@@ -61,6 +61,16 @@ Result<std::unique_ptr<StackConnection>> KernelStack::connect(EventLoop& loop,
       std::make_unique<KernelConnection>(loop, std::move(*fd), callbacks, true));
 }
 
+Result<std::unique_ptr<StackConnection>> connectControl(EventLoop& loop,
+                                                        const ConnectOptions& options,
+                                                        ConnectionCallbacks& callbacks) {
+  auto fd = net::connectTcp(options.remote, options.mark);
+  if (!fd) return fd.error();
+  (void)net::setNoDelay(fd->get(), true);
+  return std::unique_ptr<StackConnection>(
+      std::make_unique<KernelConnection>(loop, std::move(*fd), callbacks, true));
+}
+
 Result<std::unique_ptr<StackConnection>> KernelStack::adopt(
     std::unique_ptr<StackConnection> control) {
   if (control->fd() < 0) return Error{EINVAL, "not_a_kernel_connection"};

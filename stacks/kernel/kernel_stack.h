@@ -41,6 +41,12 @@ class KernelStack final : public Stack {
   KernelOptions options_;
 };
 
+// The control connection of a stack that carries data on connections of its own (dpdk, rdma):
+// a kernel TCP connection to the peer's tunnel port, TCP_NODELAY, SO_MARK from `options`.
+Result<std::unique_ptr<StackConnection>> connectControl(EventLoop& loop,
+                                                        const ConnectOptions& options,
+                                                        ConnectionCallbacks& callbacks);
+
 class KernelStackFactory final : public StackFactory {
  public:
   std::string_view kind() const override { return "kernel"; }

@@ -78,25 +78,6 @@ TEST(DpdkByteRing, KeepsOrderAcrossTheWrapAndNeverOverfills) {
   EXPECT_EQ(ring.tail(), consumed);
 }
 
-TEST(DpdkEndpoint, RoundTripsAndRejectsWhatIsNotOne) {
-  Endpoint e{*IpAddress::parse("10.202.0.2"), 7301};
-  auto bytes = encodeEndpoint(e);
-  EXPECT_EQ(bytes, (std::vector<std::uint8_t>{1, 4, 10, 202, 0, 2, 0x1c, 0x85}));
-  auto back = decodeEndpoint(bytes);
-  ASSERT_TRUE(back);
-  EXPECT_EQ(back->address, e.address);
-  EXPECT_EQ(back->port, 7301);
-  for (auto bad : std::vector<std::vector<std::uint8_t>>{{},
-                                                         {1, 4, 10, 202, 0, 2, 0x1c},
-                                                         {2, 4, 10, 202, 0, 2, 0x1c, 0x85},
-                                                         {1, 6, 10, 202, 0, 2, 0x1c, 0x85},
-                                                         {1, 4, 10, 202, 0, 2, 0, 0},
-                                                         {1, 4, 0, 0, 0, 0, 0x1c, 0x85},
-                                                         {1, 4, 10, 202, 0, 2, 0x1c, 0x85, 0}}) {
-    EXPECT_FALSE(decodeEndpoint(bad)) << bad.size();
-  }
-}
-
 TEST(DpdkOptions, ParseAndReportMistakesWithTheirPosition) {
   auto parse = [](const std::string& text, Diagnostics& diags) {
     auto doc = loadTomlString(text, "s.toml", diags);
