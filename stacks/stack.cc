@@ -6,6 +6,9 @@
 #ifdef DMM_WITH_DPDK
 #include "stacks/dpdk/dpdk_stack.h"
 #endif
+#ifdef DMM_WITH_RDMA
+#include "stacks/rdma/rdma_stack.h"
+#endif
 
 namespace dmm::stacks {
 
@@ -58,6 +61,9 @@ void registerBuiltinStacks(StackRegistry& registry) {
   registry.add(std::make_unique<kernel::KernelStackFactory>());
 #ifdef DMM_WITH_DPDK
   registry.add(std::make_unique<dpdk::DpdkStackFactory>());
+#endif
+#ifdef DMM_WITH_RDMA
+  registry.add(std::make_unique<rdma::RdmaStackFactory>());
 #endif
 }
 
