@@ -202,15 +202,17 @@ http {
 
 ::testing::AssertionResult transferBothWays(const Netns& from, const Netns& server_ns,
                                             const SocketAddress& to, std::uint64_t bytes,
-                                            std::chrono::milliseconds connect_timeout) {
+                                            std::chrono::milliseconds connect_timeout,
+                                            std::optional<SocketAddress> via) {
   StreamDigest server_got;
   StreamDigest server_sent;
   ThreadServer server(server_ns, to, [&](UniqueFd conn) {
     server_got = receiveStream(conn.get());
     server_sent = sendStream(conn.get(), bytes, 7);
   });
-  UniqueFd fd = connectTcp(from, to, connect_timeout);
-  if (!fd) return ::testing::AssertionFailure() << "connect to " << to.toString() << " failed";
+  const SocketAddress& target = via ? *via : to;
+  UniqueFd fd = connectTcp(from, target, connect_timeout);
+  if (!fd) return ::testing::AssertionFailure() << "connect to " << target.toString() << " failed";
   auto sent = sendStream(fd.get(), bytes, 3);
   ::shutdown(fd.get(), SHUT_WR);
   int err = 0;

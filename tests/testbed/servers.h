@@ -23,10 +23,12 @@ std::string echoOnce(const Netns& from, const SocketAddress& to, const std::stri
 
 // One connection from `from` to a server this starts at `to` inside `server_ns`: `bytes` of
 // a seeded stream up, the client's half-close, then `bytes` back; both directions checked
-// byte-exact (length and SHA-256) and the end of stream clean.
+// byte-exact (length and SHA-256) and the end of stream clean. The client connects to `via`
+// when given (a [[forward]] listener) instead of `to`.
 ::testing::AssertionResult transferBothWays(const Netns& from, const Netns& server_ns,
                                             const SocketAddress& to, std::uint64_t bytes,
-                                            std::chrono::milliseconds connect_timeout = 30s);
+                                            std::chrono::milliseconds connect_timeout = 30s,
+                                            std::optional<SocketAddress> via = std::nullopt);
 
 // Accepts connections and runs `handler` for each on its own thread, until destroyed.
 class ThreadServer {

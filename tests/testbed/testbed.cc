@@ -111,9 +111,16 @@ Netns::Netns(std::string name) : name_(std::move(name)) {
   if (fd_ < 0) ADD_FAILURE() << "open /run/netns/" << name_ << ": " << std::strerror(errno);
 }
 
+std::unique_ptr<Netns> Netns::current() {
+  std::unique_ptr<Netns> ns(new Netns());
+  ns->fd_ = ::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC);
+  if (ns->fd_ < 0) ADD_FAILURE() << "open /proc/self/ns/net: " << std::strerror(errno);
+  return ns;
+}
+
 Netns::~Netns() {
   if (fd_ >= 0) ::close(fd_);
-  run({"ip", "netns", "del", name_});
+  if (!name_.empty()) run({"ip", "netns", "del", name_});
 }
 
 void Netns::enter(const std::function<void()>& fn) const {
@@ -135,6 +142,7 @@ UniqueFd Netns::socket(int family, int type, int protocol) const {
 }
 
 CommandResult Netns::exec(const std::vector<std::string>& argv) const {
+  if (name_.empty()) return run(argv);
   std::vector<std::string> full{"ip", "netns", "exec", name_};
   full.insert(full.end(), argv.begin(), argv.end());
   return run(full);
@@ -154,7 +162,7 @@ Process::Process(const Netns* ns, const std::vector<std::string>& argv, const st
                  const std::vector<int>& listen_fds)
     : log_path_(log_path) {
   std::vector<std::string> full;
-  if (ns != nullptr) full = {"ip", "netns", "exec", ns->name()};
+  if (ns != nullptr && !ns->name().empty()) full = {"ip", "netns", "exec", ns->name()};
   if (!listen_fds.empty()) {
     // The shell learns its PID ($$) and execs the command in place, keeping it.
     full.insert(
@@ -268,6 +276,10 @@ SidecarProcess::SidecarProcess(const Netns& ns, const std::string& config_text,
                                const std::vector<int>& listen_fds)
     : ns_(ns), metrics_address_("127.0.0.1:17090") {
   std::string text = config_text;
+  if (auto m = text.find("\n[metrics]\nlisten = \""); m != std::string::npos) {
+    auto start = m + std::string("\n[metrics]\nlisten = \"").size();
+    metrics_address_ = text.substr(start, text.find('"', start) - start);
+  }
   // The file system is shared by every namespace: each test sidecar gets its own socket and
   // policy directory.
   policy_dir_ = dir_.path() + "/" + name + "-policy.d";

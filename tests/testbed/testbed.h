@@ -53,10 +53,14 @@ class TempDir {
 class Netns {
  public:
   explicit Netns(std::string name);
+  // The namespace this process runs in, neither made nor deleted (the RDMA tests: Soft-RoCE
+  // works only in the initial namespace of its guest).
+  static std::unique_ptr<Netns> current();
   ~Netns();
   Netns(const Netns&) = delete;
   Netns& operator=(const Netns&) = delete;
 
+  // "" for current().
   const std::string& name() const { return name_; }
   // Runs fn with the calling thread inside this namespace (sockets made there stay there).
   void enter(const std::function<void()>& fn) const;
@@ -67,6 +71,7 @@ class Netns {
   void mustExec(const std::vector<std::string>& argv) const;
 
  private:
+  Netns() = default;
   std::string name_;
   int fd_ = -1;
 };
@@ -141,7 +146,8 @@ class SidecarProcess {
   // `dmm-sidecar ctl --socket <its socket> args...`
   CommandResult ctl(const std::vector<std::string>& args) const;
   Process& process() { return *process_; }
-  // Where it serves its metrics, inside its namespace ("127.0.0.1:17090").
+  // Where it serves its metrics, inside its namespace: the config's [metrics] listen
+  // ("127.0.0.1:17090" in sidecarConfig()).
   const std::string& metricsAddress() const { return metrics_address_; }
   // The metrics page (empty if it cannot be read).
   std::string scrape() const;
