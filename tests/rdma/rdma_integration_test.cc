@@ -15,8 +15,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <regex>
 #include <thread>
 
+#include "testbed/metrics_reference.h"
 #include "testbed/servers.h"
 #include "testbed/testbed.h"
 
@@ -330,6 +332,57 @@ TEST_F(RdmaPair, ConnectFailureTakesTheNextCandidate) {
   EXPECT_EQ(echoOnce(*ns_, via(0), "straight"), "straight");
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "rd0"}, {"outcome", "closed"}}, 1));
+}
+
+// The rdma families as served, after traffic, against docs/metrics.md and the Grafana dashboard
+// (the host's metrics tests cannot serve them: no RDMA device there), and promtool's lint.
+TEST_F(RdmaPair, MetricsMatchTheReferenceAndTheDashboard) {
+  startBoth();
+  ThreadServer srv(*ns_, server(0), echoHandler);
+  ASSERT_EQ(echoOnce(*ns_, via(0), "counted"), "counted");
+  ASSERT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "rd0"}, {"outcome", "closed"}}, 1));
+  const std::string page = a_->scrape() + b_->scrape();
+  auto served = familiesOnPage(a_->scrape());
+  for (const auto& [name, family] : familiesOnPage(b_->scrape()))
+    served[name].labels.insert(family.labels.begin(), family.labels.end());
+  auto documented = familiesInReference(readFile(std::string(DMM_SOURCE_DIR) + "/docs/metrics.md"));
+  int rdma_families = 0;
+  for (const auto& [name, family] : served) {
+    if (!needsRdma(name)) continue;
+    ++rdma_families;
+    SCOPED_TRACE(name);
+    auto doc = documented.find(name);
+    ASSERT_NE(doc, documented.end()) << name << " is served but not in docs/metrics.md";
+    EXPECT_EQ(doc->second.type, family.type);
+    EXPECT_EQ(doc->second.labels, family.labels);
+  }
+  EXPECT_GE(rdma_families, 8);
+  for (const auto& [name, family] : documented) {
+    if (needsRdma(name)) {
+      EXPECT_EQ(served.count(name), 1u) << name << " is documented, not served";
+    }
+  }
+  const std::string dashboard =
+      readFile(std::string(DMM_SOURCE_DIR) + "/docs/grafana/dmm-sidecar.json");
+  auto on_page = namesOnPage(page);
+  static const std::regex name_re("dmm_sidecar_rdma_[a-z_]+");
+  int on_dashboard = 0;
+  for (std::sregex_iterator it(dashboard.begin(), dashboard.end(), name_re), end; it != end;
+       ++it, ++on_dashboard)
+    EXPECT_EQ(on_page.count(it->str()), 1u) << "the dashboard uses " << it->str();
+  EXPECT_GT(on_dashboard, 0);
+  for (const auto& [name, family] : served) {
+    if (needsRdma(name)) {
+      EXPECT_NE(dashboard.find(name), std::string::npos) << name << " is not on the dashboard";
+    }
+  }
+  std::string promtool;
+  ASSERT_TRUE(prometheusTool("promtool", &promtool));
+  for (auto* s : {a_.get(), b_.get()}) {
+    auto r = runCommand({promtool, "check", "metrics"}, s->scrape());
+    EXPECT_EQ(r.status, 0) << r.output;
+  }
 }
 
 }  // namespace
