@@ -25,7 +25,8 @@ fi
 build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
   libgtest-dev libsystemd-dev
-  dpdk-dev libdpdk-dev dpkg-dev)
+  dpdk-dev libdpdk-dev dpkg-dev
+  libibverbs-dev librdmacm-dev)
 # prometheus: promtool lints the /metrics page, and a real Prometheus server scrapes a sidecar
 # (tests/integration/metrics_integration_test.cc); the tests start their own, never the service.
 run_deps=(iproute2 iptables curl python3 procps prometheus ethtool)
@@ -38,9 +39,16 @@ package_deps=(debootstrap systemd-container zstd dpkg-dev file rpm)
 # The preload shim's end-to-end tests run real programs under it (curl and python3 are in
 # run_deps); clang builds the libFuzzer target for the preamble parser (skipped without it).
 preload_deps=(redis-server redis-tools nginx clang-14 libclang-rt-14-dev)
+# The RDMA test bed (tests/rdma): the host kernel needs no RDMA, each test boots a QEMU guest
+# (Debian's kernel, fetched with apt-get download; a busybox-static initramfs built with kmod's
+# modprobe, cpio and xz-utils) with Soft-RoCE, sharing the host's / - so the RDMA userland the
+# tests use (rdma-core, the rxe provider in ibverbs-providers, rping/rstream, perftest,
+# ibv_devinfo) is installed here, on the host. busybox-static replaces busybox if present.
+rdma_deps=(qemu-system-x86 busybox-static kmod cpio xz-utils
+  rdma-core ibverbs-providers rdmacm-utils perftest ibverbs-utils)
 wanted=("${build_deps[@]}" "${run_deps[@]}")
 [ "$what" = bench ] && wanted+=("${bench_deps[@]}")
-[ "$what" = test ] && wanted+=("${package_deps[@]}" "${preload_deps[@]}")
+[ "$what" = test ] && wanted+=("${package_deps[@]}" "${preload_deps[@]}" "${rdma_deps[@]}")
 if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${wanted[@]}"; do
@@ -67,6 +75,11 @@ if [ "${DMM_SKIP_APT:-0}" != 1 ]; then
       rm -f /usr/sbin/policy-rc.d
       trap - EXIT
     fi
+  fi
+  # The RDMA test bed downloads the guest kernel's package once (apt-get download), which needs
+  # the package lists even when nothing above had to be installed.
+  if [ "$what" = test ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    apt-get update -qq
   fi
 fi
 
