@@ -315,23 +315,33 @@ TEST_F(RdmaPair, DeviceMissingFallsBackToKernel) {
 }
 
 TEST_F(RdmaPair, ConnectFailureTakesTheNextCandidate) {
-  startBoth();
-  // RoCE v2 is UDP port 4791 through the IP stack: drop it, and the rdma_cm connect (its CM
-  // messages included) cannot complete while the kernel handshake still does. The session
-  // moves to the kernel candidate once the attempt times out.
-  ns_->mustExec({"iptables", "-I", "OUTPUT", "-p", "udp", "--dport", "4791", "-j", "DROP"});
+  // B's rd0 sits on a third address of the RoCE interface, which then goes away under it: the
+  // handshake (kernel, B's tunnel address) still works, the rdma_cm connect to rd0 cannot
+  // complete, and the session moves to the kernel candidate once the attempt times out.
+  // (Soft-RoCE loops traffic between its own addresses back inside the device, so netfilter
+  // cannot be used to drop it.)
+  const std::string dev = env("RDMAVM_NETDEV", "rdma0");
+  const std::string third = "192.168.77.3";
+  ns_->mustExec({"ip", "addr", "add", third + "/24", "dev", dev});
+  startB(rdmaStacks(third));
+  startA(rdmaStacks(ipA()));
+  ns_->mustExec({"ip", "addr", "del", third + "/24", "dev", dev});
   ThreadServer srv(*ns_, server(0), echoHandler);
   EXPECT_EQ(echoOnce(*ns_, via(0), "detour"), "detour");
-  ns_->mustExec({"iptables", "-D", "OUTPUT", "-p", "udp", "--dport", "4791", "-j", "DROP"});
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
   EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_attempts_total",
                    {{"rule", "default"}, {"stack", "rd0"}, {"outcome", "failed_data_path"}}),
             1);
-  // With RoCE back, the next session takes rd0 again.
-  EXPECT_EQ(echoOnce(*ns_, via(0), "straight"), "straight");
-  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
-                         {{"role", "outbound"}, {"stack", "rd0"}, {"outcome", "closed"}}, 1));
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_attempts_total",
+                   {{"rule", "default"}, {"stack", "kernel"}, {"outcome", "won"}}),
+            1);
+  // Nothing is left behind on either side.
+  EXPECT_TRUE(eventually(
+      [&] {
+        return metric(*a_, "dmm_sidecar_rdma_queue_pairs", {{"stack", "rd0"}}) == 0;
+      },
+      10s));
 }
 
 // The rdma families as served, after traffic, against docs/metrics.md and the Grafana dashboard
