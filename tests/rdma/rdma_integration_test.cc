@@ -243,6 +243,44 @@ TEST_F(RdmaPair, HundredConcurrentConnections) {
       30s));
 }
 
+TEST_F(RdmaPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
+  startBoth();
+  std::atomic<bool> read_now{false};
+  StreamDigest server_got;
+  ThreadServer srv(*ns_, server(0), [&](UniqueFd conn) {
+    while (!read_now)
+      std::this_thread::sleep_for(10ms);  // not reading yet
+    server_got = receiveStream(conn.get());
+  });
+  UniqueFd fd = connectTcp(*ns_, via(0), 20s);
+  ASSERT_TRUE(fd);
+  // Write until nothing more is taken for two seconds: everything in between (the client's
+  // socket, sidecar A, the queue pair's rings, sidecar B, the server's socket) is bounded.
+  std::vector<char> block(64 * 1024, 'w');
+  std::uint64_t sent = 0;
+  auto last_progress = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - last_progress < 2s) {
+    ssize_t n = ::send(fd.get(), block.data(), block.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += static_cast<std::uint64_t>(n);
+      last_progress = std::chrono::steady_clock::now();
+      ASSERT_LT(sent, 256ull << 20) << "the writer was never stopped";
+    } else {
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+  std::cerr << "taken before the writer stopped: " << (sent >> 10) << " KiB\n";
+  EXPECT_LT(sent, 64ull << 20);
+  // The queue pair ran out of credit: B's ring was full.
+  EXPECT_GE(metric(*a_, "dmm_sidecar_rdma_credit_stalls_total", {{"stack", "rd0"}}), 1);
+  // The reader starts: every byte arrives, in order.
+  read_now = true;
+  ::shutdown(fd.get(), SHUT_WR);
+  EXPECT_TRUE(eventually([&] { return srv.accepted() == 1; }));
+  srv.stop();
+  EXPECT_EQ(server_got.bytes, sent);
+}
+
 TEST_F(RdmaPair, PeerSidecarKilledMidTransferFailsTheClientPromptly) {
   startBoth();
   ThreadServer srv(*ns_, server(0), [](UniqueFd conn) { receiveStream(conn.get()); });
