@@ -5,11 +5,12 @@
 #   sidecar  rstream -T s (kernel sockets) client -> sidecar A -> RDMA (rd0) -> sidecar B ->
 #            rstream -T s server: the sidecars' rdma path, as applications see it
 #   rstream  rstream over rsocket between the two addresses: RDMA straight from the application
+#   rstream-spin  the same with rstream's default non-blocking calls retried in a loop (it spins)
 #   tcp      rstream -T s straight between the two addresses (the kernel's loopback TCP)
 #   sidecar-kernel  as sidecar, with both sidecars on the kernel stack instead of rd0
 # plus perftest's ib_write_bw / ib_send_lat (raw verbs) for scale. Writes OUT/raw.csv
 # (variant,test,round,value) and OUT/*.log.
-# Usage: in-guest.sh BUILD_DIR OUT ROUNDS
+# Usage: in-guest.sh BUILD_DIR OUT ROUNDS   (RDMA_EXTRA: more keys for the rd0 [[stack]] tables)
 set -euo pipefail
 build=$1 out=$2 rounds=${3:-3}
 A=${RDMAVM_IP_A:-192.168.77.1} B=${RDMAVM_IP_B:-192.168.77.2}
@@ -55,7 +56,7 @@ socket = "$work/$name-preload.sock"
 dir = "$work/$name-policy.d"
 CONF
   if [ "$kind" = rdma ]; then
-    printf '[[stack]]\nname = "rd0"\nkind = "rdma"\naddress = "%s"\n' "$ip" >> "$work/$name.toml"
+    printf '[[stack]]\nname = "rd0"\nkind = "rdma"\naddress = "%s"\n%s\n' "$ip" "${RDMA_EXTRA:-}" >> "$work/$name.toml"
   else
     printf '[[stack]]\nname = "kernel"\nkind = "kernel"\n' >> "$work/$name.toml"
   fi
@@ -79,14 +80,17 @@ run_rstream() {
   local -a args
   if [ "$test" = bw ]; then args=("${BW[@]}"); else args=("${LAT[@]}"); fi
   local -a srv cli
+  # -T b: blocking calls. rstream's default is non-blocking calls retried in a loop: both ends
+  # would spin on the guest's two vCPUs and starve whatever runs between them (the sidecars).
   case $variant in
-    rstream) srv=(rstream -b "$B" "${args[@]}"); cli=(rstream -s "$B" -b "$A" "${args[@]}");;
-    tcp) srv=(rstream -T s -b "$B" "${args[@]}"); cli=(rstream -T s -s "$B" "${args[@]}");;
-    sidecar) srv=(rstream -T s -b "$B" "${args[@]}"); cli=(rstream -T s -s 127.0.0.1 -p 17471 "${args[@]}");;
-    sidecar-kernel) srv=(rstream -T s -b "$B" "${args[@]}"); cli=(rstream -T s -s 127.0.0.1 -p 17472 "${args[@]}");;
+    rstream) srv=(rstream -T b -b "$B" "${args[@]}"); cli=(rstream -T b -s "$B" -b "$A" "${args[@]}");;
+    tcp) srv=(rstream -T s -T b -b "$B" "${args[@]}"); cli=(rstream -T s -T b -s "$B" "${args[@]}");;
+    sidecar) srv=(rstream -T s -T b -b "$B" "${args[@]}"); cli=(rstream -T s -T b -s 127.0.0.1 -p 17471 "${args[@]}");;
+    sidecar-kernel) srv=(rstream -T s -T b -b "$B" "${args[@]}"); cli=(rstream -T s -T b -s 127.0.0.1 -p 17472 "${args[@]}");;
+    rstream-spin) srv=(rstream -b "$B" "${args[@]}"); cli=(rstream -s "$B" -b "$A" "${args[@]}");;
   esac
   timeout 120 "${srv[@]}" > "$out/$variant-$test-$round.srv.log" 2>&1 & local s=$!
-  if [ "$variant" = rstream ]; then rdmavm-wait-listen 7471 30
+  if [ "${variant#rstream}" != "$variant" ]; then rdmavm-wait-listen 7471 30
   else wait_tcp 7471; fi
   timeout 120 "${cli[@]}" > "$out/$variant-$test-$round.log" 2>&1 || { echo "$variant $test failed" >&2; cat "$out/$variant-$test-$round.log" >&2; }
   wait "$s" || true
@@ -100,8 +104,8 @@ run_rstream() {
 
 echo "variant,test,round,value" > "$out/raw.csv"
 for r in $(seq "$rounds"); do
-  for v in sidecar rstream tcp sidecar-kernel; do run_rstream "$v" bw "$r"; done
-  for v in sidecar rstream tcp sidecar-kernel; do run_rstream "$v" lat "$r"; done
+  for v in sidecar rstream tcp sidecar-kernel rstream-spin; do run_rstream "$v" bw "$r"; done
+  for v in sidecar rstream tcp sidecar-kernel rstream-spin; do run_rstream "$v" lat "$r"; done
   # perftest, raw verbs (for scale): MB/s of 64 KiB RDMA writes; typical 2 B send latency.
   timeout 60 ib_write_bw -F -d "$dev" -x "$gid" -n 2000 -s 65536 > "$out/ib_write_bw-$r.srv.log" 2>&1 & s=$!
   wait_tcp 18515

@@ -5,6 +5,7 @@
 # sidecars' kernel path, plus perftest for scale. Prints the table (medians, min..max, ratios to
 # rstream) and writes it with raw.csv under OUT.
 # Usage: bench/rdma/run.sh [--build DIR] [--rounds N] [--out DIR] [--mtu MTU]
+# RDMA_EXTRA="ring_size = 2097152" passes more keys to the sidecars' rd0 instances.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 build=$here/build rounds=5 out=$here/bench/out/rdma-$(date +%Y%m%d-%H%M%S) mtu=1500
@@ -21,7 +22,7 @@ mkdir -p "$out"
 out=$(realpath "$out")
 echo "== rdma bench: $rounds rounds, RoCE netdev MTU $mtu, results in $out"
 start=$(date +%s)
-"$here/tests/rdma/run-in-vm.sh" -t $((300 + rounds * 240)) -M "$mtu" -w "$out" -C "$here" -- \
+RDMAVM_ENV="RDMA_EXTRA" "$here/tests/rdma/run-in-vm.sh" -t $((300 + rounds * 240)) -M "$mtu" -w "$out" -C "$here" -- \
   "$here/bench/rdma/in-guest.sh" "$build" "$out" "$rounds"
 echo "== guest run: $(( $(date +%s) - start )) s"
 python3 - "$out" "$mtu" <<'PY'
@@ -36,7 +37,7 @@ lines = [f"RoCE netdev MTU {mtu}; medians [min..max] over rounds; same guest, sa
 names = {"bw_gbit": "throughput 64 KiB (Gbit/s)", "lat_half_rtt_us": "64 B ping-pong half RTT (us)"}
 for test in ("bw_gbit", "lat_half_rtt_us"):
     base = statistics.median(vals.get((test, "rstream"), [float("nan")]))
-    for v in ("sidecar", "rstream", "tcp", "sidecar-kernel", "ib_write_bw", "ib_send_lat"):
+    for v in ("sidecar", "rstream", "rstream-spin", "tcp", "sidecar-kernel", "ib_write_bw", "ib_send_lat"):
         x = vals.get((test, v))
         if not x:
             continue
