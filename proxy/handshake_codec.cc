@@ -305,6 +305,15 @@ PrefixError parsePrefix(std::span<const std::uint8_t, kPrefixSize> bytes, Messag
   return PrefixError::kNone;
 }
 
+std::vector<std::uint8_t> seal(MessageType type, std::span<const std::uint8_t> tlvs,
+                               std::span<const std::uint8_t> key,
+                               std::span<const std::uint8_t> extra) {
+  Writer w(kPrefixSize + tlvs.size() + kTlvHeader + kMacSize);
+  w.prefix(type);
+  w.bytes(tlvs.data(), tlvs.size());
+  return w.finish(key, extra);
+}
+
 std::vector<std::uint8_t> encodeHello(const Hello& hello, std::span<const std::uint8_t> key) {
   Writer w(256);
   w.prefix(MessageType::kHello);

@@ -130,4 +130,12 @@ struct ReplyResult {
 ReplyResult decodeReply(std::span<const std::uint8_t> frame, std::span<const std::uint8_t> key,
                         const Nonce& request_nonce, std::size_t max_body);
 
+// A frame of `type` from raw TLV bytes: the prefix, `tlvs` as given, then AUTH (HMAC with `key`
+// over the frame so far, then `extra`: the request's nonce for a REPLY, nothing for a HELLO).
+// The encoders build their TLVs themselves; this is for tests and the fuzzer, which must reach
+// what lies behind the MAC check.
+std::vector<std::uint8_t> seal(MessageType type, std::span<const std::uint8_t> tlvs,
+                               std::span<const std::uint8_t> key,
+                               std::span<const std::uint8_t> extra);
+
 }  // namespace dmm::proxy::handshake

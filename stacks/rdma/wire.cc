@@ -69,7 +69,7 @@ std::array<std::uint8_t, kHelloSize> encodeHello(const Hello& h) {
 
 std::optional<Hello> decodeHello(std::span<const std::uint8_t> bytes) {
   if (bytes.size() < kHelloSize || std::memcmp(bytes.data(), kMagic, 4) != 0 ||
-      bytes[4] != kWireVersion)
+      bytes[4] != kWireVersion || bytes[5] != 0)
     return std::nullopt;
   Hello h;
   h.receives = static_cast<std::uint16_t>(bytes[6] << 8 | bytes[7]);

@@ -71,6 +71,7 @@ TEST(RdmaWire, HelloRoundTripsAndRejectsWhatIsNotOne) {
   EXPECT_FALSE(decodeHello(std::span(bytes).first(kHelloSize - 1)));
   EXPECT_FALSE(mutate(0, 'X'));  // magic
   EXPECT_FALSE(mutate(4, 2));    // version
+  EXPECT_FALSE(mutate(5, 1));    // the reserved byte (found by tests/fuzz/rdma_wire_fuzz.cc)
   Hello no_receives = h;
   no_receives.receives = 0;
   EXPECT_FALSE(decodeHello(encodeHello(no_receives)));
