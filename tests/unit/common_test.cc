@@ -90,6 +90,28 @@ TEST(Duration, ParsesUnitsAndCompounds) {
   EXPECT_EQ(formatDuration(Millis(120000)), "2m");
 }
 
+// toml11 3.7 read out of bounds reporting invalid UTF-8 inside a literal string; the fuzzers
+// found it through a policy file and a config (tests/fuzz/corpus/{policy,config}/toml11-utf8-*).
+// Invalid UTF-8 is refused before toml11 sees it, with its position.
+TEST(TomlUtf8, InvalidUtf8IsRefusedWithItsPosition) {
+  const std::vector<std::string> bad_texts = {
+      "a = '''x\xff'''\n",      "a = 1\nb = '12\xe2.'\n",     "# \xc0\xaf overlong\n",
+      "s = \"\xed\xa0\x80\"\n", "s = \"\xf4\x90\x80\x80\"\n", "s = \"\xe2\x82\""};
+  for (const auto& bad : bad_texts) {
+    Diagnostics diags;
+    EXPECT_FALSE(loadTomlString(bad, "u.toml", diags)) << bad;
+    EXPECT_NE(diags.formatAll().find("not valid UTF-8"), std::string::npos) << diags.formatAll();
+  }
+  Diagnostics where;
+  (void)loadTomlString("a = 1\nb = 'x\xff'\n", "u.toml", where);
+  EXPECT_NE(where.formatAll().find("u.toml:2:7:"), std::string::npos) << where.formatAll();
+  // Valid multi-byte text is still fine.
+  Diagnostics ok;
+  auto v = loadTomlString("s = \"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"\n", "u.toml", ok);
+  ASSERT_TRUE(v) << ok.formatAll();
+  EXPECT_EQ(toml::find<std::string>(*v, "s"), "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
+}
+
 // positionOf() keeps an index of line starts per source; it must give toml11's own numbers for
 // every value, also when documents alternate and when one is freed and another parsed.
 TEST(TomlPosition, AgreesWithToml11ForEveryValue) {
