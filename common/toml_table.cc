@@ -1,9 +1,11 @@
 #include "common/toml_table.h"
 
 #include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <vector>
 
 #include "common/duration.h"
 
@@ -113,6 +115,80 @@ std::size_t firstInvalidUtf8(const std::string& text) {
   return std::string::npos;
 }
 
+bool isKeyChar(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) != 0 || c == '_' || c == '-' || c == '"' ||
+         c == '\'';
+}
+
+// toml11 3.7 dereferences the last element of an empty array when a later key runs through a
+// key holding one (`a = []` then `a.b = 1` or `[a.b]`): invalid TOML, but a crash instead of an
+// error. Finds such a later key, conservatively (by the empty array's last key component), and
+// returns its offset, or npos. `name` gets the component.
+std::size_t keyThroughEmptyArray(const std::string& text, std::string& name) {
+  const std::size_t n = text.size();
+  std::vector<std::string> empties;
+  for (std::size_t eq = text.find('='); eq != std::string::npos; eq = text.find('=', eq + 1)) {
+    std::size_t i = eq + 1;
+    while (i < n && (text[i] == ' ' || text[i] == '\t'))
+      ++i;
+    if (i >= n || text[i] != '[') continue;
+    ++i;
+    for (;;) {  // whitespace, newlines and comments inside the brackets
+      while (i < n && std::isspace(static_cast<unsigned char>(text[i])) != 0)
+        ++i;
+      if (i < n && text[i] == '#') {
+        while (i < n && text[i] != '\n')
+          ++i;
+        continue;
+      }
+      break;
+    }
+    if (i >= n || text[i] != ']') continue;
+    // The key before '=': its last component.
+    std::size_t end = eq;
+    while (end > 0 && (text[end - 1] == ' ' || text[end - 1] == '\t'))
+      --end;
+    std::size_t begin = end;
+    while (begin > 0 && isKeyChar(text[begin - 1]))
+      --begin;
+    std::string key = text.substr(begin, end - begin);
+    std::erase(key, '"');
+    std::erase(key, '\'');
+    if (!key.empty()) empties.push_back(key);
+  }
+  for (const auto& key : empties) {
+    for (std::size_t at = text.find(key); at != std::string::npos; at = text.find(key, at + 1)) {
+      // A key component: a boundary before, then (quote) spaces '.' spaces and another key,
+      // and then '=' or ']' before the line ends.
+      if (at > 0 && isKeyChar(text[at - 1]) && text[at - 1] != '"' && text[at - 1] != '\'')
+        continue;
+      std::size_t i = at + key.size();
+      if (i < n && (text[i] == '"' || text[i] == '\'')) ++i;
+      while (i < n && (text[i] == ' ' || text[i] == '\t'))
+        ++i;
+      if (i >= n || text[i] != '.') continue;
+      ++i;
+      while (i < n && (text[i] == ' ' || text[i] == '\t'))
+        ++i;
+      if (i >= n || !isKeyChar(text[i])) continue;
+      const auto line_end = text.find('\n', i);
+      const auto stop = text.find_first_of("=]", i);
+      if (stop == std::string::npos || (line_end != std::string::npos && stop > line_end)) continue;
+      name = key;
+      return at;
+    }
+  }
+  return std::string::npos;
+}
+
+SourcePosition positionAt(const std::string& text, const std::string& file, std::size_t at) {
+  const auto line = static_cast<std::uint32_t>(
+      1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
+  const auto nl = at == 0 ? std::string::npos : text.rfind('\n', at - 1);
+  const std::size_t line_start = nl == std::string::npos ? 0 : nl + 1;
+  return {file, line, static_cast<std::uint32_t>(at - line_start + 1)};
+}
+
 }  // namespace
 
 std::optional<toml::value> loadTomlString(const std::string& text, const std::string& file_name,
@@ -121,13 +197,16 @@ std::optional<toml::value> loadTomlString(const std::string& text, const std::st
   // out of bounds while reporting invalid UTF-8 inside a literal string (found by
   // tests/fuzz/policy_fuzz.cc and config_fuzz.cc).
   if (auto bad = firstInvalidUtf8(text); bad != std::string::npos) {
-    const auto line = static_cast<std::uint32_t>(
-        1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(bad), '\n'));
-    const auto nl = bad == 0 ? std::string::npos : text.rfind('\n', bad - 1);
-    const std::size_t line_start = nl == std::string::npos ? 0 : nl + 1;
-    const auto column = static_cast<std::uint32_t>(bad - line_start + 1);
-    diags.error({file_name, line, column},
+    diags.error(positionAt(text, file_name, bad),
                 "the file is not valid UTF-8 (TOML must be): byte " + std::to_string(bad));
+    return std::nullopt;
+  }
+  std::string array_key;
+  if (auto at = keyThroughEmptyArray(text, array_key); at != std::string::npos) {
+    diags.error(positionAt(text, file_name, at),
+                "this key extends `" + array_key +
+                    "`, which is an empty array: an array cannot hold keys (toml11 3.7 would crash "
+                    "on this, so it is refused before parsing)");
     return std::nullopt;
   }
   try {

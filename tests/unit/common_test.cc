@@ -112,6 +112,28 @@ TEST(TomlUtf8, InvalidUtf8IsRefusedWithItsPosition) {
   EXPECT_EQ(toml::find<std::string>(*v, "s"), "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80");
 }
 
+// toml11 3.7 crashes (an empty array's last element) when a key runs through a key holding an
+// empty array; found by tests/fuzz/policy_fuzz.cc. Refused before parsing, with the position.
+TEST(TomlEmptyArray, AKeyThroughAnEmptyArrayIsRefusedNotACrash) {
+  for (const std::string bad :
+       {"a = []\na.b = 1\n", "a = [ ]\n[a.b]\n", "[t]\na = [\n # none\n]\n[t.a.c]\n",
+        "a = []\n[[a.b]]\n", "x = { a = [], a.b = 1 }\n"}) {
+    Diagnostics diags;
+    EXPECT_FALSE(loadTomlString(bad, "e.toml", diags)) << bad;
+    EXPECT_NE(diags.formatAll().find("which is an empty array"), std::string::npos)
+        << bad << diags.formatAll();
+  }
+  Diagnostics where;
+  (void)loadTomlString("a = []\nb = 1\na.c = 2\n", "e.toml", where);
+  EXPECT_NE(where.formatAll().find("e.toml:3:1:"), std::string::npos) << where.formatAll();
+  // Empty arrays and dotted keys elsewhere, and the name inside a string, are fine.
+  for (const std::string good : {"exclude = []\n[t]\nx.y = 1\n", "a = []\nb = \"a.b\"\n",
+                                 "a = [[], []]\nc.d = 1\n", "ab = []\nb.c = 1\n"}) {
+    Diagnostics ok;
+    EXPECT_TRUE(loadTomlString(good, "e.toml", ok)) << good << ok.formatAll();
+  }
+}
+
 // positionOf() keeps an index of line starts per source; it must give toml11's own numbers for
 // every value, also when documents alternate and when one is freed and another parsed.
 TEST(TomlPosition, AgreesWithToml11ForEveryValue) {
