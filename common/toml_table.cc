@@ -181,6 +181,47 @@ std::size_t keyThroughEmptyArray(const std::string& text, std::string& name) {
   return std::string::npos;
 }
 
+constexpr int kMaxNesting = 64;
+
+// The offset of the first '[' or '{' nested deeper than kMaxNesting (outside strings and
+// comments), or npos. toml11 3.7 parses arrays and inline tables recursively without a limit:
+// a line of a few thousand '[' overflows the stack.
+std::size_t tooDeep(const std::string& text) {
+  const std::size_t n = text.size();
+  int depth = 0;
+  std::size_t i = 0;
+  auto starts = [&](std::size_t at, const char* what) { return text.compare(at, 3, what) == 0; };
+  while (i < n) {
+    const char c = text[i];
+    if (c == '#') {
+      while (i < n && text[i] != '\n')
+        ++i;
+    } else if (c == '"' || c == '\'') {
+      const bool multi = starts(i, c == '"' ? "\"\"\"" : "\'\'\'");
+      i += multi ? 3 : 1;
+      while (i < n) {
+        if (c == '"' && text[i] == '\\') {
+          i += 2;
+          continue;
+        }
+        if (multi ? starts(i, c == '"' ? "\"\"\"" : "\'\'\'") : text[i] == c) {
+          i += multi ? 3 : 1;
+          break;
+        }
+        if (!multi && text[i] == '\n') break;  // an unterminated string: toml11 reports it
+        ++i;
+      }
+      continue;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxNesting) return i;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+    ++i;
+  }
+  return std::string::npos;
+}
+
 SourcePosition positionAt(const std::string& text, const std::string& file, std::size_t at) {
   const auto line = static_cast<std::uint32_t>(
       1 + std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
@@ -199,6 +240,11 @@ std::optional<toml::value> loadTomlString(const std::string& text, const std::st
   if (auto bad = firstInvalidUtf8(text); bad != std::string::npos) {
     diags.error(positionAt(text, file_name, bad),
                 "the file is not valid UTF-8 (TOML must be): byte " + std::to_string(bad));
+    return std::nullopt;
+  }
+  if (auto at = tooDeep(text); at != std::string::npos) {
+    diags.error(positionAt(text, file_name, at), "arrays and inline tables nested more than " +
+                                                     std::to_string(kMaxNesting) + " deep");
     return std::nullopt;
   }
   std::string array_key;

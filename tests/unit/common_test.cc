@@ -134,6 +134,27 @@ TEST(TomlEmptyArray, AKeyThroughAnEmptyArrayIsRefusedNotACrash) {
   }
 }
 
+// toml11 3.7 recurses without a limit: thousands of '[' overflowed the stack (found by
+// tests/fuzz/policy_fuzz.cc). More than 64 levels are refused before parsing.
+TEST(TomlNesting, DeepNestingIsRefusedNotAStackOverflow) {
+  Diagnostics diags;
+  EXPECT_FALSE(loadTomlString("a = " + std::string(100000, '['), "n.toml", diags));
+  EXPECT_NE(diags.formatAll().find("n.toml:1:69: error: arrays and inline tables nested more"),
+            std::string::npos)
+      << diags.formatAll();
+  Diagnostics braces;
+  std::string inl = "a = ";
+  for (int i = 0; i < 70; ++i)
+    inl += "{ b = ";
+  EXPECT_FALSE(loadTomlString(inl, "n.toml", braces));
+  // 64 levels are fine, and brackets inside strings and comments do not count.
+  Diagnostics ok;
+  std::string deep = "a = " + std::string(63, '[') + std::string(63, ']') + "\n";
+  deep += "s = \"" + std::string(100, '[') + "\"\nt = \'\'\'" + std::string(100, '{') +
+          "\'\'\'\n# " + std::string(100, '[') + "\n";
+  EXPECT_TRUE(loadTomlString(deep, "n.toml", ok)) << ok.formatAll();
+}
+
 // positionOf() keeps an index of line starts per source; it must give toml11's own numbers for
 // every value, also when documents alternate and when one is freed and another parsed.
 TEST(TomlPosition, AgreesWithToml11ForEveryValue) {
