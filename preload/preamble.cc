@@ -82,7 +82,7 @@ DecodeResult decodePreamble(std::span<const std::uint8_t> bytes) {
   };
   // The magic is checked on whatever has arrived, so that a stranger is refused at once.
   std::size_t have = bytes.size() < 4 ? bytes.size() : 4;
-  if (std::memcmp(bytes.data(), kMagic, have) != 0) return invalid("bad magic");
+  if (have > 0 && std::memcmp(bytes.data(), kMagic, have) != 0) return invalid("bad magic");
   if (bytes.size() < kPreambleHeaderBytes) return r;
   if (bytes[4] != kPreambleVersion)
     return invalid("unsupported version " + std::to_string(bytes[4]));

@@ -233,10 +233,11 @@ void ByteRing::release() {
 std::size_t ByteRing::put(std::span<const std::byte> bytes) {
   std::uint64_t head = head_.load(std::memory_order_relaxed);
   std::size_t n = std::min(bytes.size(), freeSpace());
+  if (n == 0) return 0;  // (memcpy with a null pointer is undefined even for 0 bytes)
   std::size_t at = static_cast<std::size_t>(head & (size_ - 1));
   std::size_t first = std::min(n, size_ - at);
   std::memcpy(data_ + at, bytes.data(), first);
-  std::memcpy(data_, bytes.data() + first, n - first);
+  if (n > first) std::memcpy(data_, bytes.data() + first, n - first);
   head_.store(head + n, std::memory_order_release);
   return n;
 }
@@ -244,10 +245,11 @@ std::size_t ByteRing::put(std::span<const std::byte> bytes) {
 std::size_t ByteRing::get(std::span<std::byte> out) {
   std::uint64_t tail = tail_.load(std::memory_order_relaxed);
   std::size_t n = std::min(out.size(), used());
+  if (n == 0) return 0;  // (memcpy with a null pointer is undefined even for 0 bytes)
   std::size_t at = static_cast<std::size_t>(tail & (size_ - 1));
   std::size_t first = std::min(n, size_ - at);
   std::memcpy(out.data(), data_ + at, first);
-  std::memcpy(out.data() + first, data_, n - first);
+  if (n > first) std::memcpy(out.data() + first, data_, n - first);
   tail_.store(tail + n, std::memory_order_seq_cst);
   return n;
 }
