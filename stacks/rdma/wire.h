@@ -53,7 +53,8 @@ constexpr std::uint8_t kWireVersion = 1;
 
 std::array<std::uint8_t, kHelloSize> encodeHello(const Hello& h);
 // nullopt unless the bytes start with a Hello of this version with its reserved byte zero
-// (rdma_cm may pad them) and its ring is usable: a power of two from 4 KiB to 1 GiB, and at least one receive.
+// (rdma_cm may pad them) and its ring is usable: a power of two from 4 KiB to 1 GiB, and at least
+// one receive.
 std::optional<Hello> decodeHello(std::span<const std::uint8_t> bytes);
 
 }  // namespace dmm::stacks::rdma

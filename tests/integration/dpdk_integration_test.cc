@@ -171,27 +171,7 @@ TEST_F(DpdkPair, TwoHundredConcurrentConnections) {
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
   constexpr int kConns = 200;
   constexpr std::size_t kEach = 64 * 1024;
-  // All 200 are open at once before any finishes: each sends half, waits, then the rest.
-  std::vector<UniqueFd> fds;
-  for (int i = 0; i < kConns; ++i) {
-    fds.push_back(connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s));
-    ASSERT_TRUE(fds.back()) << "connection " << i;
-  }
-  std::atomic<int> ok{0};
-  std::vector<std::thread> threads;
-  for (int i = 0; i < kConns; ++i) {
-    threads.emplace_back([&, i] {
-      int fd = fds[static_cast<std::size_t>(i)].get();
-      std::string payload(kEach, static_cast<char>('a' + i % 26));
-      payload.replace(0, 8, std::to_string(10000000 + i));
-      if (!writeAll(fd, payload.data(), payload.size())) return;
-      ::shutdown(fd, SHUT_WR);
-      if (readToEof(fd) == payload) ++ok;
-    });
-  }
-  for (auto& t : threads)
-    t.join();
-  EXPECT_EQ(ok.load(), kConns);
+  EXPECT_TRUE(echoManyAtOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), kConns, kEach));
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, kConns));
   EXPECT_GE(metric(*b_, "dmm_sidecar_dpdk_data_connections_total",

@@ -232,4 +232,31 @@ http {
   return ::testing::AssertionSuccess();
 }
 
+::testing::AssertionResult echoManyAtOnce(const Netns& from, const SocketAddress& to, int conns,
+                                          std::size_t each,
+                                          std::chrono::milliseconds connect_timeout) {
+  std::vector<UniqueFd> fds;
+  for (int i = 0; i < conns; ++i) {
+    fds.push_back(connectTcp(from, to, connect_timeout));
+    if (!fds.back()) return ::testing::AssertionFailure() << "connection " << i << " failed";
+  }
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < conns; ++i) {
+    threads.emplace_back([&, i] {
+      int fd = fds[static_cast<std::size_t>(i)].get();
+      std::string payload(each, static_cast<char>('a' + i % 26));
+      payload.replace(0, 8, std::to_string(10000000 + i));
+      if (!writeAll(fd, payload.data(), payload.size())) return;
+      ::shutdown(fd, SHUT_WR);
+      if (readToEof(fd) == payload) ++ok;
+    });
+  }
+  for (auto& t : threads)
+    t.join();
+  if (ok.load() != conns)
+    return ::testing::AssertionFailure() << ok.load() << " of " << conns << " echoed exactly";
+  return ::testing::AssertionSuccess();
+}
+
 }  // namespace dmm::testbed

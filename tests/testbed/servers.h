@@ -30,6 +30,13 @@ std::string echoOnce(const Netns& from, const SocketAddress& to, const std::stri
                                             std::chrono::milliseconds connect_timeout = 30s,
                                             std::optional<SocketAddress> via = std::nullopt);
 
+// `conns` connections from `from` to an echo server at `to`, all open at once before any
+// sends: each then sends `each` bytes of its own pattern, half-closes, and must get exactly
+// them back. Fails with how many did.
+::testing::AssertionResult echoManyAtOnce(const Netns& from, const SocketAddress& to, int conns,
+                                          std::size_t each,
+                                          std::chrono::milliseconds connect_timeout = 30s);
+
 // Accepts connections and runs `handler` for each on its own thread, until destroyed.
 class ThreadServer {
  public:
