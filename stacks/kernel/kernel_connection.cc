@@ -35,6 +35,10 @@ void KernelConnection::onEvent(evutil_socket_t, short what, void* arg) {
     self->peer_closed_ = true;
     what |= EV_READ;
   }
+  // libevent reports EPOLLERR and EPOLLHUP (a reset) as EV_READ | EV_WRITE, without EV_CLOSED:
+  // an event with both may carry a reset behind the bytes, which no later edge announces. Reads
+  // may not call the socket drained until one has seen it empty.
+  if ((what & (EV_READ | EV_WRITE)) == (EV_READ | EV_WRITE)) self->maybe_error_ = true;
   if ((what & EV_READ) != 0) self->maybe_readable_ = true;
   if (self->connecting_) {
     if ((what & EV_WRITE) == 0 && (what & EV_READ) == 0) return;
@@ -62,12 +66,15 @@ IoResult KernelConnection::read(std::span<std::byte> buffer) {
     // Edge-triggered: bytes arriving after this read raise a new edge, so a short read with no
     // FIN or RST seen has emptied the socket.
     auto got = static_cast<std::size_t>(n);
-    bool drained = got < buffer.size() && !peer_closed_;
+    bool drained = got < buffer.size() && !peer_closed_ && !maybe_error_;
     maybe_readable_ = !drained;
     return IoResult::ok(got, drained);
   }
   if (n == 0) return IoResult::eof();
-  if (errno == EAGAIN) maybe_readable_ = false;
+  if (errno == EAGAIN) {
+    maybe_readable_ = false;
+    maybe_error_ = false;  // empty and no error pending: a later reset raises a new edge
+  }
   return IoResult::fromErrno(errno);
 }
 

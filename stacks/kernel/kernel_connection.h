@@ -36,6 +36,7 @@ class KernelConnection final : public StackConnection {
   // The peer's FIN or RST was seen (EPOLLRDHUP): reads go on to the end, a short read no longer
   // means drained.
   bool peer_closed_ = false;
+  bool maybe_error_ = false;  // an event that may have been a reset (see onEvent)
   // False once a read() found the socket empty, until the next readable edge.
   bool maybe_readable_;
 };
