@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -387,6 +388,31 @@ std::optional<std::int64_t> TomlTable::getInt(std::string_view key, std::int64_t
     diags_.error(positionOf(*v), "'" + std::string(key) + "' in " + name_ + ": " +
                                      std::to_string(n) + " is out of range [" +
                                      std::to_string(min) + ", " + std::to_string(max) + "]");
+    return std::nullopt;
+  }
+  return n;
+}
+
+std::optional<double> TomlTable::getNumber(std::string_view key, double min, double max) {
+  const toml::value* v = find(key);
+  if (v == nullptr) return std::nullopt;
+  double n = 0;
+  if (v->is_floating()) {
+    n = v->as_floating();
+  } else if (v->is_integer()) {
+    n = static_cast<double>(v->as_integer());
+  } else {
+    typeError(key, "a number");
+    return std::nullopt;
+  }
+  if (!(n >= min && n <= max)) {  // NaN too
+    auto g = [](double x) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "%g", x);
+      return std::string(buf);
+    };
+    diags_.error(positionOf(*v), "'" + std::string(key) + "' in " + name_ + ": " + g(n) +
+                                     " is out of range [" + g(min) + ", " + g(max) + "]");
     return std::nullopt;
   }
   return n;

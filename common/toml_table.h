@@ -42,6 +42,8 @@ class TomlTable {
   std::optional<std::string> getString(std::string_view key);
   std::optional<std::int64_t> getInt(std::string_view key, std::int64_t min, std::int64_t max);
   std::optional<bool> getBool(std::string_view key);
+  // A float or an integer in [min, max].
+  std::optional<double> getNumber(std::string_view key, double min, double max);
   std::optional<std::chrono::milliseconds> getDuration(std::string_view key);
   std::optional<SocketAddress> getSocketAddress(std::string_view key, bool allow_zero_port = false);
   // A string or an array of strings, each checked by `parse`, which reports nothing itself:

@@ -186,6 +186,62 @@ int show(Sidecar& sidecar, std::string& out) {
   return 0;
 }
 
+std::string faultLines(Sidecar& sidecar) {
+  const auto& ctx = sidecar.context();
+  std::string out;
+  for (std::size_t i = 0; i < ctx.stacks.size(); ++i)
+    out += fmt::format("{} {}\n", ctx.stacks[i]->name(), ctx.faults.plan(i).describe());
+  return out;
+}
+
+// `fault set STACK KEY=VALUE...`: the keys and checks of a [[fault]] table (docs/config.md), so
+// each setting is written as one TOML line and read by the config's own parser.
+int faultSet(Sidecar& sidecar, const std::string& stack, const std::vector<std::string>& settings,
+             std::string& out) {
+  auto& ctx = sidecar.context();
+  std::size_t index = ctx.stacks.size();
+  for (std::size_t i = 0; i < ctx.stacks.size(); ++i) {
+    if (ctx.stacks[i]->name() == stack) index = i;
+  }
+  if (index == ctx.stacks.size()) {
+    out = "no stack instance is named \"" + stack + "\" (see `ctl stacks`)\n";
+    return 2;
+  }
+  std::string text;
+  for (const auto& s : settings) {
+    auto eq = s.find('=');
+    if (eq == std::string::npos || eq == 0 || !isConfigName(s.substr(0, eq))) {
+      out = "\"" + s + "\": expected KEY=VALUE, e.g. fail_connect=1 or stall_direction=send\n";
+      return 2;
+    }
+    std::string value = s.substr(eq + 1);
+    bool number =
+        !value.empty() && value.find_first_not_of("0123456789.eE+-_") == std::string::npos;
+    if (!number && value.find_first_of("\"\\\n\r") != std::string::npos) {
+      out = "\"" + s + "\": the value may not contain quotes, backslashes or line breaks\n";
+      return 2;
+    }
+    text += s.substr(0, eq) + " = " + (number ? value : "\"" + value + "\"") + "\n";
+  }
+  Diagnostics diags;
+  auto doc = loadTomlString(text, "fault set", diags);
+  FaultPlan plan;
+  if (doc) {
+    TomlTable t(*doc, "fault set", diags);
+    plan = parseFaultPlan(t);
+    t.rejectUnknown();
+  }
+  if (diags.hasErrors()) {
+    out = diags.formatAll();
+    return 2;
+  }
+  ctx.faults.set(index, plan);
+  spdlog::warn("fault injection on stack {} set through the admin socket: {}", stack,
+               plan.describe());
+  out = faultLines(sidecar);
+  return 0;
+}
+
 }  // namespace
 
 int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std::string& out) {
@@ -226,6 +282,21 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
       "diff", "which live connections a candidate policy would put on another stack");
   std::vector<std::string> files;
   pdiff->add_option("files", files, "candidate policy files, in evaluation order")->required();
+
+  auto* flt = app.add_subcommand("fault", "fault injection (off by default): show, set, clear");
+  flt->require_subcommand(1);
+  auto* fshow = flt->add_subcommand("show", "the faults armed on each stack instance");
+  auto* fset = flt->add_subcommand(
+      "set",
+      "arm faults on a stack instance, replacing what it had: KEY=VALUE... ([[fault]] keys)");
+  std::string fault_stack;
+  std::vector<std::string> fault_settings;
+  fset->add_option("stack", fault_stack, "the stack instance")->required();
+  fset->add_option("settings", fault_settings, "e.g. fail_connect=1 connect_failure=timeout")
+      ->required();
+  auto* fclear = flt->add_subcommand("clear", "disarm a stack instance's faults (all: omit it)");
+  std::string clear_stack;
+  fclear->add_option("stack", clear_stack, "the stack instance");
 
   std::vector<std::string> reversed(args.rbegin(), args.rend());
   try {
@@ -272,6 +343,28 @@ int runAdminCommand(Sidecar& sidecar, const std::vector<std::string>& args, std:
                    log::levelName(log::level()), log::levelName(before));
     }
     out += fmt::format("log level {}\n", log::levelName(log::level()));
+    return 0;
+  }
+  if (fshow->parsed()) {
+    out = faultLines(sidecar);
+    return 0;
+  }
+  if (fset->parsed()) return faultSet(sidecar, fault_stack, fault_settings, out);
+  if (fclear->parsed()) {
+    auto& ctx = sidecar.context();
+    bool found = clear_stack.empty();
+    for (std::size_t i = 0; i < ctx.stacks.size(); ++i) {
+      if (!clear_stack.empty() && ctx.stacks[i]->name() != clear_stack) continue;
+      found = true;
+      ctx.faults.set(i, FaultPlan{});
+    }
+    if (!found) {
+      out = "no stack instance is named \"" + clear_stack + "\" (see `ctl stacks`)\n";
+      return 2;
+    }
+    spdlog::info("fault injection cleared on {} through the admin socket",
+                 clear_stack.empty() ? std::string("every stack") : clear_stack);
+    out = faultLines(sidecar);
     return 0;
   }
   if (pshow->parsed()) return show(sidecar, out);

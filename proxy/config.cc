@@ -337,6 +337,29 @@ void loadStacks(TomlTable& root, const stacks::StackRegistry& registry, Config& 
   }
 }
 
+void loadFaults(TomlTable& root, Config& c) {
+  int index = 0;
+  std::set<std::string> seen;
+  for (const toml::value* entry : root.getArrayOfTables("fault")) {
+    TomlTable t(*entry, "[[fault]] #" + std::to_string(++index), root.diagnostics());
+    auto stack = t.getString("stack");
+    if (!stack) t.requireKey("stack");
+    auto plan = parseFaultPlan(t);
+    t.rejectUnknown();
+    if (!stack) continue;
+    bool known = c.stacks.empty() ? *stack == "kernel" : c.findStack(*stack) != nullptr;
+    if (!known) {
+      t.error("stack", "no [[stack]] is named \"" + *stack + "\"");
+      continue;
+    }
+    if (!seen.insert(*stack).second) {
+      t.error("stack", "stack \"" + *stack + "\" already has a [[fault]]");
+      continue;
+    }
+    if (plan.armed()) c.faults.push_back({*stack, plan});
+  }
+}
+
 std::optional<Config> loadFromToml(const toml::value& doc, const std::string& path,
                                    const stacks::StackRegistry& registry, Diagnostics& diags) {
   Config c;
@@ -361,6 +384,7 @@ std::optional<Config> loadFromToml(const toml::value& doc, const std::string& pa
   section("preload", loadPreload);
   loadStacks(root, registry, c);
   loadForwards(root, c);
+  loadFaults(root, c);
   root.rejectUnknown();
 
   if (c.capture_listen.empty()) {

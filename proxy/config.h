@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "common/socket_address.h"
 #include "policy/policy.h"
+#include "proxy/fault_plan.h"
 #include "stacks/stack.h"
 
 namespace dmm::proxy {
@@ -128,6 +129,13 @@ struct Config {
 
   // [[stack]]
   std::vector<StackInstanceConfig> stacks;  // default: one kernel instance named "kernel"
+
+  // [[fault]]: faults armed from the start (proxy/faults.h); none by default.
+  struct FaultConfig {
+    std::string stack;
+    FaultPlan plan;
+  };
+  std::vector<FaultConfig> faults;
 
   unsigned effectiveWorkers() const;
   const StackInstanceConfig* findStack(std::string_view name) const;

@@ -8,6 +8,7 @@
 
 #include "policy/policy.h"
 #include "proxy/config.h"
+#include "proxy/faults.h"
 #include "proxy/metrics.h"
 #include "proxy/peer_table.h"
 #include "proxy/replay_cache.h"
@@ -22,6 +23,7 @@ struct SidecarContext {
   PeerTable& peers;
   ReplayCache& replay;
   policy::PolicyStore& policy;  // swapped on reload; a connection keeps the snapshot it used
+  FaultInjector& faults;  // off unless armed (config [[fault]], `ctl fault set`)
   std::vector<std::uint8_t> stackKinds;  // StackKind values of the instances (REPLY's peer facts)
 };
 

@@ -190,17 +190,30 @@ bool OutboundSession::startNextAttempt() {
         return true;
       }
     }
-    stacks::ConnectOptions options;
-    options.remote = peer_;
-    options.mark = config.mark;
-    auto conn = ctx.stacks[stack]->connect(worker_.loop(), options, *this);
-    if (!conn) {
-      // Known at once (no route, no memory): this candidate failed; try the next.
-      attempts_.push_back(std::move(attempt));
-      attemptFailed(attempts_.back().get(), conn.error().code);
-      return true;
+    if (ctx.faults.strike(stack, Fault::kFailConnect)) {
+      auto how = ctx.faults.connectFailure(stack);
+      spdlog::debug("conn {:x}: fault injected: stack {} connect {}", id_,
+                    ctx.stacks[stack]->name(), connectFailureName(how));
+      if (how != ConnectFailure::kTimeout) {
+        attempts_.push_back(std::move(attempt));
+        attemptFailed(attempts_.back().get(),
+                      how == ConnectFailure::kRefused ? ECONNREFUSED : EHOSTUNREACH);
+        return true;
+      }
+      // A connect that never completes: no connection, the attempt timer ends it.
+    } else {
+      stacks::ConnectOptions options;
+      options.remote = peer_;
+      options.mark = config.mark;
+      auto conn = ctx.stacks[stack]->connect(worker_.loop(), options, *this);
+      if (!conn) {
+        // Known at once (no route, no memory): this candidate failed; try the next.
+        attempts_.push_back(std::move(attempt));
+        attemptFailed(attempts_.back().get(), conn.error().code);
+        return true;
+      }
+      attempt->conn = std::move(*conn);
     }
-    attempt->conn = std::move(*conn);
     attempt->timer = worker_.loop().newEvent(-1, 0, onAttemptTimer, attempt.get());
     auto tv = toTimeval(action.attempt_timeout);
     evtimer_add(attempt->timer.get(), &tv);
@@ -375,6 +388,12 @@ void OutboundSession::sendHello() {
                        static_cast<std::uint32_t>(early_.size()));
     std::memcpy(frame.data() + at + framing::kHeaderSize, early_.data(), early_.size());
   }
+  if (ctx.faults.strike(winner_, Fault::kDropHandshake)) {
+    // Lost on the way: the peer never sees it and the session meets a silent peer.
+    spdlog::debug("conn {:x}: fault injected: HELLO over {} dropped", id_,
+                  ctx.stacks[winner_]->name());
+    frame.clear();
+  }
   writer_.set(std::move(frame));
   state_ = State::kHandshaking;
   // The peer answers only once it has reached the destination, which may take it up to its
@@ -467,6 +486,17 @@ void OutboundSession::connectData(std::size_t stack, const handshake::Reply& rep
   winner_ = stack;
   winner_probe_ = std::find(probes_.begin(), probes_.end(), stack) != probes_.end();
   state_ = State::kConnectingData;
+  if (ctx.faults.strike(stack, Fault::kFailConnect)) {
+    auto how = ctx.faults.connectFailure(stack);
+    spdlog::debug("conn {:x}: fault injected: data connection over {} {}", id_,
+                  ctx.stacks[stack]->name(), connectFailureName(how));
+    if (how != ConnectFailure::kTimeout) {
+      dataPathFailed(how == ConnectFailure::kRefused ? ECONNREFUSED : EHOSTUNREACH);
+      return;
+    }
+    armTimer(decision_.action->attempt_timeout);  // never completes: the timer ends it
+    return;
+  }
   auto conn =
       ctx.stacks[stack]->connectData(worker_.loop(), reply.chosen_params, *reply.token, *this);
   if (!conn) {

@@ -32,6 +32,12 @@ void Relay::start(Worker& worker, const Info& info,
                   std::unique_ptr<stacks::StackConnection> upstream,
                   std::span<const std::byte> preload,
                   std::unique_ptr<stacks::StackConnection> control) {
+  auto& faults = worker.context().faults;
+  if (faults.armed() && info.stack < worker.context().stacks.size()) {
+    // A reset or a stall drawn for the stack's connection (proxy/faults.h).
+    auto& tunnel = info.tunnel_is_upstream ? upstream : downstream;
+    tunnel = faults.wrapRelayed(worker.loop(), info.stack, std::move(tunnel));
+  }
   // The relay owns itself from here: it hands itself to deferDelete() when it finishes.
   auto* relay = new Relay(worker, info, std::move(downstream), std::move(upstream));
   if (control) {
@@ -372,6 +378,7 @@ bool Relay::pump(Flow& f) {
     bool progress = false;
     Step w = flush(f, moved);
     if (w.status != Status::kOk) {
+      account(f, moved);  // what moved before the failure went through: count it
       fail(w);
       return false;
     }
@@ -399,7 +406,9 @@ bool Relay::pump(Flow& f) {
                                           (!f.decode || f.decoder.frameLeft() > 0));
         if (use_pipe && !acquireSpace(f, true)) {
           // No pipe could be made (out of fds): this connection cannot go on.
-          fail(Step{Status::kError, 0, errno != 0 ? errno : EMFILE, false});
+          int err = errno != 0 ? errno : EMFILE;
+          account(f, moved);
+          fail(Step{Status::kError, 0, err, false});
           return false;
         }
         // A bulk decode flow at a frame boundary reads just the next header, so the payload
@@ -421,6 +430,7 @@ bool Relay::pump(Flow& f) {
           f.src_eof = true;
         } else if (s.status == Status::kEof) {
           // The framed tunnel closed without its end frame: the stream was cut.
+          account(f, moved);
           fail(Step{Status::kReset, 0, ECONNRESET, false});
           return false;
         } else if (use_pipe && (s.err == EINVAL || s.err == ENOSYS) && f.pending == 0) {
@@ -436,6 +446,7 @@ bool Relay::pump(Flow& f) {
                        std::strerror(s.err));
           progress = true;
         } else {
+          account(f, moved);
           fail(s);
           return false;
         }
@@ -460,14 +471,20 @@ bool Relay::pump(Flow& f) {
     }
   }
   if (moved > 0) {
-    f.bytes += moved;
-    worker_.metrics()
-        .bytes(info_.role, info_.stack, direction(f))
-        .Increment(static_cast<double>(moved));
+    account(f, moved);
     last_active_ = nowTime();
     worker_.relayActive(*this);
   }
   return true;
+}
+
+void Relay::account(Flow& f, std::size_t& moved) {
+  if (moved == 0) return;
+  f.bytes += moved;
+  worker_.metrics()
+      .bytes(info_.role, info_.stack, direction(f))
+      .Increment(static_cast<double>(moved));
+  moved = 0;
 }
 
 void Relay::settle() {

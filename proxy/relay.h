@@ -157,6 +157,8 @@ class Relay final : public Deferrable,
   }
   // Moves what can move now. Returns false if the relay finished inside.
   bool pump(Flow& f);
+  // Adds `moved` bytes to the flow and its metric, and zeroes it.
+  void account(Flow& f, std::size_t& moved);
   // Appends to the held buffer; an encode flow adds the payload it took to `taken`.
   Step readIn(Flow& f, std::size_t& taken);
   // Decode flows in bulk: reads only what is missing of the next frame header.

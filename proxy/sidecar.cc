@@ -42,6 +42,12 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
   peers_ = std::make_unique<PeerTable>();
   replay_ = std::make_unique<ReplayCache>(2 * config_.max_clock_skew, config_.replay_cache_size);
   policy_store_ = std::make_unique<policy::PolicyStore>(std::move(initial));
+  faults_ = std::make_unique<FaultInjector>(names, *metrics_->registry());
+  for (const auto& f : config_.faults) {
+    auto it = std::find(names.begin(), names.end(), f.stack);
+    faults_->set(static_cast<std::size_t>(it - names.begin()), f.plan);
+    spdlog::warn("fault injection armed on stack {}: {}", f.stack, f.plan.describe());
+  }
   std::vector<std::uint8_t> kinds;
   for (const auto& stack : stacks_) {
     auto k = handshake::stackKindFromName(stack->kind());
@@ -49,7 +55,7 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
       kinds.push_back(static_cast<std::uint8_t>(*k));
   }
   context_ = std::make_unique<SidecarContext>(SidecarContext{
-      config_, stacks_, *metrics_, *peers_, *replay_, *policy_store_, std::move(kinds)});
+      config_, stacks_, *metrics_, *peers_, *replay_, *policy_store_, *faults_, std::move(kinds)});
 
   if (config_.metrics_enabled) {
     metrics_server_ = std::make_unique<MetricsServer>(main_loop, metrics_->registry(), stacks_);

@@ -65,6 +65,7 @@ class Sidecar {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<PeerTable> peers_;
   std::unique_ptr<ReplayCache> replay_;
+  std::unique_ptr<FaultInjector> faults_;
   std::unique_ptr<policy::PolicyStore> policy_store_;
   std::unique_ptr<SidecarContext> context_;
   std::unique_ptr<MetricsServer> metrics_server_;

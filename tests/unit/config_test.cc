@@ -286,6 +286,73 @@ via = "x"
       << e;
 }
 
+TEST_F(ConfigTest, FaultsAreOffByDefaultAndReadFromFaultTables) {
+  auto none = load(kKey);
+  ASSERT_TRUE(none) << errors();
+  EXPECT_TRUE(none->faults.empty());
+  auto c = load(std::string(kKey) + R"(
+[[fault]]
+stack = "kernel"
+fail_connect = 0.25
+connect_failure = "timeout"
+reset = 1
+reset_after = 4096
+stall = 0.5
+stall_direction = "both"
+stall_after = 10
+)");
+  ASSERT_TRUE(c) << errors();
+  ASSERT_EQ(c->faults.size(), 1u);
+  const auto& plan = c->faults[0].plan;
+  EXPECT_EQ(c->faults[0].stack, "kernel");
+  EXPECT_DOUBLE_EQ(plan[Fault::kFailConnect], 0.25);
+  EXPECT_EQ(plan.connect_failure, ConnectFailure::kTimeout);
+  EXPECT_DOUBLE_EQ(plan[Fault::kReset], 1);
+  EXPECT_EQ(plan.reset_after, 4096u);
+  EXPECT_DOUBLE_EQ(plan[Fault::kStall], 0.5);
+  EXPECT_EQ(plan.stall_direction, StallDirection::kBoth);
+  EXPECT_EQ(plan[Fault::kDropHandshake], 0);
+  EXPECT_EQ(plan.describe(),
+            "fail_connect=0.25(timeout) reset=1(after 4096 B) stall=0.5(both after 10 B)");
+}
+
+TEST_F(ConfigTest, FaultTablesAreCheckedWithPositions) {
+  EXPECT_FALSE(load(std::string(kKey) + R"(
+[[fault]]
+stack = "dp0"
+fail_connect = 1.5
+connect_failure = "slow"
+stall_direction = "up"
+reset_after = -1
+fail = 1
+[[fault]]
+reset = 1
+)"));
+  std::string e = errors();
+  EXPECT_NE(
+      e.find("sidecar.toml:5:9: error: 'stack' in [[fault]] #1: no [[stack]] is named \"dp0\""),
+      std::string::npos)
+      << e;
+  EXPECT_NE(
+      e.find(
+          "sidecar.toml:6:16: error: 'fail_connect' in [[fault]] #1: 1.5 is out of range [0, 1]"),
+      std::string::npos)
+      << e;
+  EXPECT_NE(
+      e.find("sidecar.toml:7:19: error: 'connect_failure' in [[fault]] #1: \"slow\" is not one of "
+             "refused, unreachable, timeout"),
+      std::string::npos)
+      << e;
+  EXPECT_NE(e.find("\"up\" is not one of receive, send, both"), std::string::npos) << e;
+  EXPECT_NE(e.find("'reset_after' in [[fault]] #1: -1 is out of range"), std::string::npos) << e;
+  EXPECT_NE(e.find("sidecar.toml:10:1: error: unknown key 'fail' in [[fault]] #1"),
+            std::string::npos)
+      << e;
+  EXPECT_NE(e.find("sidecar.toml:11:1: error: [[fault]] #2: missing required key 'stack'"),
+            std::string::npos)
+      << e;
+}
+
 TEST_F(ConfigTest, MissingFileIsAnError) {
   Diagnostics diags;
   EXPECT_FALSE(loadConfig("/nonexistent/sidecar.toml", registry_, diags));
