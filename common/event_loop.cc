@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 
 namespace dmm {
@@ -29,6 +30,10 @@ EventLoop::~EventLoop() {
   graveyard_.clear();
   cleanup_event_.reset();
   wake_event_.reset();
+}
+
+void freeOrphanedEvent(EventPtr& ev) {
+  std::free(ev.release());  // NOLINT: allocated by libevent's default mm_malloc
 }
 
 EventPtr EventLoop::newEvent(evutil_socket_t fd, short what, event_callback_fn cb,

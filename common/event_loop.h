@@ -37,6 +37,11 @@ class Deferrable {
   virtual ~Deferrable() = default;
 };
 
+// Frees an event whose event_base is already gone, without touching the base (event_free()
+// would: a use after free). libevent allocates events with malloc() unless
+// event_set_mem_functions() replaced it, which this program never does.
+void freeOrphanedEvent(EventPtr& ev);
+
 class EventLoop {
  public:
   EventLoop();

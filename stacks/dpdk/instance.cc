@@ -437,9 +437,9 @@ Instance::~Instance() {
     (void)rte_eth_dev_close(port_id_);
   }
   // The workers' loops are gone by now (the sidecar stops them first): their events must not
-  // be freed on a freed base.
+  // be freed through a freed base.
   for (auto& [loop, q] : queues_)
-    (void)q->event.release();
+    freeOrphanedEvent(q->event);
 }
 
 PortStats Instance::portStats() const {

@@ -320,8 +320,8 @@ Worker::~Worker() {
 void Worker::abandon() {
   for (auto& [p, qp] : qps_)
     qp->forgetLoop();
-  (void)completions_event_.release();
-  (void)cm_event_.release();
+  freeOrphanedEvent(completions_event_);
+  freeOrphanedEvent(cm_event_);
 }
 
 Result<QueuePair*> Worker::connect(const Endpoint& peer, const SessionToken& token) {
