@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 
@@ -113,12 +114,13 @@ std::optional<std::chrono::microseconds> tcpSmoothedRtt(int fd) {
   return std::chrono::microseconds(info.tcpi_rtt);
 }
 
-std::uint64_t raiseFileLimit() {
+std::uint64_t setFileLimit(std::uint64_t wanted) {
   rlimit rl{};
   if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return 0;
-  if (rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    ::setrlimit(RLIMIT_NOFILE, &rl);
+  rlim_t target = wanted == 0 ? rl.rlim_max : std::min<rlim_t>(wanted, rl.rlim_max);
+  if (rl.rlim_cur != target) {
+    rl.rlim_cur = target;
+    if (::setrlimit(RLIMIT_NOFILE, &rl) != 0) (void)::getrlimit(RLIMIT_NOFILE, &rl);
   }
   return rl.rlim_cur;
 }

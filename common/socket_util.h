@@ -48,7 +48,8 @@ Status setAbortOnClose(int fd, bool abort);
 // when getsockopt fails or no RTT has been sampled yet (tcpi_rtt 0).
 std::optional<std::chrono::microseconds> tcpSmoothedRtt(int fd);
 
-// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
-std::uint64_t raiseFileLimit();
+// Sets the soft RLIMIT_NOFILE to `wanted` (at most the hard limit), or with 0 raises it to the
+// hard limit; returns the soft limit now in force.
+std::uint64_t setFileLimit(std::uint64_t wanted);
 
 }  // namespace dmm::net

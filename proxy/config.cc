@@ -43,6 +43,7 @@ void loadSidecar(TomlTable t, Config& c) {
   if (auto v = t.getInt("workers", 0, 256)) c.workers = static_cast<unsigned>(*v);
   if (auto v = t.getInt("mark", 0, 0xFFFFFFFFLL)) c.mark = static_cast<std::uint32_t>(*v);
   if (auto v = t.getDuration("drain_timeout")) c.drain_timeout = *v;
+  if (auto v = t.getInt("open_files", 0, 1 << 30)) c.open_files = static_cast<std::uint64_t>(*v);
   t.rejectUnknown();
 }
 

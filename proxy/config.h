@@ -50,6 +50,8 @@ struct Config {
   std::uint32_t mark = 0x444d;  // SO_MARK on every socket the sidecar opens
   // SIGTERM: stop accepting, let established connections finish for this long, close the rest.
   Millis drain_timeout{30'000};
+  // RLIMIT_NOFILE to run with; 0: raise the soft limit to the hard limit.
+  std::uint64_t open_files = 0;
 
   // [log]
   spdlog::level::level_enum log_level = spdlog::level::info;

@@ -155,7 +155,7 @@ int serve(Config config, const dmm::stacks::StackRegistry& registry) {
     spdlog::critical("cannot start: {}", err);
     return kExitRuntime;
   }
-  auto files = dmm::net::raiseFileLimit();
+  auto files = dmm::net::setFileLimit(config.open_files);
   spdlog::debug("open files limit: {}", files);
 
   dmm::EventLoop main_loop;

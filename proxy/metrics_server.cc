@@ -3,10 +3,13 @@
 #include <event2/buffer.h>
 #include <event2/keyvalq_struct.h>
 #include <prometheus/text_serializer.h>
+#include <spdlog/spdlog.h>
 
+#include <cerrno>
 #include <cstring>
 #include <sstream>
 
+#include "common/log.h"
 #include "common/socket_util.h"
 #include "proxy/process_metrics.h"
 #include "proxy/stack_metrics.h"
@@ -15,13 +18,17 @@ namespace dmm::proxy {
 
 MetricsServer::MetricsServer(EventLoop& loop, std::shared_ptr<prometheus::Registry> registry,
                              const std::vector<std::unique_ptr<stacks::Stack>>& stacks)
-    : registry_(std::move(registry)), stacks_(stacks), http_(evhttp_new(loop.base())) {
+    : registry_(std::move(registry)),
+      stacks_(stacks),
+      http_(evhttp_new(loop.base())),
+      resume_(loop.newEvent(-1, 0, &MetricsServer::onResume, this)) {
   evhttp_set_allowed_methods(http_, EVHTTP_REQ_GET | EVHTTP_REQ_HEAD);
   evhttp_set_timeout(http_, 10);
   evhttp_set_gencb(http_, &MetricsServer::onRequest, this);
 }
 
 MetricsServer::~MetricsServer() {
+  servers().erase(http_);
   if (http_ != nullptr) evhttp_free(http_);
 }
 
@@ -32,9 +39,37 @@ std::string MetricsServer::listen(const SocketAddress& address) {
   auto fd = net::listenTcp(address, options);
   if (!fd) return std::string(fd.error().reason) + ": " + std::strerror(fd.error().code);
   // evhttp owns the socket from here.
-  if (evhttp_accept_socket_with_handle(http_, fd->get()) == nullptr) return "evhttp_accept_socket";
+  evhttp_bound_socket* bound = evhttp_accept_socket_with_handle(http_, fd->get());
+  if (bound == nullptr) return "evhttp_accept_socket";
   fd->release();
+  listener_ = evhttp_bound_socket_get_listener(bound);
+  evconnlistener_set_error_cb(listener_, &MetricsServer::onAcceptError);
+  servers()[http_] = this;
   return {};
+}
+
+std::map<evhttp*, MetricsServer*>& MetricsServer::servers() {
+  static std::map<evhttp*, MetricsServer*> all;  // main loop thread only
+  return all;
+}
+
+void MetricsServer::onAcceptError(evconnlistener* listener, void* http) {
+  // The listener's user pointer is evhttp's own (the evhttp), which leads back to the server.
+  int err = EVUTIL_SOCKET_ERROR();
+  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) return;
+  evconnlistener_disable(listener);
+  if (auto it = servers().find(static_cast<evhttp*>(http)); it != servers().end()) {
+    static constexpr timeval kPause{0, 100'000};
+    event_add(it->second->resume_.get(), &kPause);
+  }
+  static log::RateLimiter limiter;
+  log::limited(limiter, spdlog::level::warn,
+               "metrics endpoint: accept failed: {}; pausing it for 100ms", std::strerror(err));
+}
+
+void MetricsServer::onResume(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<MetricsServer*>(arg);
+  if (self->listener_ != nullptr) evconnlistener_enable(self->listener_);
 }
 
 void MetricsServer::onRequest(evhttp_request* request, void* arg) {

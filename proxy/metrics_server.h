@@ -9,8 +9,10 @@
 // use; prometheus-cpp still keeps the registry and writes the text format.
 
 #include <event2/http.h>
+#include <event2/listener.h>
 #include <prometheus/registry.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,10 +38,17 @@ class MetricsServer {
 
  private:
   static void onRequest(evhttp_request* request, void* arg);
+  // evhttp's listener on an accept() error: out of descriptors, pause it for 100 ms (libevent
+  // would otherwise retry at once, spinning a core, since the connection stays in the backlog).
+  static void onAcceptError(evconnlistener* listener, void* arg);
+  static void onResume(evutil_socket_t, short, void* arg);
+  static std::map<evhttp*, MetricsServer*>& servers();
 
   std::shared_ptr<prometheus::Registry> registry_;
   const std::vector<std::unique_ptr<stacks::Stack>>& stacks_;
   evhttp* http_ = nullptr;
+  evconnlistener* listener_ = nullptr;  // owned by http_
+  EventPtr resume_;
 };
 
 }  // namespace dmm::proxy

@@ -264,6 +264,15 @@ void OutboundSession::breakerResult(std::size_t stack, bool ok) {
 }
 
 void OutboundSession::attemptFailed(Attempt* attempt, int err) {
+  if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+    // Out of descriptors or memory here: not the peer's doing. No breaker, no "no sidecar"
+    // mark and no fallback (a direct connection needs the same): the client is refused now,
+    // and the next connection tries again.
+    if (attempt->conn) retired_.push_back(std::move(attempt->conn));
+    std::erase_if(attempts_, [attempt](const auto& a) { return a.get() == attempt; });
+    refuse(Outcome::kError, worker_.metrics().noStack(), std::strerror(err));
+    return;
+  }
   AttemptOutcome outcome = err == ECONNREFUSED ? AttemptOutcome::kFailedRefused
                            : err == ETIMEDOUT  ? AttemptOutcome::kFailedTimeout
                                                : AttemptOutcome::kFailedUnreachable;

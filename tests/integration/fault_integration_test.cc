@@ -101,6 +101,10 @@ struct ConnectCase {
   const char* attempt;  // the attempt outcome
 };
 
+void PrintTo(const ConnectCase& c, std::ostream* os) {
+  *os << c.failure;
+}
+
 class InjectedConnectFailure : public FaultPair,
                                public ::testing::WithParamInterface<ConnectCase> {};
 
