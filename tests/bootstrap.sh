@@ -2,7 +2,7 @@
 # Installs what a fresh Debian 12 machine needs, builds, and runs the demo or the test suite.
 #
 #   tests/bootstrap.sh demo    the two-host demo (tests/demo/two-hosts.sh)
-#   tests/bootstrap.sh test    the whole test suite (ctest)
+#   tests/bootstrap.sh test    the whole test suite (ctest), then again under sanitizers
 #   tests/bootstrap.sh build   only install and build
 #   tests/bootstrap.sh bench [ARGS]   the benchmark (bench/run.py ARGS, e.g. --quick)
 #
@@ -96,8 +96,16 @@ case "$what" in
   test)
     # Integration tests each make their own namespaces, so they can run side by side; two at a
     # time keeps a 2-core machine responsive.
-    cd "$build"
-    exec ctest --output-on-failure -j 2 --timeout 300
+    status=0
+    (cd "$build" && ctest --output-on-failure -j 2 --timeout 300) || status=$?
+    # Then the same tests under ASan+UBSan and under TSan, each in a build of its own
+    # (tests/README.md#sanitizers). DMM_SANITIZERS=0 skips them.
+    if [ "${DMM_SANITIZERS:-1}" != 0 ]; then
+      for kind in asan tsan; do
+        JOBS=$jobs BUILD_ROOT="$here/build-sanitize" "$here/tests/sanitize.sh" "$kind" || status=1
+      done
+    fi
+    exit $status
     ;;
   bench) shift; exec /usr/bin/python3 "$here/bench/run.py" --build "$build" "$@" ;;
   *) echo "usage: $0 demo|test|build|bench" >&2; exit 2 ;;
