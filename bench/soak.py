@@ -1098,6 +1098,12 @@ class Soak:
             if any(v for v in left.values()):
                 self.fail(f"{sc.name}: relays still open {args.quiet:.0f} s after the traffic "
                           f"stopped: {left}")
+            if sc.side == 0:
+                # circuit breakers still open (or probing) toward a B that has been up since
+                # the last restart: for information (bench/README.md, "Soak")
+                r = subprocess.run([self.sidecar, "ctl", "--socket", sc.admin, "breakers"],
+                                   capture_output=True, text=True, timeout=40)
+                self.final[sc.name]["breakers"] = (r.stdout + r.stderr).strip()
         # sidecars stop last (A first), their metrics scraped while they drain
         for side in (0, 1):
             for (pair, s), sc in self.sidecars.items():
@@ -1412,6 +1418,9 @@ def summary_lines(res, args):
             if fin.get("dpdk_connections") is not None:
                 txt += f", dp0 connections {fin['dpdk_connections']:.0f}"
             lines.append(txt)
+            if fin.get("breakers"):
+                lines.append("            ctl breakers at the end: " +
+                             " | ".join(fin["breakers"].splitlines()))
     lines.append("")
     for name, lg in res["logs"].items():
         lv = lg["levels"]
@@ -1448,12 +1457,14 @@ def chart(res, path):
     pairs = res["pairs"]
     fig, axes = plt.subplots(len(pairs), 1, figsize=(10, 3.6 * len(pairs)), squeeze=False)
     for ax, pair in zip(axes[:, 0], pairs):
+        top = 1.0
         for side, color in (("A", "tab:green"), ("B", "tab:blue")):
             name = f"{pair}-{side}"
             first = True
             for pid, pts in rss_series(res["samples"], name, float("inf")):
                 ax.plot([t / 60 for t, _ in pts], [y / 1024 for _, y in pts], color=color,
                         label=f"sidecar {side}" if first else None, linewidth=1.2)
+                top = max([top] + [y / 1024 for _, y in pts])
                 first = False
             r = res["rss"].get(name, {})
             if side == "A" and r.get("warmup_end") is not None:
@@ -1468,8 +1479,8 @@ def chart(res, path):
         ax.set_title(f"{pair} pair: RSS (traffic stops at the dotted line)", fontsize=10)
         ax.set_xlabel("minutes")
         ax.set_ylabel("RSS MiB")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the curves
+        ax.legend(fontsize=8, loc="upper center", ncol=5)
         ax.grid(alpha=0.3)
     verdict = "flat" if res["verdict"]["rss_flat"] else "NOT flat"
     fig.suptitle(f"dmm-sidecar soak, {fmt_duration(res['duration_s'])}: RSS {verdict} after "
