@@ -18,7 +18,7 @@ dpdk pair's B side lives in a second namespace it makes with ip netns, deleted a
 
 Traffic, concurrently and continuously through every pair, every operation verified byte for
 byte: short connections (connect, echo, close), bulk echoes of a few MiB, request/response on
-kept-alive connections (one renewed every 30 s, one kept for the whole run), half-closed
+kept-alive connections (one renewed every 30 s, one kept until it breaks), half-closed
 connections (the client's FIN while the echo still flows back), reset connections (SO_LINGER 0
 after an echo, or with data in flight), and iperf3 bursts.
 
@@ -31,7 +31,7 @@ a restart window (SIGTERM - 1 s .. B ready + --restart-grace) are expected; any 
 Output in --out (default /tmp/dmm-soak-<stamp>): soak.json (samples, events, errors, counters,
 verdict), rss.png, summary.txt (also printed) and run/ (configs and logs). Exit status 1 when
 RSS is not flat after warm-up, on an unexpected client error, a failed event, a sidecar that
-died, or relays left open once traffic stopped. How to read it: bench/README.md ("Soak").
+died, or relays left open once traffic stopped. How to read it: bench/README.md, "The soak test".
 """
 
 import argparse
@@ -596,7 +596,9 @@ class Clients:
 
     def rr_loop(self, life):
         """Request/response (1 B..2 KiB, verified) every --rr-interval on one kept-alive
-        connection, renewed every `life` s (0: kept until it breaks); one op per transaction."""
+        connection, renewed every `life` s (0: kept until it breaks); one op per transaction.
+        The kept one waits out A's no_sidecar_ttl after a break before it reconnects, so that
+        it goes through B again rather than staying a direct fallback connection."""
         rng = random.Random()
         s = None
         born = 0.0
@@ -622,7 +624,8 @@ class Clients:
                 if s is not None:
                     s.close()
                     s = None
-                self.stop.wait(0.2)
+                self.stop.wait(0.2 if life else
+                               self.args.restart_gap + self.args.no_sidecar_ttl + 2)
             self.stop.wait(self.args.rr_interval)
         if s is not None:
             s.close()
@@ -709,17 +712,20 @@ class Sidecar:
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout=30):
-        """Until its metrics answer, its listeners listen and a dp0 instance is up with its
-        link up; False when it exits first or time runs out."""
+    def wait_ready(self, timeout=30, link=True):
+        """Until its metrics answer, its listeners listen and a dp0 instance is up (with its
+        link up, unless not `link`); False when it exits first or time runs out, with what was
+        missing in self.not_ready."""
         ports = PAIR_PORTS[self.pair]
         want = ([f"127.0.0.1:{ports['fwd_echo']}", f"127.0.0.1:{ports['fwd_iperf3']}"]
                 if self.side == 0 else
                 [f"127.0.0.1:{ports['tunnel']}" if self.pair == "kernel"
                  else f"0.0.0.0:{ports['tunnel']}"])
         deadline = time.time() + timeout
+        self.not_ready = "no answer on /metrics"
         while time.time() < deadline:
             if not self.running():
+                self.not_ready = f"exited with status {self.proc.returncode}"
                 return False
             m = self.scrape()
             if m is not None:
@@ -727,13 +733,19 @@ class Sidecar:
                 if self.pair == "dpdk" and self.side == 1:
                     argv = self.soak.nsexec(argv)
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
-                listening = all(w + " " in out for w in want)
-                dp0 = self.pair != "dpdk" or (
-                    metric_sum(m, "dmm_sidecar_stack_up", stack="dp0") == 1 and
-                    metric_sum(m, "dmm_sidecar_dpdk_link_up", stack="dp0") == 1)
-                if listening and dp0:
+                missing = [w for w in want if w + " " not in out]
+                up = metric_sum(m, "dmm_sidecar_stack_up", stack="dp0")
+                link_up = metric_sum(m, "dmm_sidecar_dpdk_link_up", stack="dp0")
+                if missing:
+                    self.not_ready = f"not listening on {', '.join(missing)}"
+                elif self.pair == "dpdk" and up != 1:
+                    self.not_ready = "dp0 down (dmm_sidecar_stack_up 0)"
+                elif self.pair == "dpdk" and link and link_up != 1:
+                    self.not_ready = "dp0's link down (dmm_sidecar_dpdk_link_up 0)"
+                else:
                     return True
             time.sleep(0.1)
+        self.not_ready += f" after {timeout} s"
         return False
 
     def term(self):
@@ -865,7 +877,9 @@ class Soak:
             f"{DPDK_CTL[1]}, dp0 on {self.args.dpdk_port} {DPDK_DATA[0]}-{DPDK_DATA[1]}")
 
     def start_pair(self, pair):
-        for side in (1, 0):  # B first: it serves A's first handshake (and is memif's server)
+        for side in (1, 0):
+            # B first, serving, before A starts: it serves A's first handshake and is memif's
+            # server (a memif client started before its server's socket exists stays down)
             sc = Sidecar(self, pair, side)
             with open(sc.conf, "w") as f:
                 f.write(sidecar_conf(pair, side, sc.dir, self.args))
@@ -877,12 +891,14 @@ class Soak:
                                  f"{check.stderr}")
             self.sidecars[(pair, side)] = sc
             sc.start()
+            if side == 1 and not sc.wait_ready(link=False):
+                raise SystemExit(f"soak: sidecar {sc.name} did not come up: {sc.not_ready}\n"
+                                 f"{read_tail(sc.logs[-1], 600)}")
         for side in (1, 0):
             sc = self.sidecars[(pair, side)]
             if not sc.wait_ready():
-                tail = read_tail(sc.logs[-1], 600)
-                raise SystemExit(f"soak: sidecar {sc.name} did not come up (metrics, listeners"
-                                 f"{', dp0 up and its link' if pair == 'dpdk' else ''}):\n{tail}")
+                raise SystemExit(f"soak: sidecar {sc.name} did not come up: {sc.not_ready}\n"
+                                 f"{read_tail(sc.logs[-1], 600)}")
         log(f"{pair}: sidecars A (pid {self.sidecars[(pair, 0)].proc.pid}) and B (pid "
             f"{self.sidecars[(pair, 1)].proc.pid}) up")
 
@@ -996,8 +1012,8 @@ class Soak:
                     res["ready"] = round(self.now(), 2)
                 else:
                     res["ready"] = None
-                    self.fail(f"restart #{n}: {sc.name} did not come back: "
-                              f"{read_tail(sc.logs[-1], 300)}")
+                    res["not_ready"] = sc.not_ready
+                    self.fail(f"restart #{n}: {sc.name} did not come back: {sc.not_ready}")
         finally:
             for sc in bs:
                 sc.restarting = False
@@ -1057,16 +1073,18 @@ class Soak:
         last_log = 0
         while self.now() < args.duration:
             self.check_alive()
-            # no event in the last half period: the run ends on steady traffic
-            if self.now() >= next_event and next_event <= args.duration - args.event_period / 2:
-                n_event += 1
-                if n_event % 2:
-                    n_reload += 1
-                    self.reload_event(n_reload)
-                else:
-                    n_restart += 1
-                    self.restart_event(n_restart)
-                next_event += args.event_period
+            if self.now() >= next_event:
+                # no event in the last half period: the run ends on steady traffic
+                if self.now() <= args.duration - args.event_period / 2:
+                    n_event += 1
+                    if n_event % 2:
+                        n_reload += 1
+                        self.reload_event(n_reload)
+                    else:
+                        n_restart += 1
+                        self.restart_event(n_restart)
+                while next_event <= self.now():  # an event that overran skips the missed ones
+                    next_event += args.event_period
             if self.now() - last_log >= 60:
                 last_log = self.now()
                 self.progress()
@@ -1338,10 +1356,12 @@ def summary_lines(res, args):
     died = [e for e in res["events"] if e["kind"] == "died"]
     gaps = [r["ready"] - r["stop"] for e in restarts for r in e["sidecars"].values()
             if r.get("ready")]
+    back = sum(1 for e in restarts for r in e["sidecars"].values() if not r.get("ready"))
+    out = (f"B out for {min(gaps):.1f}-{max(gaps):.1f} s, SIGTERM to ready" if gaps else "")
+    out += (", " if gaps and back else "") + (f"{back} not back" if back else "")
     lines.append(f"events: {len(reloads)} policy reloads ("
                  f"{sum(all(r['ok'] for r in e['sidecars'].values()) for e in reloads)} ok on "
-                 f"every sidecar), {len(restarts)} peer restarts (B out for "
-                 f"{min(gaps, default=0):.1f}-{max(gaps, default=0):.1f} s, SIGTERM to ready), "
+                 f"every sidecar), {len(restarts)} peer restarts ({out or 'none'}), "
                  f"{len(died)} sidecars died")
     lines.append("  at " + ", ".join(f"{e['t']:.0f} s {e['kind']}" for e in res["events"]))
     lines.append("")
