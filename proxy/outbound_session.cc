@@ -97,7 +97,15 @@ OutboundSession::OutboundSession(Worker& worker, std::unique_ptr<stacks::StackCo
   client_->setCallbacks(*this);
 }
 
-OutboundSession::~OutboundSession() = default;
+OutboundSession::~OutboundSession() {
+  // A probe granted to a candidate whose attempt never started (another won first, or the
+  // session ended before) proved nothing: hand it back, or that breaker stays "probing" and its
+  // stack is skipped toward this peer for good.
+  for (std::size_t stack : probes_) {
+    if (std::find(probes_started_.begin(), probes_started_.end(), stack) == probes_started_.end())
+      worker_.context().peers.breakerAbandon(destination_.ip(), stack);
+  }
+}
 
 void OutboundSession::retireUpstream() {
   if (data_) {
@@ -178,6 +186,7 @@ bool OutboundSession::startNextAttempt() {
     attempt->session = this;
     attempt->stack = stack;
     attempt->probe = std::find(probes_.begin(), probes_.end(), stack) != probes_.end();
+    if (attempt->probe) probes_started_.push_back(stack);
     if (config.tunnel_reuse) {
       // An idle connection to the peer over this stack is an attempt established at once.
       auto pooled = worker_.tunnels().take(peer_, stack);

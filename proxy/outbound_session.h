@@ -125,7 +125,8 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   RuleMetrics* rule_metrics_ = nullptr;
   std::vector<std::size_t> candidates_;  // stacks to try, in order (after breakers)
   std::size_t next_candidate_ = 0;
-  std::vector<std::size_t> probes_;  // candidates let through as their breaker's one probe
+  std::vector<std::size_t> probes_;          // candidates let through as their breaker's one probe
+  std::vector<std::size_t> probes_started_;  // of those, the ones an attempt was started for
   std::vector<std::unique_ptr<Attempt>> attempts_;  // in flight
   EventPtr stagger_;
   std::size_t winner_ = SIZE_MAX;  // the stack whose connection carries the HELLO

@@ -202,6 +202,47 @@ attempt_timeout = "300ms"
   EXPECT_NE(breakers.output.find("0 open circuit breakers"), std::string::npos) << breakers.output;
 }
 
+// Two breakers half-open at once: a connection is granted a probe on both k1 and k2, and k1
+// wins before k2's attempt starts. k2's probe must be handed back, or k2's breaker stays
+// "probing" for good and k2 is skipped toward this peer for the life of the process (found by
+// the soak test: a dpdk pair whose second stack was never tried again after a peer restart).
+// Faults are injected through the admin socket.
+TEST_F(PolicyPair, AProbeGrantedButNeverStartedIsHandedBack) {
+  EchoServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000));
+  startB();
+  startA(std::string(kTwoPaths) +
+             "\n[policy]\nbreaker_failures = 1\nbreaker_open_for = \"1s\"\n"
+             "[fallback]\nno_sidecar_ttl = \"1s\"\n",
+         {{"10-seq.toml", "[[rule]]\nname = \"seq\"\nstacks = [\"k1\", \"k2\"]\n"}});
+  auto ctl = [&](const std::vector<std::string>& args) {
+    auto r = a_->ctl(args);
+    ASSERT_EQ(r.status, 0) << r.output;
+  };
+  // Both stacks fail once: both breakers open.
+  ctl({"fault", "set", "k1", "fail_connect=1"});
+  ctl({"fault", "set", "k2", "fail_connect=1"});
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "a"), "a");  // falls back direct
+  EXPECT_EQ(metricA("dmm_sidecar_breaker_transitions_total", {{"stack", "k2"}, {"state", "open"}}),
+            1);
+  // Healed; once open_for (and the no-sidecar mark) passed, both are half-open: k1 wins.
+  ctl({"fault", "clear"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "b"), "b");
+  EXPECT_EQ(metricA("dmm_sidecar_stack_attempts_total",
+                    {{"rule", "seq"}, {"stack", "k1"}, {"outcome", "won"}}),
+            1);
+  // Now k1 fails: k2 must get its probe and carry the connection.
+  ctl({"fault", "set", "k1", "fail_connect=1"});
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), "c"), "c");
+  EXPECT_EQ(metricA("dmm_sidecar_stack_attempts_total",
+                    {{"rule", "seq"}, {"stack", "k2"}, {"outcome", "won"}}),
+            1)
+      << a_->ctl({"breakers"}).output;
+  EXPECT_EQ(metricA("dmm_sidecar_stack_attempts_total",
+                    {{"rule", "seq"}, {"stack", "k2"}, {"outcome", "skipped_breaker_open"}}),
+            0);
+}
+
 TEST_F(PolicyPair, SighupDuring200ConcurrentTransfersLosesNothingAndNewConnectionsFollowNewRules) {
   constexpr int kClients = 200;
   constexpr std::size_t kHalf = 128 * 1024;
