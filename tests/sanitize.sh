@@ -54,7 +54,7 @@ mkdir -p "$reports"
 common="halt_on_error=1:log_path=$reports/report"
 export ASAN_OPTIONS="$common:detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="$common:print_stacktrace=1"
-export TSAN_OPTIONS="$common:second_deadlock_stack=1"
+export TSAN_OPTIONS="$common:second_deadlock_stack=1:suppressions=$here/tests/tsan.supp"
 status=0
 (cd "$build" && ctest --output-on-failure -j 2 --timeout 600 "${select[@]}" "$@") || status=$?
 found=$(grep -l -E "ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|WARNING: ThreadSanitizer" \

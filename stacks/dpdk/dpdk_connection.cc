@@ -6,6 +6,7 @@
 #include <cerrno>
 
 #include "stacks/dpdk/instance.h"
+#include "stacks/dpdk/tsan_annotations.h"
 
 namespace dmm::stacks::dpdk {
 
@@ -112,6 +113,7 @@ void DpdkConnection::onQueue(evutil_socket_t fd, short, void* arg) {
   void* objs[32];
   for (;;) {
     unsigned n = rte_ring_sc_dequeue_burst(q->ring, objs, 32, nullptr);
+    if (n > 0) ringAcquire(q->ring);
     if (n == 0) {
       // Re-arm, then look again: an enqueue between the two saw the arm down and will not
       // write the eventfd.

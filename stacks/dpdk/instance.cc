@@ -31,6 +31,7 @@
 #include "netif/ethernet.h"
 #include "stacks/dpdk/dpdk_connection.h"
 #include "stacks/dpdk/lwip_core.h"
+#include "stacks/dpdk/tsan_annotations.h"
 
 static_assert(TCP_WND == dmm::stacks::dpdk::kRingBytes, "the rx ring is lwIP's receive window");
 static_assert(TCP_SND_BUF == dmm::stacks::dpdk::kRingBytes, "the tx ring is lwIP's send buffer");
@@ -534,6 +535,7 @@ void Instance::command(Channel& ch, std::uint32_t cmds, bool wake) {
     // The ring holds every channel at once (max_connections + slack), and a channel is in it
     // at most once: the enqueue cannot fail.
     void* obj = &ch;
+    ringRelease(commands_);
     while (rte_ring_mp_enqueue(commands_, obj) != 0)
       std::this_thread::yield();
   }
@@ -672,6 +674,7 @@ bool Instance::iterate() {
   unsigned got;
   unsigned budget = 1024;
   while (budget > 0 && (got = rte_ring_sc_dequeue_burst(commands_, chs, 64, nullptr)) > 0) {
+    ringAcquire(commands_);
     worked = true;
     budget -= std::min(budget, got);
     for (unsigned i = 0; i < got; ++i) {
@@ -711,6 +714,7 @@ void Instance::post(Channel& ch, std::uint32_t events) {
     ch.retain();
     void* obj = &ch;
     // Sized for every channel at once; a channel is queued at most once.
+    ringRelease(ch.queue->ring);
     (void)rte_ring_sp_enqueue(ch.queue->ring, obj);
     if (ch.queue->armed.exchange(false, std::memory_order_seq_cst))
       ch.queue->instance->wake_.push_back(ch.queue);

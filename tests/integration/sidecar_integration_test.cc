@@ -146,12 +146,12 @@ TEST_F(SidecarPair, ClientHalfCloseThenFullReply) {
 TEST_F(SidecarPair, ServerSpeaksFirstAndHalfClosesFirst) {
   startB();
   startA();
-  std::string server_got;
+  std::atomic<std::size_t> server_got{0};  // written by the server's thread (TSan found it plain)
   ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [&](UniqueFd conn) {
     std::string banner = "220 hello from the server\r\n";
     writeAll(conn.get(), banner.data(), banner.size());
-    ::shutdown(conn.get(), SHUT_WR);     // the server is done talking...
-    server_got = readToEof(conn.get());  // ...but still listens to the client
+    ::shutdown(conn.get(), SHUT_WR);            // the server is done talking...
+    server_got = readToEof(conn.get()).size();  // ...but still listens to the client
   });
   UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000));
   ASSERT_TRUE(fd);
@@ -161,7 +161,7 @@ TEST_F(SidecarPair, ServerSpeaksFirstAndHalfClosesFirst) {
   std::string late(200000, 'l');
   ASSERT_TRUE(writeAll(fd.get(), late.data(), late.size()));
   ::shutdown(fd.get(), SHUT_WR);
-  ASSERT_TRUE(eventually([&] { return server_got.size() == late.size(); }));
+  ASSERT_TRUE(eventually([&] { return server_got.load() == late.size(); }));
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}, 1));
 }
