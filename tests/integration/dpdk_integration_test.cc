@@ -125,12 +125,12 @@ TEST_F(DpdkPair, HalfCloseEachWay) {
   server.stop();
 
   // The server speaks first and half-closes first; the client still sends afterwards.
-  std::string server_got;
+  std::atomic<std::size_t> server_got{0};  // written by the server's thread
   ThreadServer server2(hosts_.b(), at(TwoHosts::kIp4B, 9001), [&](UniqueFd conn) {
     std::string banner = "220 hello from the server\r\n";
     writeAll(conn.get(), banner.data(), banner.size());
     ::shutdown(conn.get(), SHUT_WR);
-    server_got = readToEof(conn.get());
+    server_got = readToEof(conn.get()).size();
   });
   fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9001), 20s);
   ASSERT_TRUE(fd);
@@ -138,7 +138,7 @@ TEST_F(DpdkPair, HalfCloseEachWay) {
   std::string late(200000, 'l');
   ASSERT_TRUE(writeAll(fd.get(), late.data(), late.size()));
   ::shutdown(fd.get(), SHUT_WR);
-  EXPECT_TRUE(eventually([&] { return server_got.size() == late.size(); }));
+  EXPECT_TRUE(eventually([&] { return server_got.load() == late.size(); }));
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
   EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
