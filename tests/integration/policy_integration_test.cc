@@ -212,7 +212,9 @@ TEST_F(PolicyPair, AProbeGrantedButNeverStartedIsHandedBack) {
   startB();
   startA(std::string(kTwoPaths) +
              "\n[policy]\nbreaker_failures = 1\nbreaker_open_for = \"1s\"\n"
-             "[fallback]\nno_sidecar_ttl = \"1s\"\n",
+             "[fallback]\nno_sidecar_ttl = \"1s\"\n"
+             // Every connection dials: a pooled tunnel (not a connect) would dodge the faults.
+             "[tunnel]\nreuse = false\n",
          {{"10-seq.toml", "[[rule]]\nname = \"seq\"\nstacks = [\"k1\", \"k2\"]\n"}});
   auto ctl = [&](const std::vector<std::string>& args) {
     auto r = a_->ctl(args);
