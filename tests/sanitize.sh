@@ -36,8 +36,10 @@ case $kind in
   tsan)
     flags="thread"
     targets=(dmm-sidecar unit_tests dpdk_unit_tests rdma_unit_tests integration_tests)
+    # (The policy matcher's randomised cross-check is single-threaded and outlasts its 120 s
+    # timeout under TSan's slowdown; the ASan run covers it.)
     select=(-R '^unit\.|^integration\.(SidecarPair|FaultPair|Faults/|PolicyPair|ServicePair|DpdkPair|MetricsAfterTraffic)'
-            -E "$slow")
+            -E "$slow|ClassifyAgreesWithExplainOnRandomRuleSets")
     ;;
   *) echo "usage: tests/sanitize.sh asan|tsan [ctest args...]" >&2; exit 2 ;;
 esac
