@@ -85,7 +85,7 @@ void InboundSession::onDataConnection(std::unique_ptr<stacks::StackConnection> c
 void InboundSession::cancelData() {
   if (!expecting_) return;
   expecting_ = false;
-  worker_.context().stacks[chosen_stack_]->cancelData(token_);
+  worker_.context().stacks[chosen_stack_]->cancelData(worker_.loop(), token_);
 }
 
 void InboundSession::onWritable(stacks::StackConnection& conn) {

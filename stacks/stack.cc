@@ -30,7 +30,7 @@ Result<std::vector<std::uint8_t>> Stack::expectData(EventLoop&, const SessionTok
   return Error{EOPNOTSUPP, "no_data_path"};
 }
 
-void Stack::cancelData(const SessionToken&) {}
+void Stack::cancelData(EventLoop&, const SessionToken&) {}
 
 Result<std::unique_ptr<StackConnection>> Stack::connectData(EventLoop&,
                                                             std::span<const std::uint8_t>,

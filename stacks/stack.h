@@ -169,8 +169,10 @@ class Stack {
   virtual Result<std::vector<std::uint8_t>> expectData(EventLoop& loop, const SessionToken& token,
                                                        std::span<const std::uint8_t> offer_params,
                                                        DataAcceptor& acceptor);
-  // Responder: no longer expect `token` (timeout, control connection gone). Loop thread.
-  virtual void cancelData(const SessionToken& token);
+  // Responder: no longer expect `token` (timeout, control connection gone), on the `loop` that
+  // expected it. No callback reaches `acceptor` afterwards, even for a data connection the
+  // instance had already matched with the token and not yet handed over.
+  virtual void cancelData(EventLoop& loop, const SessionToken& token);
   // Initiator: opens the data connection to the responder's `peer_params` (its REPLY) over
   // this instance and presents `token`. onConnected() when the responder accepted the token,
   // onConnectFailed() otherwise.

@@ -129,6 +129,7 @@ void DpdkConnection::onQueue(evutil_socket_t fd, short, void* arg) {
         // A data connection presented a token this worker expects.
         auto e = ch->expectation;
         ch->expectation.reset();
+        if (e) ch->instance->settle(*e);
         auto conn = std::make_unique<DpdkConnection>(*ch, nullptr);
         if (e && e->acceptor != nullptr) {
           DataAcceptor* acceptor = e->acceptor;

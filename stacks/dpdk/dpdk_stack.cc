@@ -124,7 +124,7 @@ Result<std::vector<std::uint8_t>> DpdkStack::expectData(EventLoop& loop, const S
   return advertise();
 }
 
-void DpdkStack::cancelData(const SessionToken& token) {
+void DpdkStack::cancelData(EventLoop&, const SessionToken& token) {
   if (instance_) instance_->cancel(token);
 }
 

@@ -62,7 +62,7 @@ class DpdkStack final : public Stack {
   Result<std::vector<std::uint8_t>> expectData(EventLoop& loop, const SessionToken& token,
                                                std::span<const std::uint8_t> offer_params,
                                                DataAcceptor& acceptor) override;
-  void cancelData(const SessionToken& token) override;
+  void cancelData(EventLoop& loop, const SessionToken& token) override;
   Result<std::unique_ptr<StackConnection>> connectData(EventLoop& loop,
                                                        std::span<const std::uint8_t> peer_params,
                                                        const SessionToken& token,

@@ -565,6 +565,12 @@ void Instance::cancel(const SessionToken& token) {
   }
 }
 
+void Instance::settle(const Expectation& e) {
+  std::lock_guard lock(expect_mutex_);
+  if (auto it = expected_.find(e.token); it != expected_.end() && it->second.get() == &e)
+    expected_.erase(it);
+}
+
 // ---- poll thread ----
 
 void Instance::run() {
@@ -964,9 +970,11 @@ int Instance::onRecv(Channel& ch, pbuf* p, int err) {
         SessionToken token;
         std::memcpy(token.data(), ch.preamble + 4, token.size());
         std::lock_guard lock(expect_mutex_);
-        if (auto it = expected_.find(token); it != expected_.end()) {
+        // Claimed, not erased: a session that gives up before its worker takes the
+        // connection must still find (and cancel) it.
+        if (auto it = expected_.find(token); it != expected_.end() && !it->second->claimed) {
           e = it->second;
-          expected_.erase(it);
+          e->claimed = true;
         }
       }
       if (!e) {

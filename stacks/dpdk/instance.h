@@ -47,6 +47,10 @@ struct LoopQueue {
 struct Expectation {
   LoopQueue* queue = nullptr;
   DataAcceptor* acceptor = nullptr;  // worker thread only; nullptr once cancelled
+  // A data connection presented the token (poll thread, under the instance's expect mutex). The
+  // expectation stays listed until the worker hands the connection over (settle()), so that a
+  // cancel() in between still reaches it.
+  bool claimed = false;
   SessionToken token{};
 };
 
@@ -91,6 +95,8 @@ class Instance {
   Result<std::shared_ptr<Expectation>> expect(EventLoop& loop, const SessionToken& token,
                                               DataAcceptor& acceptor);
   void cancel(const SessionToken& token);
+  // The worker took the connection claimed for `e` (kEvAccepted): forget the expectation.
+  void settle(const Expectation& e);
   void channelFreed() { channels_.fetch_sub(1, std::memory_order_relaxed); }
 
   // Poll side (lwIP callbacks, under the core lock).

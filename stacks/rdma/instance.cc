@@ -205,16 +205,16 @@ Status Instance::expect(Worker& worker, const SessionToken& token, DataAcceptor&
   return {};
 }
 
-void Instance::cancel(const SessionToken& token) {
-  Worker* worker = nullptr;
+void Instance::cancel(Worker& worker, const SessionToken& token) {
   {
     std::lock_guard lock(mutex_);
-    auto it = expectations_.find(token);
-    if (it == expectations_.end()) return;
-    worker = it->second.worker;
-    expectations_.erase(it);
+    if (auto it = expectations_.find(token);
+        it != expectations_.end() && it->second.worker == &worker)
+      expectations_.erase(it);
   }
-  worker->cancel(token);  // the caller runs on that worker's loop
+  // Once claimed, the expectation is gone from the map but the worker is accepting the
+  // connection with the session as its acceptor: that must be cancelled too.
+  worker.cancel(token);  // the caller runs on that worker's loop
 }
 
 DataAcceptor* Instance::claim(const SessionToken& token, const Worker& worker) {

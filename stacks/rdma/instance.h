@@ -106,7 +106,9 @@ class Instance {
 
   // Responder side (loop thread of `worker`).
   Status expect(Worker& worker, const SessionToken& token, DataAcceptor& acceptor);
-  void cancel(const SessionToken& token);
+  // Forgets the expectation, and the connection `worker` accepted for it if claim() already
+  // took it (its acceptor must never hear of it).
+  void cancel(Worker& worker, const SessionToken& token);
   // The listener routed a request for `token` to `worker`; takes the expectation if `worker`
   // still holds it. Worker thread.
   DataAcceptor* claim(const SessionToken& token, const Worker& worker);

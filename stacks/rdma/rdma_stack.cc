@@ -147,8 +147,9 @@ Result<std::vector<std::uint8_t>> RdmaStack::expectData(EventLoop& loop, const S
   return advertise();
 }
 
-void RdmaStack::cancelData(const SessionToken& token) {
-  if (instance_) instance_->cancel(token);
+void RdmaStack::cancelData(EventLoop& loop, const SessionToken& token) {
+  if (!instance_) return;
+  if (Worker* worker = instance_->workerFor(loop)) instance_->cancel(*worker, token);
 }
 
 Result<std::unique_ptr<StackConnection>> RdmaStack::connectData(
