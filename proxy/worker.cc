@@ -438,6 +438,9 @@ void Worker::onResume(evutil_socket_t, short, void* arg) {
     IntrusiveList<Relay, ResumeListTag>::remove(*r);
     r->resume();
   }
+  // Relays queued during this round (one that used its wake-up budget again) found the queue
+  // non-empty and did not activate the event: do it for them.
+  if (!self->resume_queue_.empty()) event_active(self->resume_event_.get(), 0, 0);
 }
 
 void Worker::sessionStarted(Session& session) {
