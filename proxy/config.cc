@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <set>
@@ -195,6 +196,13 @@ void loadRelay(TomlTable t, Config& c) {
   if (auto v = t.getInt("pipe_size", 4096, 64 << 20)) c.pipe_size = static_cast<std::uint32_t>(*v);
   if (c.low_watermark >= c.pipe_size) {
     t.error("low_watermark", "must be below pipe_size (" + std::to_string(c.pipe_size) + ")");
+  }
+  if (auto v = t.getInt("buffer_memory", 0, std::int64_t{1} << 50)) {
+    c.buffer_memory = static_cast<std::uint64_t>(*v);
+    if (c.buffer_memory != 0 && c.buffer_memory < 2ull * c.buffer_size) {
+      t.error("buffer_memory", "must be 0 (no limit) or at least two buffers (" +
+                                   std::to_string(2ull * c.buffer_size) + " bytes)");
+    }
   }
   t.rejectUnknown();
 }
@@ -441,6 +449,11 @@ unsigned Config::effectiveWorkers() const {
   if (workers != 0) return workers;
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : n;
+}
+
+std::uint64_t Config::workerBufferMemory() const {
+  if (buffer_memory == 0) return 0;
+  return std::max<std::uint64_t>(buffer_memory / effectiveWorkers(), 2ull * buffer_size);
 }
 
 const StackInstanceConfig* Config::findStack(std::string_view name) const {

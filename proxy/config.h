@@ -98,6 +98,9 @@ struct Config {
   std::uint32_t low_watermark = 16 * 1024;
   std::uint32_t pipe_size = 1024 * 1024;  // splice() pipes: the high watermark of bulk flows
   bool splice = true;
+  // The most bytes all connections' copy buffers and splice pipes may hold at once, shared
+  // evenly by the workers (0: no limit). Out of it, flows wait and new connections are refused.
+  std::uint64_t buffer_memory = 512ull << 20;
 
   // [security]
   std::vector<std::uint8_t> psk;
@@ -140,6 +143,9 @@ struct Config {
   std::vector<FaultConfig> faults;
 
   unsigned effectiveWorkers() const;
+  // One worker's share of buffer_memory (0: no limit): an even split, but never less than one
+  // connection's two buffers.
+  std::uint64_t workerBufferMemory() const;
   const StackInstanceConfig* findStack(std::string_view name) const;
   // What the policy loader needs to know of this configuration.
   policy::Environment policyEnvironment(const stacks::StackRegistry& registry) const;

@@ -193,6 +193,12 @@ void InboundSession::onHello() {
     reject(handshake::RejectReason::kDestinationNotAllowed);
     return;
   }
+  if (worker_.memoryExhausted()) {
+    // Out of buffer memory: the initiator takes the session elsewhere (peer_overloaded).
+    worker_.metrics().memoryRefused(Role::kInbound);
+    reject(handshake::RejectReason::kOverloaded);
+    return;
+  }
   // This side's policy decides which of its instances it allows for this session; the first
   // offer, in the initiator's order, of a kind it allows (and runs healthy) is chosen.
   policy_ = ctx.policy.current();

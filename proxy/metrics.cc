@@ -264,6 +264,37 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                           .Register(*registry_)
                           .Add({});
 
+  buffer_memory_ = &BuildGauge()
+                        .Name("dmm_sidecar_buffer_memory_bytes")
+                        .Help(
+                            "Bytes the relays' copy buffers and splice pipes hold now (a pipe "
+                            "counts its full size), against [relay] buffer_memory.")
+                        .Register(*registry_)
+                        .Add({});
+  buffer_memory_limit_ = &BuildGauge()
+                              .Name("dmm_sidecar_buffer_memory_limit_bytes")
+                              .Help(
+                                  "[relay] buffer_memory as the workers share it (0: no "
+                                  "limit).")
+                              .Register(*registry_)
+                              .Add({});
+  memory_waits_ = &BuildCounter()
+                       .Name("dmm_sidecar_buffer_memory_waits_total")
+                       .Help(
+                           "Times a relay direction stopped reading until buffer memory was "
+                           "returned (the budget was used up).")
+                       .Register(*registry_)
+                       .Add({});
+  auto& memory_refusals = BuildCounter()
+                              .Name("dmm_sidecar_buffer_memory_refusals_total")
+                              .Help(
+                                  "New connections refused because the buffer memory budget was "
+                                  "used up, by role (inbound: the session was rejected as "
+                                  "overloaded).")
+                              .Register(*registry_);
+  memory_refusals_[0] = &memory_refusals.Add({{"role", "outbound"}});
+  memory_refusals_[1] = &memory_refusals.Add({{"role", "inbound"}});
+
   stack_names_ = stack_names;
   policy_version_ = &BuildGauge()
                          .Name("dmm_sidecar_policy_version")

@@ -187,6 +187,14 @@ class Metrics {
   }
   void acceptError(bool tunnel) { accept_errors_[tunnel ? 1 : 0]->Increment(); }
   void spliceDisabled() { splice_disabled_->Increment(); }
+  // The buffer memory budget ([relay] buffer_memory): bytes held now (all workers update it),
+  // its limit, flows that waited for it, connections refused for want of it.
+  prometheus::Gauge& bufferMemory() { return *buffer_memory_; }
+  void bufferMemoryLimit(std::uint64_t bytes) {
+    buffer_memory_limit_->Set(static_cast<double>(bytes));
+  }
+  void memoryWait() { memory_waits_->Increment(); }
+  void memoryRefused(Role role) { memory_refusals_[idx(role)]->Increment(); }
   void tunnelReused(Role role) { tunnel_reuses_[idx(role)]->Increment(); }
 
   // Policy. Any thread.
@@ -219,6 +227,10 @@ class Metrics {
   std::array<prometheus::Counter*, 2> shm_declined_{};
   std::array<prometheus::Counter*, 2> accept_errors_{};
   prometheus::Counter* splice_disabled_ = nullptr;
+  prometheus::Gauge* buffer_memory_ = nullptr;
+  prometheus::Gauge* buffer_memory_limit_ = nullptr;
+  prometheus::Counter* memory_waits_ = nullptr;
+  std::array<prometheus::Counter*, 2> memory_refusals_{};
   std::array<prometheus::Counter*, 2> tunnel_reuses_{};
   std::vector<std::string> stack_names_;
   prometheus::Gauge* policy_version_ = nullptr;

@@ -94,8 +94,7 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
 bool Relay::preload(std::span<const std::byte> bytes) {
   Flow& f = flows_[0];
   const std::size_t reserve = f.encode ? framing::kHeaderSize : 0;
-  if (bytes.size() + reserve > worker_.buffers().bufferSize() || !acquireSpace(f, false))
-    return false;
+  if (bytes.size() + reserve > worker_.buffers().bufferSize() || !acquireSpace(f)) return false;
   std::memcpy(f.buffer + reserve, bytes.data(), bytes.size());
   std::size_t held = bytes.size();
   if (f.decode) {
@@ -165,11 +164,7 @@ void Relay::resume() {
   settle();
 }
 
-bool Relay::acquireSpace(Flow& f, bool pipe) {
-  if (pipe) {
-    if (f.pipe_read >= 0) return true;
-    return worker_.pipes().get(f.pipe_read, f.pipe_write);
-  }
+bool Relay::acquireSpace(Flow& f) {
   if (f.buffer != nullptr) return true;
   f.buffer = worker_.buffers().get();
   f.head = 0;
@@ -177,20 +172,23 @@ bool Relay::acquireSpace(Flow& f, bool pipe) {
 }
 
 void Relay::releaseSpace(Flow& f) {
+  bool returned = false;
   if (f.pipe_read >= 0) {
     if (f.pending == 0) {
       worker_.pipes().put(f.pipe_read, f.pipe_write);
     } else {  // bytes left behind (reset or error): the pipe cannot be reused
-      ::close(f.pipe_read);
-      ::close(f.pipe_write);
+      worker_.pipes().discard(f.pipe_read, f.pipe_write);
     }
     f.pipe_read = f.pipe_write = -1;
+    returned = true;
   }
   if (f.buffer != nullptr) {
     worker_.buffers().put(f.buffer);
     f.buffer = nullptr;
     f.head = 0;
+    returned = true;
   }
+  if (returned) worker_.memoryReturned();
 }
 
 long Relay::decodeRead(Flow& f, std::byte* at, std::size_t n) {
@@ -260,7 +258,8 @@ Relay::Step Relay::copyThrough(Flow& f, std::size_t& written) {
   }
   if (!f.encode) written += out;
   if (out < out_size) {  // keep what the destination could not take yet
-    if (!acquireSpace(f, false)) return {Status::kError, 0, ENOMEM, false};
+    // pump() made sure a buffer could be had before this read (or holds one).
+    if (!acquireSpace(f)) return {Status::kError, 0, ENOMEM, false};
     f.pending = static_cast<std::uint32_t>(out_size - out);
     f.head = 0;
     std::memcpy(f.buffer, scratch.data() + out, f.pending);
@@ -402,14 +401,25 @@ bool Relay::pump(Flow& f) {
         // Held bytes stay where they are (pipe or buffer) until written. An empty flow copies
         // through the scratch buffer, or splices when it carries bulk (a decode flow only
         // inside a frame's payload).
-        const bool use_pipe = in_pipe || (f.pending == 0 && f.splice && f.bulk &&
-                                          (!f.decode || f.decoder.frameLeft() > 0));
-        if (use_pipe && !acquireSpace(f, true)) {
-          // No pipe could be made (out of fds): this connection cannot go on.
-          int err = errno != 0 ? errno : EMFILE;
-          account(f, moved);
-          fail(Step{Status::kError, 0, err, false});
-          return false;
+        bool use_pipe = in_pipe || (f.pending == 0 && f.splice && f.bulk &&
+                                    (!f.decode || f.decoder.frameLeft() > 0));
+        if (use_pipe && !in_pipe) {
+          int err = worker_.pipes().get(f.pipe_read, f.pipe_write);
+          if (err == ENOBUFS) {
+            use_pipe = false;  // no budget for a pipe: copy this read
+          } else if (err != 0) {
+            // No pipe could be made (out of fds): this connection cannot go on.
+            account(f, moved);
+            fail(Step{Status::kError, 0, err, false});
+            return false;
+          }
+        }
+        // A copy may leave bytes the destination cannot take yet, which need a buffer: when
+        // the memory budget cannot give one, the flow waits (unread bytes stay in the
+        // source's socket) until buffers are returned.
+        if (!use_pipe && f.buffer == nullptr && !worker_.buffers().available()) {
+          worker_.memoryWait(*this);
+          break;
         }
         // A bulk decode flow at a frame boundary reads just the next header, so the payload
         // after it is spliced rather than copied.

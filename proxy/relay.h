@@ -38,11 +38,13 @@ namespace dmm::proxy {
 class Worker;
 struct TimeoutListTag;
 struct ResumeListTag;
+struct MemoryWaitTag;
 
 class Relay final : public Deferrable,
                     public stacks::ConnectionCallbacks,
                     public ListHook<TimeoutListTag>,
-                    public ListHook<ResumeListTag> {
+                    public ListHook<ResumeListTag>,
+                    public ListHook<MemoryWaitTag> {
  public:
   using Clock = std::chrono::steady_clock;
 
@@ -174,7 +176,7 @@ class Relay final : public Deferrable,
   Step writeOut(Flow& f);
   Step spliceIn(Flow& f);
   Step spliceOut(Flow& f);
-  bool acquireSpace(Flow& f, bool pipe);
+  bool acquireSpace(Flow& f);  // the flow's copy buffer
   void releaseSpace(Flow& f);
   void fail(const Step& step);
   // Re-evaluates after a pump: finished, half-closed, activity.

@@ -65,6 +65,7 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
   }
 
   unsigned n = config_.effectiveWorkers();
+  metrics_->bufferMemoryLimit(config_.workerBufferMemory() * n);
   for (unsigned i = 0; i < n; ++i) {
     auto worker = std::make_unique<Worker>(*context_, i);
     auto bound = worker->bindListeners(service);

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 #include "common/log.h"
 #include "common/socket_util.h"
@@ -56,8 +57,35 @@ void Session::end() {
 
 // ---- PipePool --------------------------------------------------------------------------------
 
-PipePool::PipePool(std::size_t pipe_size, std::size_t max_idle)
-    : pipe_size_(pipe_size), max_idle_(max_idle) {
+// ---- MemoryBudget ----------------------------------------------------------------------------
+
+MemoryBudget::~MemoryBudget() {
+  if (gauge_ != nullptr) gauge_->Decrement(static_cast<double>(used()));
+}
+
+bool MemoryBudget::take(std::size_t bytes) {
+  const std::uint64_t used = used_.load(std::memory_order_relaxed);
+  if (limit_ != 0 && used + bytes > limit_) return false;
+  used_.store(used + bytes, std::memory_order_relaxed);  // one writer: the worker's loop thread
+  if (gauge_ != nullptr) gauge_->Increment(static_cast<double>(bytes));
+  return true;
+}
+
+void MemoryBudget::give(std::size_t bytes) {
+  used_.store(used_.load(std::memory_order_relaxed) - bytes, std::memory_order_relaxed);
+  if (gauge_ != nullptr) gauge_->Decrement(static_cast<double>(bytes));
+}
+
+std::uint64_t MemoryBudget::room() const {
+  if (limit_ == 0) return std::numeric_limits<std::uint64_t>::max();
+  const std::uint64_t u = used();
+  return u >= limit_ ? 0 : limit_ - u;
+}
+
+// ---- PipePool --------------------------------------------------------------------------------
+
+PipePool::PipePool(std::size_t pipe_size, std::size_t max_idle, MemoryBudget& budget)
+    : pipe_size_(pipe_size), max_idle_(max_idle), budget_(budget) {
   // Learn the size the kernel really gives (it rounds up to a power of two pages, and caps
   // unprivileged processes at fs.pipe-max-size).
   int fds[2];
@@ -76,25 +104,37 @@ PipePool::~PipePool() {
   }
 }
 
-bool PipePool::get(int& read_end, int& write_end) {
+int PipePool::get(int& read_end, int& write_end) {
+  if (!budget_.take(pipe_size_)) return ENOBUFS;
   if (!idle_.empty()) {
     std::tie(read_end, write_end) = idle_.back();
     idle_.pop_back();
-    return true;
+    return 0;
   }
   int fds[2];
-  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) return false;
+  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) {
+    int err = errno;
+    budget_.give(pipe_size_);
+    return err;
+  }
   ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe_size_));
   read_end = fds[0];
   write_end = fds[1];
-  return true;
+  return 0;
 }
 
 void PipePool::put(int read_end, int write_end) {
+  budget_.give(pipe_size_);
   if (idle_.size() < max_idle_) {
     idle_.emplace_back(read_end, write_end);
     return;
   }
+  ::close(read_end);
+  ::close(write_end);
+}
+
+void PipePool::discard(int read_end, int write_end) {
+  budget_.give(pipe_size_);
   ::close(read_end);
   ::close(write_end);
 }
@@ -107,15 +147,19 @@ BufferPool::~BufferPool() {
 }
 
 std::byte* BufferPool::get() {
+  if (!budget_.take(buffer_size_)) return nullptr;
   if (!idle_.empty()) {
     auto* b = idle_.back();
     idle_.pop_back();
     return b;
   }
-  return new (std::nothrow) std::byte[buffer_size_];
+  auto* b = new (std::nothrow) std::byte[buffer_size_];
+  if (b == nullptr) budget_.give(buffer_size_);
+  return b;
 }
 
 void BufferPool::put(std::byte* buffer) {
+  budget_.give(buffer_size_);
   if (idle_.size() < max_idle_) {
     idle_.push_back(buffer);
   } else {
@@ -123,13 +167,21 @@ void BufferPool::put(std::byte* buffer) {
   }
 }
 
+std::size_t BufferPool::available() const {
+  return static_cast<std::size_t>(
+      std::min<std::uint64_t>(budget_.room() / buffer_size_, std::uint64_t{1} << 32));
+}
+
 // ---- Worker ----------------------------------------------------------------------------------
 
 Worker::Worker(SidecarContext& context, unsigned index)
     : context_(context),
       index_(index),
-      pipes_(context.config.pipe_size, kIdlePipes),
-      buffers_(context.config.buffer_size, kIdleBuffers),
+      // The budget is split evenly: a connection lives on one worker, and each worker keeps
+      // exact books without sharing a counter on the data path.
+      budget_(context.config.workerBufferMemory(), &context.metrics.bufferMemory()),
+      pipes_(context.config.pipe_size, kIdlePipes, budget_),
+      buffers_(context.config.buffer_size, kIdleBuffers, budget_),
       scratch_(new std::byte[context.config.buffer_size]),
       tunnels_(loop_, context.config.tunnel_max_idle) {
   const auto& c = context.config;
@@ -320,6 +372,20 @@ void Worker::onAcceptRetry(evutil_socket_t, short, void* arg) {
 
 void Worker::accepted(Listener& listener, UniqueFd fd) {
   if (stopping_) return;
+  // Out of buffer memory, a new connection is refused at once (a reset) rather than admitted
+  // to wait. Tunnel connections are still taken: their sessions are rejected as "overloaded"
+  // in the handshake, so the peer goes elsewhere knowing why.
+  if (listener.kind != Listener::Kind::kTunnel && memoryExhausted()) {
+    metrics().memoryRefused(Role::kOutbound);
+    metrics().connectionFailed(Role::kOutbound, metrics().noStack(), Outcome::kRefused);
+    static log::RateLimiter limiter;
+    log::limited(limiter, spdlog::level::warn,
+                 "connection on {} refused: the buffer memory budget is used up ({} of {} bytes "
+                 "on this worker)",
+                 listener.label, budget_.used(), budget_.limit());
+    (void)net::setAbortOnClose(fd.get(), true);
+    return;
+  }
   switch (listener.kind) {
     case Listener::Kind::kCapture:
       OutboundSession::startCaptured(*this, std::move(fd));
@@ -421,11 +487,28 @@ void Worker::relayEnded(Relay& relay) {
   --relay_count_;
   IntrusiveList<Relay, TimeoutListTag>::remove(relay);
   IntrusiveList<Relay, ResumeListTag>::remove(relay);
+  IntrusiveList<Relay, MemoryWaitTag>::remove(relay);
 }
 
 void Worker::scheduleResume(Relay& relay) {
   if (resume_queue_.empty()) event_active(resume_event_.get(), 0, 0);
   resume_queue_.pushBack(relay);
+}
+
+void Worker::memoryWait(Relay& relay) {
+  if (static_cast<ListHook<MemoryWaitTag>&>(relay).linkedInList()) return;
+  memory_waiters_.pushBack(relay);
+  metrics().memoryWait();
+}
+
+void Worker::memoryReturned() {
+  // Each waiter resumed may take a buffer; one that still finds none waits again (at the back).
+  for (std::size_t n = buffers_.available(); n > 0; --n) {
+    Relay* r = memory_waiters_.front();
+    if (r == nullptr) return;
+    IntrusiveList<Relay, MemoryWaitTag>::remove(*r);
+    scheduleResume(*r);
+  }
 }
 
 void Worker::onResume(evutil_socket_t, short, void* arg) {
@@ -438,8 +521,8 @@ void Worker::onResume(evutil_socket_t, short, void* arg) {
     IntrusiveList<Relay, ResumeListTag>::remove(*r);
     r->resume();
   }
-  // Relays queued during this round (one that used its wake-up budget again) found the queue
-  // non-empty and did not activate the event: do it for them.
+  // Relays queued during this round (one that used its budget again, a memory waiter whose
+  // buffer came back) found the queue non-empty and did not activate the event: do it for them.
   if (!self->resume_queue_.empty()) event_active(self->resume_event_.get(), 0, 0);
 }
 

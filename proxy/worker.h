@@ -4,6 +4,7 @@
 // relays that used up their wake-up budget. A connection lives on one worker for its life.
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -59,41 +60,73 @@ class Session : public Deferrable, public ListHook<SessionListTag> {
   bool ended_ = false;
 };
 
+// One worker's share of [relay] buffer_memory: the bytes its connections' relay buffers and
+// splice pipes hold (a pipe counts its full size; the pools' idle buffers and empty pipes,
+// at most kIdleBuffers/kIdlePipes, do not). Exact, because only the worker's own loop thread
+// takes and gives; used() may be read from any thread.
+class MemoryBudget {
+ public:
+  MemoryBudget(std::uint64_t limit, prometheus::Gauge* gauge) : limit_(limit), gauge_(gauge) {}
+  ~MemoryBudget();
+  MemoryBudget(const MemoryBudget&) = delete;
+  MemoryBudget& operator=(const MemoryBudget&) = delete;
+  bool limited() const { return limit_ != 0; }
+  // False, taking nothing, when `bytes` more would pass the limit.
+  bool take(std::size_t bytes);
+  void give(std::size_t bytes);
+  std::uint64_t room() const;  // bytes that can still be taken (UINT64_MAX: no limit)
+  std::uint64_t used() const { return used_.load(std::memory_order_relaxed); }
+  std::uint64_t limit() const { return limit_; }
+
+ private:
+  std::uint64_t limit_;
+  prometheus::Gauge* gauge_;  // dmm_sidecar_buffer_memory_bytes (all workers), or null
+  std::atomic<std::uint64_t> used_{0};
+};
+
 // Pipes for splice(), kept open between uses: creating a pipe costs two fds and a syscall.
 class PipePool {
  public:
-  PipePool(std::size_t pipe_size, std::size_t max_idle);
+  PipePool(std::size_t pipe_size, std::size_t max_idle, MemoryBudget& budget);
   ~PipePool();
   PipePool(const PipePool&) = delete;
   PipePool& operator=(const PipePool&) = delete;
-  // An empty pipe; false when none can be made (out of fds).
-  bool get(int& read_end, int& write_end);
+  // An empty pipe: 0, or why none can be had: ENOBUFS (the memory budget has no room for one)
+  // or the errno of pipe2() (out of fds).
+  int get(int& read_end, int& write_end);
   // Returns an EMPTY pipe.
   void put(int read_end, int write_end);
+  // Closes a pipe that still holds bytes (it cannot be reused).
+  void discard(int read_end, int write_end);
   // Bytes a pipe of this pool holds.
   std::size_t pipeSize() const { return pipe_size_; }
 
  private:
   std::size_t pipe_size_;
   std::size_t max_idle_;
+  MemoryBudget& budget_;
   std::vector<std::pair<int, int>> idle_;
 };
 
 // Fixed-size copy buffers, kept between uses.
 class BufferPool {
  public:
-  BufferPool(std::size_t buffer_size, std::size_t max_idle)
-      : buffer_size_(buffer_size), max_idle_(max_idle) {}
+  BufferPool(std::size_t buffer_size, std::size_t max_idle, MemoryBudget& budget)
+      : buffer_size_(buffer_size), max_idle_(max_idle), budget_(budget) {}
   ~BufferPool();
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
+  // A buffer; nullptr when the memory budget has no room for one (or out of memory).
   std::byte* get();
   void put(std::byte* buffer);
+  // How many get()s would succeed now.
+  std::size_t available() const;
   std::size_t bufferSize() const { return buffer_size_; }
 
  private:
   std::size_t buffer_size_;
   std::size_t max_idle_;
+  MemoryBudget& budget_;
   std::vector<std::byte*> idle_;
 };
 
@@ -135,6 +168,15 @@ class Worker {
   // Preloaded connections on shared memory open now (ShmConnection counts itself; loop thread).
   std::size_t& shmConnections() { return shm_connections_; }
   BufferPool& buffers() { return buffers_; }
+  MemoryBudget& memory() { return budget_; }
+  // The memory budget has no room for one more connection's two buffers: new connections are
+  // refused until it has (loop thread).
+  bool memoryExhausted() const { return budget_.limited() && buffers_.available() < 2; }
+  // `relay` needs a buffer the budget cannot give now: it is resumed, in turn, once buffers
+  // are returned (loop thread).
+  void memoryWait(Relay& relay);
+  // A relay returned buffer or pipe memory to the budget: resume as many waiters as fit.
+  void memoryReturned();
   // A buffer of relay.buffer_size bytes for whatever runs now on this loop (never held across
   // callbacks).
   std::span<std::byte> scratch() { return {scratch_.get(), buffers_.bufferSize()}; }
@@ -203,10 +245,12 @@ class Worker {
   IntrusiveList<Relay, TimeoutListTag> half_closed_relays_;  // by last activity
   IntrusiveList<Relay, ResumeListTag> resume_queue_;
   IntrusiveList<Session, SessionListTag> sessions_;
+  IntrusiveList<Relay, MemoryWaitTag> memory_waiters_;  // in arrival order
   std::size_t relay_count_ = 0;
   std::size_t shm_connections_ = 0;
   std::uint64_t next_id_ = 0;
   LocalAddresses local_addresses_;
+  MemoryBudget budget_;
   PipePool pipes_;
   BufferPool buffers_;
   std::unique_ptr<std::byte[]> scratch_;

@@ -14,6 +14,8 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -265,6 +267,133 @@ TEST_F(ResourcePair, TenThousandConnectionsOpenedAtOnceAllCarriedByteExact) {
         return a("dmm_sidecar_active_connections", {{"role", "outbound"}}) == 0;
       },
       10s));
+}
+
+// ---- the buffer memory budget ([relay] buffer_memory) -------------------------------------
+
+// Copy mode (every held byte in a buffer), one worker, and a budget of `buffers` 64 KiB buffers.
+std::string budgetConfig(int buffers) {
+  std::string text = config("[relay]\nsplice = false\nbuffer_size = 65536\nbuffer_memory = " +
+                            std::to_string(buffers * 65536) + "\n");
+  auto at = text.find("workers = 2");
+  text.replace(at, 11, "workers = 1");
+  return text;
+}
+
+// `n` connections from A to a server on B that reads nothing until released, each with a
+// sender pushing `each` bytes; released, the server takes every stream and keeps its digest.
+class StalledStreams {
+ public:
+  StalledStreams(TwoHosts& hosts, int n, std::uint64_t each)
+      : server_(hosts.b(), at(TwoHosts::kIp4B, 9000), [this](UniqueFd conn) {
+          while (!release_)
+            std::this_thread::sleep_for(10ms);
+          auto got = receiveStream(conn.get());
+          std::lock_guard lock(mutex_);
+          received_.push_back(got);
+        }) {
+    for (int i = 0; i < n; ++i) {
+      UniqueFd fd = connectTcp(hosts.a(), at(TwoHosts::kIp4B, 9000), 30s);
+      EXPECT_TRUE(fd) << "connection " << i;
+      if (!fd) continue;
+      senders_.emplace_back([this, each, i, fd = std::move(fd)]() mutable {
+        auto d = sendStream(fd.get(), each, 100 + static_cast<std::uint32_t>(i));
+        ::shutdown(fd.get(), SHUT_WR);
+        readToEof(fd.get());
+        std::lock_guard lock(mutex_);
+        sent_.push_back(d);
+      });
+    }
+  }
+  ~StalledStreams() { finish(); }
+  // Lets the server read, waits for every stream; true when each arrived whole and unchanged.
+  ::testing::AssertionResult finish() {
+    release_ = true;
+    for (auto& t : senders_)
+      if (t.joinable()) t.join();
+    server_.stop();
+    std::multiset<std::string> sent, received;
+    std::lock_guard lock(mutex_);
+    for (auto& d : sent_)
+      sent.insert(std::to_string(d.bytes) + ":" + d.sha256_hex);
+    for (auto& d : received_)
+      received.insert(std::to_string(d.bytes) + ":" + d.sha256_hex);
+    if (sent.size() != senders_.size())
+      return ::testing::AssertionFailure() << sent.size() << " of " << senders_.size() << " sent";
+    if (sent != received)
+      return ::testing::AssertionFailure()
+             << "the server received " << received.size() << " streams, not the ones sent";
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  std::atomic<bool> release_{false};
+  std::mutex mutex_;
+  std::vector<StreamDigest> sent_, received_;
+  ThreadServer server_;
+  std::vector<std::thread> senders_;
+};
+
+// A's budget is 4 buffers; 8 connections push into a stalled server. A holds at most its
+// budget, the flows that find it used up wait (nothing read, nothing lost), a new connection is
+// refused at once with a reset (counted), and when the server reads, every stream arrives
+// byte-exact, the memory comes back, and A takes new connections again.
+TEST_F(ResourcePair, BufferBudgetBoundsMemoryRefusesNewConnectionsAndLosesNothing) {
+  b_ = std::make_unique<SidecarProcess>(hosts_.b(), config("[relay]\nsplice = false\n"), "b");
+  a_ = std::make_unique<SidecarProcess>(hosts_.a(), budgetConfig(4), "a");
+  a_->installCapture();
+  EXPECT_EQ(a("dmm_sidecar_buffer_memory_limit_bytes", {}), 4 * 65536);
+  {
+    StalledStreams streams(hosts_, 8, 16 << 20);
+    EXPECT_TRUE(eventually([&] { return a("dmm_sidecar_buffer_memory_waits_total", {}) >= 1; }))
+        << "no flow ever waited for buffer memory";
+    EXPECT_TRUE(eventually([&] { return a("dmm_sidecar_buffer_memory_bytes", {}) == 4 * 65536; }));
+    for (int i = 0; i < 20; ++i) {
+      EXPECT_LE(a("dmm_sidecar_buffer_memory_bytes", {}), 4 * 65536);
+      std::this_thread::sleep_for(25ms);
+    }
+    // Used up: a new connection is reset at once, not left to hang.
+    auto start = std::chrono::steady_clock::now();
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 2s);
+    ASSERT_TRUE(fd);
+    int err = 0;
+    EXPECT_EQ(readToEof(fd.get(), &err), "");
+    EXPECT_EQ(err, ECONNRESET);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+    EXPECT_EQ(a("dmm_sidecar_buffer_memory_refusals_total", {{"role", "outbound"}}), 1);
+    EXPECT_EQ(a("dmm_sidecar_connections_total",
+                {{"role", "outbound"}, {"stack", "none"}, {"outcome", "refused"}}),
+              1);
+    EXPECT_TRUE(streams.finish());
+  }
+  EXPECT_TRUE(eventually([&] { return a("dmm_sidecar_buffer_memory_bytes", {}) == 0; }));
+  std::string payload(100000, 'm');
+  EchoServer echo(hosts_.b(), at(TwoHosts::kIp4B, 9001));
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9001), payload), payload);
+  EXPECT_EQ(a("dmm_sidecar_connections_total",
+              {{"role", "outbound"}, {"stack", "kernel"}, {"outcome", "closed"}}),
+            9);
+}
+
+// The peer's budget is used up: its sidecar rejects new sessions as overloaded, and A carries
+// them directly instead (fallback peer_overloaded) - served, not refused.
+TEST_F(ResourcePair, PeerOutOfBufferMemoryRejectsSessionsAsOverloadedAndTheyGoDirect) {
+  b_ = std::make_unique<SidecarProcess>(hosts_.b(), budgetConfig(4), "b");
+  a_ = std::make_unique<SidecarProcess>(hosts_.a(), config("[relay]\nsplice = false\n"), "a");
+  a_->installCapture();
+  StalledStreams streams(hosts_, 8, 16 << 20);
+  auto b = [&](const std::string& name, const std::map<std::string, std::string>& labels) {
+    return b_->metric(name, labels).value_or(-1);
+  };
+  EXPECT_TRUE(eventually([&] { return b("dmm_sidecar_buffer_memory_waits_total", {}) >= 1; }));
+  EXPECT_TRUE(eventually([&] { return b("dmm_sidecar_buffer_memory_bytes", {}) == 4 * 65536; }));
+  EchoServer echo(hosts_.b(), at(TwoHosts::kIp4B, 9001));
+  std::string payload(100000, 'o');
+  EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9001), payload), payload);
+  EXPECT_EQ(b("dmm_sidecar_buffer_memory_refusals_total", {{"role", "inbound"}}), 1);
+  EXPECT_EQ(a("dmm_sidecar_fallbacks_total", {{"reason", "peer_overloaded"}, {"action", "direct"}}),
+            1);
+  EXPECT_TRUE(streams.finish());
 }
 
 }  // namespace

@@ -243,6 +243,28 @@ TEST_F(ConfigTest, WatermarksMustBeOrdered) {
   EXPECT_EQ(load(kKey)->pipe_size, 1u << 20);
 }
 
+TEST_F(ConfigTest, BufferMemoryIsBoundedByDefaultAndSplitAmongWorkers) {
+  auto c = load(kKey);
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->buffer_memory, 512ull << 20);
+  c = load(std::string(kKey) + "[sidecar]\nworkers = 4\n\n[relay]\nbuffer_memory = 8388608\n");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->workerBufferMemory(), 2u << 20);
+  // A worker never gets less than one connection's two buffers.
+  c = load(std::string(kKey) + "[sidecar]\nworkers = 4\n\n[relay]\nbuffer_memory = 131072\n");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->workerBufferMemory(), 131072u);
+  c = load(std::string(kKey) + "[relay]\nbuffer_memory = 0\n");
+  ASSERT_TRUE(c) << errors();
+  EXPECT_EQ(c->workerBufferMemory(), 0u);  // no limit
+  EXPECT_FALSE(load(std::string(kKey) + "[relay]\nbuffer_memory = 100000\n"));
+  EXPECT_NE(errors().find("sidecar.toml:4:17: error: 'buffer_memory' in [relay]: must be 0 (no "
+                          "limit) or at least two buffers (131072 bytes)"),
+            std::string::npos)
+      << errors();
+  EXPECT_FALSE(load(std::string(kKey) + "[relay]\nbuffer_memory = -1\n"));
+}
+
 TEST_F(ConfigTest, CaptureNeedsAMark) {
   EXPECT_FALSE(load(std::string(kKey) + "[sidecar]\nmark = 0\n"));
   EXPECT_NE(errors().find("mark must not be 0"), std::string::npos) << errors();
