@@ -417,7 +417,7 @@ bool Relay::pump(Flow& f) {
         // A copy may leave bytes the destination cannot take yet, which need a buffer: when
         // the memory budget cannot give one, the flow waits (unread bytes stay in the
         // source's socket) until buffers are returned.
-        if (!use_pipe && f.buffer == nullptr && !worker_.buffers().available()) {
+        if (!use_pipe && f.buffer == nullptr && !worker_.buffers().canGet()) {
           worker_.memoryWait(*this);
           break;
         }

@@ -60,20 +60,25 @@ void Session::end() {
 // ---- MemoryBudget ----------------------------------------------------------------------------
 
 MemoryBudget::~MemoryBudget() {
-  if (gauge_ != nullptr) gauge_->Decrement(static_cast<double>(used()));
+  if (gauge_ != nullptr) gauge_->Decrement(static_cast<double>(published_));
 }
 
 bool MemoryBudget::take(std::size_t bytes) {
   const std::uint64_t used = used_.load(std::memory_order_relaxed);
   if (limit_ != 0 && used + bytes > limit_) return false;
   used_.store(used + bytes, std::memory_order_relaxed);  // one writer: the worker's loop thread
-  if (gauge_ != nullptr) gauge_->Increment(static_cast<double>(bytes));
   return true;
 }
 
 void MemoryBudget::give(std::size_t bytes) {
   used_.store(used_.load(std::memory_order_relaxed) - bytes, std::memory_order_relaxed);
-  if (gauge_ != nullptr) gauge_->Decrement(static_cast<double>(bytes));
+}
+
+void MemoryBudget::publish() {
+  const std::uint64_t now = used();
+  if (gauge_ == nullptr || now == published_) return;
+  gauge_->Increment(static_cast<double>(now) - static_cast<double>(published_));
+  published_ = now;
 }
 
 std::uint64_t MemoryBudget::room() const {
@@ -411,6 +416,7 @@ void Worker::onTick(evutil_socket_t fd, short, void* arg) {
 }
 
 void Worker::sweep() {
+  budget_.publish();
   auto now = Clock::now();
   const auto& c = config();
   while (Relay* r = open_relays_.front()) {

@@ -77,11 +77,15 @@ class MemoryBudget {
   std::uint64_t room() const;  // bytes that can still be taken (UINT64_MAX: no limit)
   std::uint64_t used() const { return used_.load(std::memory_order_relaxed); }
   std::uint64_t limit() const { return limit_; }
+  // Brings the shared gauge up to date with this worker's books (the worker's tick: the data
+  // path touches no shared cache line).
+  void publish();
 
  private:
   std::uint64_t limit_;
   prometheus::Gauge* gauge_;  // dmm_sidecar_buffer_memory_bytes (all workers), or null
   std::atomic<std::uint64_t> used_{0};
+  std::uint64_t published_ = 0;
 };
 
 // Pipes for splice(), kept open between uses: creating a pipe costs two fds and a syscall.
@@ -119,7 +123,8 @@ class BufferPool {
   // A buffer; nullptr when the memory budget has no room for one (or out of memory).
   std::byte* get();
   void put(std::byte* buffer);
-  // How many get()s would succeed now.
+  // Whether a get() would succeed now; how many would.
+  bool canGet() const { return budget_.room() >= buffer_size_; }
   std::size_t available() const;
   std::size_t bufferSize() const { return buffer_size_; }
 
@@ -171,7 +176,9 @@ class Worker {
   MemoryBudget& memory() { return budget_; }
   // The memory budget has no room for one more connection's two buffers: new connections are
   // refused until it has (loop thread).
-  bool memoryExhausted() const { return budget_.limited() && buffers_.available() < 2; }
+  bool memoryExhausted() const {
+    return budget_.limited() && budget_.room() < 2 * std::uint64_t{buffers_.bufferSize()};
+  }
   // `relay` needs a buffer the budget cannot give now: it is resumed, in turn, once buffers
   // are returned (loop thread).
   void memoryWait(Relay& relay);
