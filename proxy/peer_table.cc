@@ -76,7 +76,10 @@ PeerTable::Verdict PeerTable::breakerCheck(const IpAddress& peer, std::size_t st
   if (!b.open) return Verdict::kAllow;
   if (b.probing || now < b.until) return Verdict::kSkip;
   b.probing = true;
-  if (transition != nullptr) *transition = Transition::kHalfOpened;
+  // A probe handed back unstarted (breakerAbandon) leaves the breaker half-open: the next grant
+  // is not another transition.
+  if (!b.half_open && transition != nullptr) *transition = Transition::kHalfOpened;
+  b.half_open = true;
   return Verdict::kProbe;
 }
 
@@ -99,6 +102,7 @@ PeerTable::Transition PeerTable::breakerResult(const IpAddress& peer, std::size_
     // A failed probe (or a late failure of an attempt started before it opened): open again.
     bool reopened = b.probing;
     b.probing = false;
+    if (reopened) b.half_open = false;
     b.until = now + policy.open_for;
     return reopened ? Transition::kOpened : Transition::kNone;
   }

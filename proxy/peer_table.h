@@ -76,7 +76,8 @@ class PeerTable {
   struct Breaker {
     std::uint32_t failures = 0;  // in a row
     bool open = false;
-    bool probing = false;  // the open time is over and one attempt is out
+    bool probing = false;    // the open time is over and one attempt is out
+    bool half_open = false;  // a probe was granted since it (re)opened: counted once
     Clock::time_point until;
   };
   struct Entry {

@@ -113,10 +113,17 @@ TEST(PeerTable, BreakerOpensAfterFailuresProbesOnceAndCloses) {
   EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 11s, &t), V::kProbe);
   EXPECT_EQ(t, T::kHalfOpened);
   EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 11s), V::kSkip);
+  // A probe handed back unstarted: the next connection probes, and that is no new transition
+  // (the soak counted 60,266 half_open transitions of one breaker in an hour before).
+  peers.breakerAbandon(ip, 1);
+  t = T::kNone;
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 11s, &t), V::kProbe);
+  EXPECT_EQ(t, T::kNone);
   // The probe fails: open again for open_for from now.
   EXPECT_EQ(peers.breakerResult(ip, 1, false, bp, t0 + 12s), T::kOpened);
   EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 20s), V::kSkip);
-  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s), V::kProbe);
+  EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s, &t), V::kProbe);
+  EXPECT_EQ(t, T::kHalfOpened);  // reopened, then half-open again: a transition
   EXPECT_EQ(peers.breakerResult(ip, 1, true, bp, t0 + 23s), T::kClosed);
   EXPECT_EQ(peers.breakerCheck(ip, 1, t0 + 23s), V::kAllow);
   EXPECT_TRUE(peers.openBreakers().empty());
