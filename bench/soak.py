@@ -691,9 +691,6 @@ class Sidecar:
         return self.soak.nsexec(cmd) if (self.pair == "dpdk" and self.side == 1) else cmd
 
     def start(self):
-        if self.pair == "dpdk" and self.side == 1 and self.soak.args.dpdk_port == "memif" and \
-                os.path.exists(self.soak.args.memif_socket):
-            os.unlink(self.soak.args.memif_socket)  # a stale one keeps the server from listening
         self.incarnation += 1
         name = f"{self.name}.{self.incarnation}"
         self.logs.append(os.path.join(self.soak.run_dir, name + ".log"))
@@ -878,8 +875,8 @@ class Soak:
 
     def start_pair(self, pair):
         for side in (1, 0):
-            # B first, serving, before A starts: it serves A's first handshake and is memif's
-            # server (a memif client started before its server's socket exists stays down)
+            # B first, serving, before A starts: it serves A's first handshake (a memif client
+            # started before its server would wait for it, reconnecting)
             sc = Sidecar(self, pair, side)
             with open(sc.conf, "w") as f:
                 f.write(sidecar_conf(pair, side, sc.dir, self.args))

@@ -90,6 +90,10 @@ void DpdkStack::samples(std::vector<StackSample>& out) const {
                  c.busy_ratio.load(std::memory_order_relaxed)});
   out.push_back({"dmm_sidecar_dpdk_link_up", "1 when the port's link is up", false,
                  instance_->linkUp() ? 1.0 : 0.0});
+  out.push_back({"dmm_sidecar_dpdk_port_restarts_total",
+                 "Times the poll thread restarted the port to reconnect it (a memif client "
+                 "whose server went away)",
+                 true, u(c.port_restarts)});
 }
 
 Result<std::unique_ptr<StackConnection>> DpdkStack::connect(EventLoop& loop,

@@ -13,6 +13,9 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <poll.h>
@@ -21,6 +24,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string_view>
 
 #include "lwip/etharp.h"
 #include "lwip/init.h"
@@ -44,6 +49,50 @@ constexpr std::uint8_t kPreambleMagic[4] = {'D', 'M', 'M', 'd'};
 constexpr std::uint8_t kAckByte = 'K';
 constexpr std::uint32_t kPreambleTimeoutMs = 5000;
 constexpr std::uint8_t kPollInterval = 25;  // tcp_poll: 25 slow ticks of 20 ms
+
+// The value of `key` in DPDK devargs ("net_memif0,role=server,socket=/run/x.sock"), if given.
+std::optional<std::string_view> devarg(std::string_view devargs, std::string_view key) {
+  std::size_t at = devargs.find(',');
+  while (at != std::string_view::npos) {
+    std::size_t next = devargs.find(',', at + 1);
+    std::string_view arg =
+        devargs.substr(at + 1, next == std::string_view::npos ? next : next - at - 1);
+    if (arg.size() > key.size() && arg.starts_with(key) && arg[key.size()] == '=')
+      return arg.substr(key.size() + 1);
+    at = next;
+  }
+  return std::nullopt;
+}
+
+// memif's own reading of its role (the default is client; "master" is the older name).
+bool isMemifServer(std::string_view devargs) {
+  auto role = devarg(devargs, "role");
+  return role && (role->find("server") != std::string_view::npos ||
+                  role->find("master") != std::string_view::npos);
+}
+
+// A memif server binds its socket file when the port is probed, and fails if the file exists.
+// One left by a server that died (nothing accepts on it any more) is removed first; a live one
+// is left alone, and the probe fails as it should.
+void removeStaleMemifSocket(const std::string& name, std::string_view devargs) {
+  if (!devargs.starts_with("net_memif") || !isMemifServer(devargs)) return;
+  auto abstract = devarg(devargs, "socket-abstract");  // memif's default: yes (no file)
+  if (!abstract || abstract->find("no") == std::string_view::npos) return;
+  std::string path(devarg(devargs, "socket").value_or("/run/memif.sock"));
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return;
+  sockaddr_un sun{};
+  if (path.size() >= sizeof sun.sun_path) return;
+  sun.sun_family = AF_UNIX;
+  std::memcpy(sun.sun_path, path.data(), path.size());
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun) == 0 ||
+      errno != ECONNREFUSED)
+    return;
+  if (::unlink(path.c_str()) == 0)
+    spdlog::info("dpdk stack {}: removed the stale memif socket {} (its server is gone)", name,
+                 path);
+}
 
 std::uint64_t monoNs() {
   timespec ts{};
@@ -288,6 +337,7 @@ std::unique_ptr<Instance> Instance::start(const std::string& name, const DpdkOpt
 bool Instance::setUp(std::string& error) {
   std::string devname = options_.port.substr(0, options_.port.find(','));
   if (rte_eth_dev_get_port_by_name(devname.c_str(), &port_id_) != 0) {
+    removeStaleMemifSocket(name_, options_.port);
     if (int rc = rte_dev_probe(options_.port.c_str()); rc != 0) {
       error = "probing port \"" + options_.port + "\" failed: " + rte_strerror(-rc);
       return false;
@@ -326,6 +376,7 @@ bool Instance::setUp(std::string& error) {
     error = std::string("rte_eth_dev_configure: ") + rte_strerror(-rc);
     return false;
   }
+  port_configured_ = true;
   std::uint16_t nrx = options_.rx_descriptors;
   std::uint16_t ntx = options_.tx_descriptors;
   (void)rte_eth_dev_adjust_nb_rx_tx_desc(port_id_, &nrx, &ntx);
@@ -342,15 +393,24 @@ bool Instance::setUp(std::string& error) {
     error = std::string("tx queue: ") + rte_strerror(-rc);
     return false;
   }
-  if (int rc = rte_eth_dev_start(port_id_); rc != 0) {
-    error = std::string("rte_eth_dev_start: ") + rte_strerror(-rc);
-    return false;
-  }
-  port_started_ = true;
   // DPDK 22.11's memif tears its rings down from the interrupt thread when the peer leaves;
   // a burst racing that has crashed the server side (shared/notes/dpdk.md). The poll thread
   // does no burst on a memif port whose link is down (a flag read per iteration).
   guard_link_ = info.driver_name != nullptr && std::string_view(info.driver_name) == "net_memif";
+  // A memif client connects to its server's socket only when the port starts, and never again
+  // once that peer went away: the poll thread restarts the port until it is back
+  // (maintainLink()). For the same reason a client may start before its server does.
+  memif_client_ = guard_link_ && !isMemifServer(options_.port);
+  if (int rc = rte_eth_dev_start(port_id_); rc == 0) {
+    port_started_ = true;
+  } else if (memif_client_) {
+    spdlog::warn("dpdk stack {}: memif server not reachable yet ({}); retrying", name_,
+                 options_.port);
+    link_down_since_ns_ = monoNs();
+  } else {
+    error = std::string("rte_eth_dev_start: ") + rte_strerror(-rc);
+    return false;
+  }
   rte_ether_addr mac{};
   (void)rte_eth_macaddr_get(port_id_, &mac);
 
@@ -433,10 +493,8 @@ Instance::~Instance() {
       flushTx();
     }
   }
-  if (port_started_) {
-    (void)rte_eth_dev_stop(port_id_);
-    (void)rte_eth_dev_close(port_id_);
-  }
+  if (port_started_) (void)rte_eth_dev_stop(port_id_);
+  if (port_configured_) (void)rte_eth_dev_close(port_id_);
   // The workers' loops are gone by now (the sidecar stops them first): their events must not
   // be freed through a freed base.
   for (auto& [loop, q] : queues_)
@@ -476,6 +534,36 @@ PortStats Instance::portStats() const {
       st.tx_errors = x;
   }
   return st;
+}
+
+void Instance::maintainLink(std::uint64_t now) {
+  if (now < next_link_check_ns_) return;
+  next_link_check_ns_ = now + kLinkCheckNs;
+  if (port_started_ && linkUp()) {
+    if (link_down_since_ns_ != 0) {
+      spdlog::info("dpdk stack {}: memif link up again after {} ms", name_,
+                   (now - link_down_since_ns_) / 1000000u);
+      link_down_since_ns_ = 0;
+      restart_backoff_ns_ = 0;
+    }
+    return;
+  }
+  if (link_down_since_ns_ == 0) {
+    // Give a connection in progress (or a peer that is only restarting) its moment first.
+    link_down_since_ns_ = now;
+    next_restart_ns_ = now + kRestartMinNs;
+    spdlog::warn("dpdk stack {}: memif link down; reconnecting to its server", name_);
+    return;
+  }
+  if (now < next_restart_ns_) return;
+  restart_backoff_ns_ =
+      restart_backoff_ns_ == 0 ? kRestartMinNs : std::min(restart_backoff_ns_ * 2, kRestartMaxNs);
+  next_restart_ns_ = now + restart_backoff_ns_;
+  // Frames still queued for the port go first (they are dropped: the link is down).
+  flushTx();
+  if (port_started_) (void)rte_eth_dev_stop(port_id_);
+  port_started_ = rte_eth_dev_start(port_id_) == 0;
+  counters_.port_restarts.fetch_add(1, std::memory_order_relaxed);
 }
 
 bool Instance::linkUp() const {
@@ -594,6 +682,7 @@ void Instance::run() {
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = iterate();
     std::uint64_t now = monoNs();
+    if (memif_client_) maintainLink(now);
     counters_.total_ns.fetch_add(now - last, std::memory_order_relaxed);
     if (worked) {
       counters_.busy_ns.fetch_add(now - last, std::memory_order_relaxed);

@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -64,7 +65,8 @@ struct InstanceCounters {
   std::atomic<std::uint64_t> total_ns{0};
   std::atomic<std::uint64_t> tx_dropped{0};  // frames the port did not take
   std::atomic<std::uint64_t> rx_bad_checksum{0};
-  std::atomic<double> busy_ratio{0};  // over the last second
+  std::atomic<std::uint64_t> port_restarts{0};  // a memif client reconnecting (maintainLink())
+  std::atomic<double> busy_ratio{0};            // over the last second
 };
 
 // The port's counters (generic DPDK xstats).
@@ -118,6 +120,9 @@ class Instance {
  private:
   Instance(std::string name, const DpdkOptions& options);
   bool setUp(std::string& error);
+  // A memif client whose link is down restarts its port (which reconnects to the server's
+  // socket): first after kRestartMinNs, then backing off to kRestartMaxNs between tries.
+  void maintainLink(std::uint64_t now);
   void run();
   bool iterate();  // one poll iteration; true when it did work
   void handleCommands(Channel& ch, std::uint32_t cmds);
@@ -132,7 +137,8 @@ class Instance {
   std::string name_;
   DpdkOptions options_;
   std::uint16_t port_id_ = 0;
-  bool port_started_ = false;
+  bool port_configured_ = false;  // rte_eth_dev_close() at the end
+  bool port_started_ = false;     // poll thread (maintainLink()), then the destructor
   rte_mempool* pool_ = nullptr;
   std::unique_ptr<netif> netif_;
   tcp_pcb* listener_ = nullptr;
@@ -140,6 +146,15 @@ class Instance {
   bool tx_cksum_offload_ = false;
   // net_memif: no burst while the link is down (see setUp()).
   bool guard_link_ = false;
+  // net_memif in the client role: reconnected by the poll thread (maintainLink()).
+  bool memif_client_ = false;
+  static constexpr std::uint64_t kLinkCheckNs = 100'000'000;
+  static constexpr std::uint64_t kRestartMinNs = 500'000'000;
+  static constexpr std::uint64_t kRestartMaxNs = 5'000'000'000;
+  std::uint64_t next_link_check_ns_ = 0;
+  std::uint64_t link_down_since_ns_ = 0;  // 0: up (or never checked)
+  std::uint64_t next_restart_ns_ = 0;
+  std::uint64_t restart_backoff_ns_ = 0;
 
   std::thread thread_;
   std::atomic<bool> stop_{false};

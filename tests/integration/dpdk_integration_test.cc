@@ -80,6 +80,30 @@ class DpdkPair : public HostPairTest {
     return eventually([&] { return s.metric(name, labels).value_or(-1) >= want; }, 10s);
   }
 
+  // Through A to B's echo-back server (startEchoBack()): `bytes` sent, the same count back.
+  bool transferThrough(std::uint64_t bytes) {
+    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
+    if (!fd) return false;
+    auto sent = sendStream(fd.get(), bytes, 9);
+    ::shutdown(fd.get(), SHUT_WR);
+    int err = 0;
+    auto got = receiveStream(fd.get(), &err);
+    return err == 0 && sent.bytes == bytes && got.bytes == bytes;
+  }
+  std::unique_ptr<ThreadServer> startEchoBack() {
+    return std::make_unique<ThreadServer>(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
+      auto got = receiveStream(conn.get());
+      sendStream(conn.get(), got.bytes, 5);
+    });
+  }
+  bool waitLink(SidecarProcess& s, double want, std::chrono::seconds limit = 10s) {
+    return eventually(
+        [&] {
+          return s.metric("dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == want;
+        },
+        limit);
+  }
+
   std::string dev_a_;
   std::string dev_b_;
 };
@@ -281,25 +305,9 @@ TEST_F(DpdkPair, MemifBetweenTheSidecarsSurvivesTheClientLeaving) {
   startB(dpdkStacks(memif("server"), kDpB));
   auto startClient = [&] { startA(dpdkStacks(memif("client"), kDpA)); };
   startClient();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), [](UniqueFd conn) {
-    auto got = receiveStream(conn.get());
-    sendStream(conn.get(), got.bytes, 5);
-  });
-  auto transfer = [&](std::uint64_t bytes) {
-    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 9000), 30s);
-    if (!fd) return false;
-    auto sent = sendStream(fd.get(), bytes, 9);
-    ::shutdown(fd.get(), SHUT_WR);
-    int err = 0;
-    auto got = receiveStream(fd.get(), &err);
-    return err == 0 && sent.bytes == bytes && got.bytes == bytes;
-  };
-  ASSERT_TRUE(eventually(
-      [&] {
-        return metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 1;
-      },
-      10s));
-  EXPECT_TRUE(transfer(k64MiB));
+  auto server = startEchoBack();
+  ASSERT_TRUE(waitLink(*a_, 1));
+  EXPECT_TRUE(transferThrough(k64MiB));
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
   // The client sidecar goes away abruptly, then comes back; B serves throughout.
@@ -308,24 +316,58 @@ TEST_F(DpdkPair, MemifBetweenTheSidecarsSurvivesTheClientLeaving) {
   a_->process().wait(5s);
   std::this_thread::sleep_for(500ms);
   ASSERT_TRUE(b_->process().running()) << b_->log();
-  EXPECT_TRUE(eventually(
-      [&] {
-        return metric(*b_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 0;
-      },
-      10s));
+  EXPECT_TRUE(waitLink(*b_, 0));
   a_.reset();
   startClient();
-  ASSERT_TRUE(eventually(
-      [&] {
-        return metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}) == 1;
-      },
-      10s));
-  EXPECT_TRUE(transfer(8 << 20));
+  ASSERT_TRUE(waitLink(*a_, 1));
+  EXPECT_TRUE(transferThrough(8 << 20));
   EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
                          {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
   EXPECT_TRUE(b_->process().running());
   EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
                          {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
+}
+
+// The other side of it (a soak test finding): a memif client connects to its server's socket
+// only when its port starts, so a client sidecar whose server sidecar died stayed down for
+// good. The client now reconnects by itself, and may also start before its server does; the
+// server, killed, leaves its socket file behind, which the next one removes before binding.
+TEST_F(DpdkPair, MemifClientReconnectsWhenItsServerComesBack) {
+  TempDir dir;
+  const std::string sock = dir.path() + "/memif.sock";
+  auto memif = [&](const char* role) {
+    return std::string("net_memif0,role=") + role + ",socket=" + sock + ",socket-abstract=no";
+  };
+  // The client first: up (it will reconnect), its link down until the server is there.
+  startA(dpdkStacks(memif("client"), kDpA));
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_stack_up", {{"stack", "dp0"}, {"kind", "dpdk"}}), 1);
+  EXPECT_EQ(metric(*a_, "dmm_sidecar_dpdk_link_up", {{"stack", "dp0"}}), 0);
+  startB(dpdkStacks(memif("server"), kDpB));
+  ASSERT_TRUE(waitLink(*a_, 1, 15s)) << a_->log();
+  auto server = startEchoBack();
+  EXPECT_TRUE(transferThrough(8 << 20));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  double restarts = metric(*a_, "dmm_sidecar_dpdk_port_restarts_total", {{"stack", "dp0"}});
+  EXPECT_GE(restarts, 1);
+
+  // The server sidecar dies (its socket file stays) and a new one starts.
+  b_->process().signal(SIGKILL);
+  b_->process().wait(5s);
+  b_.reset();
+  EXPECT_TRUE(std::filesystem::exists(sock));
+  ASSERT_TRUE(waitLink(*a_, 0)) << a_->log();
+  startB(dpdkStacks(memif("server"), kDpB));
+  EXPECT_NE(b_->log().find("removed the stale memif socket"), std::string::npos) << b_->log();
+  ASSERT_TRUE(waitLink(*a_, 1, 15s)) << a_->log();
+  EXPECT_GT(metric(*a_, "dmm_sidecar_dpdk_port_restarts_total", {{"stack", "dp0"}}), restarts);
+  EXPECT_NE(a_->log().find("memif link up again"), std::string::npos);
+  // Carried by dp0 again, through the new B.
+  EXPECT_TRUE(transferThrough(8 << 20));
+  EXPECT_TRUE(waitMetric(*b_, "dmm_sidecar_connections_total",
+                         {{"role", "inbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 1));
+  EXPECT_TRUE(waitMetric(*a_, "dmm_sidecar_connections_total",
+                         {{"role", "outbound"}, {"stack", "dp0"}, {"outcome", "closed"}}, 2));
 }
 
 TEST_F(DpdkPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
