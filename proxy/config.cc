@@ -204,6 +204,18 @@ void loadRelay(TomlTable t, Config& c) {
                                    std::to_string(2ull * c.buffer_size) + " bytes)");
     }
   }
+  if (auto v = t.getBool("kernel_relay")) c.kernel_relay = *v;
+  if (auto v = t.getDuration("kernel_relay_after")) {
+    if (v->count() < 0) {
+      t.error("kernel_relay_after", "must not be negative");
+    } else {
+      c.kernel_relay_after = *v;
+    }
+  }
+  if (auto v = t.getInt("kernel_relay_max", 1, 1 << 24))
+    c.kernel_relay_max = static_cast<std::uint32_t>(*v);
+  if (auto v = t.getInt("kernel_relay_window", 16 << 10, 64 << 20))
+    c.kernel_relay_window = static_cast<std::uint32_t>(*v);
   t.rejectUnknown();
 }
 

@@ -101,6 +101,12 @@ struct Config {
   // The most bytes all connections' copy buffers and splice pipes may hold at once, shared
   // evenly by the workers (0: no limit). Out of it, flows wait and new connections are refused.
   std::uint64_t buffer_memory = 512ull << 20;
+  // The kernel relay (kernel_relay.h): a direction of a connection that has lived this long is
+  // handed to the kernel when it is between messages; at most kernel_relay_max at once.
+  bool kernel_relay = true;
+  Millis kernel_relay_after{20};
+  std::uint32_t kernel_relay_max = 65536;
+  std::uint32_t kernel_relay_window = 256 * 1024;  // bytes one flow may queue unaccounted
 
   // [security]
   std::vector<std::uint8_t> psk;

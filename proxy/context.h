@@ -23,7 +23,7 @@ struct SidecarContext {
   PeerTable& peers;
   ReplayCache& replay;
   policy::PolicyStore& policy;  // swapped on reload; a connection keeps the snapshot it used
-  FaultInjector& faults;  // off unless armed (config [[fault]], `ctl fault set`)
+  FaultInjector& faults;        // off unless armed (config [[fault]], `ctl fault set`)
   std::vector<std::uint8_t> stackKinds;  // StackKind values of the instances (REPLY's peer facts)
 };
 

@@ -78,6 +78,11 @@ struct Hello {
 };
 
 inline constexpr std::uint8_t kFramingV1 = 1;
+// kFramingV2: v1, and either side may end the framing of the direction it sends with a raw
+// header (tunnel_framing.h: kRawHeader), after which that direction is plain bytes ending with
+// the TCP FIN and the connection is not reused. A responder answers the lower of the HELLO's
+// version and its own; versions above 2 are answered as 2.
+inline constexpr std::uint8_t kFramingV2 = 2;
 
 struct Reply {
   bool accepted = false;

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -167,7 +168,7 @@ void InboundSession::onHello() {
   // Early data (framed session bytes right behind the HELLO) comes only with framing, which
   // this side must agree to; otherwise nothing may follow a HELLO before our REPLY.
   if (!reader_.surplus().empty() &&
-      !(hello_.framing == handshake::kFramingV1 && config.tunnel_reuse)) {
+      !(hello_.framing >= handshake::kFramingV1 && config.tunnel_reuse)) {
     reject(handshake::RejectReason::kMalformed);
     return;
   }
@@ -276,8 +277,9 @@ void InboundSession::onConnected(stacks::StackConnection& conn) {
   reply.chosen_name = worker_.context().stacks[chosen_stack_]->name();
   // Framed data, and the connection kept for the peer's next session, when both want it (not
   // for a session on a data connection of its own: the control connection is its liveness).
-  framed_ = hello_.framing == handshake::kFramingV1 && config.tunnel_reuse && !own_data_path_;
-  if (framed_) reply.framing = handshake::kFramingV1;
+  framed_ = hello_.framing >= handshake::kFramingV1 && config.tunnel_reuse && !own_data_path_;
+  if (framed_) reply.framing = std::min(hello_.framing, handshake::kFramingV2);
+  raw_frames_ = framed_ && reply.framing == handshake::kFramingV2;
   if (own_data_path_) {
     reply.token = token_;
     reply.chosen_params = chosen_params_;
@@ -375,6 +377,7 @@ void InboundSession::startRelay() {
   info.destination = hello_.original_dst;
   info.started = started_;
   info.framed = framed_;
+  info.raw_frames = raw_frames_;
   info.tunnel_is_upstream = false;
   info.policy = policy_;
   info.rule = decision_.rule;

@@ -80,6 +80,7 @@ class InboundSession final : public Session,
   bool reused_ = false;               // an earlier session ran on control_
   std::size_t tuned_for_ = SIZE_MAX;  // reused: the stack instance control_ is tuned for
   bool framed_ = false;               // this session's data is framed
+  bool raw_frames_ = false;           // ... with version 2 (a direction may go raw)
   FrameWriter writer_;
   // This side's policy decision (which of its instances it allows); the snapshot is kept alive
   // while its rule and action are in use.

@@ -258,6 +258,44 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
   tunnel_reuses_[0] = &reuses.Add({{"role", "outbound"}});
   tunnel_reuses_[1] = &reuses.Add({{"role", "inbound"}});
 
+  kernel_relay_up_ = &BuildGauge()
+                          .Name("dmm_sidecar_kernel_relay_up")
+                          .Help(
+                              "1 when the kernel relay (BPF sockmap) moves long-lived "
+                              "connections' bytes; 0 when this sidecar relays them all itself "
+                              "(its log says why).")
+                          .Register(*registry_)
+                          .Add({});
+  auto& kernel_flows = BuildCounter()
+                           .Name("dmm_sidecar_kernel_relay_flows_total")
+                           .Help("Relay directions handed to the kernel relay, by direction.")
+                           .Register(*registry_);
+  kernel_relay_flows_[0] = &kernel_flows.Add({{"direction", "upstream"}});
+  kernel_relay_flows_[1] = &kernel_flows.Add({{"direction", "downstream"}});
+  kernel_relay_active_ = &BuildGauge()
+                              .Name("dmm_sidecar_kernel_relay_active_flows")
+                              .Help("Relay directions the kernel relay moves now.")
+                              .Register(*registry_)
+                              .Add({});
+  kernel_relay_handbacks_ = &BuildCounter()
+                                 .Name("dmm_sidecar_kernel_relay_handbacks_total")
+                                 .Help(
+                                     "Relay directions the kernel relay gave back to the workers "
+                                     "because their destination stopped taking bytes (a slow "
+                                     "reader used up the direction's window).")
+                                 .Register(*registry_)
+                                 .Add({});
+  auto& kernel_refusals = BuildCounter()
+                              .Name("dmm_sidecar_kernel_relay_refusals_total")
+                              .Help(
+                                  "Relay directions the kernel relay did not take, by reason: "
+                                  "not_relayable (not TCP, or already at its end), full "
+                                  "(relay.kernel_relay_max), error.")
+                              .Register(*registry_);
+  kernel_relay_refusals_[0] = &kernel_refusals.Add({{"reason", "not_relayable"}});
+  kernel_relay_refusals_[1] = &kernel_refusals.Add({{"reason", "full"}});
+  kernel_relay_refusals_[2] = &kernel_refusals.Add({{"reason", "error"}});
+
   splice_disabled_ = &BuildCounter()
                           .Name("dmm_sidecar_splice_disabled_total")
                           .Help("Relays that fell back from splice() to read/write copies.")

@@ -196,6 +196,17 @@ class Metrics {
   void memoryWait() { memory_waits_->Increment(); }
   void memoryRefused(Role role) { memory_refusals_[idx(role)]->Increment(); }
   void tunnelReused(Role role) { tunnel_reuses_[idx(role)]->Increment(); }
+  // The kernel relay (kernel_relay.h): whether this sidecar has it, directions handed to it
+  // (and those it moves now), hand-overs it refused.
+  void kernelRelayUp(bool up) { kernel_relay_up_->Set(up ? 1 : 0); }
+  void kernelRelayAttached(Direction d) {
+    kernel_relay_flows_[idx(d)]->Increment();
+    kernel_relay_active_->Increment();
+  }
+  void kernelRelayDetached() { kernel_relay_active_->Decrement(); }
+  void kernelRelayHandedBack() { kernel_relay_handbacks_->Increment(); }
+  enum class KernelRelayRefusal { kNotRelayable, kFull, kError, kCount };
+  void kernelRelayRefused(KernelRelayRefusal why) { kernel_relay_refusals_[idx(why)]->Increment(); }
 
   // Policy. Any thread.
   RuleMetrics& rule(std::string_view name);
@@ -232,6 +243,11 @@ class Metrics {
   prometheus::Counter* memory_waits_ = nullptr;
   std::array<prometheus::Counter*, 2> memory_refusals_{};
   std::array<prometheus::Counter*, 2> tunnel_reuses_{};
+  prometheus::Gauge* kernel_relay_up_ = nullptr;
+  prometheus::Gauge* kernel_relay_active_ = nullptr;
+  prometheus::Counter* kernel_relay_handbacks_ = nullptr;
+  std::array<prometheus::Counter*, 2> kernel_relay_flows_{};
+  std::array<prometheus::Counter*, 3> kernel_relay_refusals_{};
   std::vector<std::string> stack_names_;
   prometheus::Gauge* policy_version_ = nullptr;
   std::array<prometheus::Counter*, 2> policy_reloads_{};

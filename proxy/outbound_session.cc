@@ -368,7 +368,7 @@ void OutboundSession::sendHello() {
   hello.original_dst = destination_;
   hello.key_id = ctx.config.key_id;
   hello.connection_id = id_;
-  if (ctx.config.tunnel_reuse) hello.framing = handshake::kFramingV1;
+  if (ctx.config.tunnel_reuse) hello.framing = handshake::kFramingV2;
   if (facts_.qos) hello.qos = *facts_.qos;
   // The candidates in the policy's order, the one whose connection won first: the receiver
   // picks the first it runs and its own policy allows.
@@ -591,7 +591,9 @@ void OutboundSession::onReply(const handshake::Reply& reply) {
       connectData(stack_index, reply);
       return;
     }
-    framed_ = reply.framing == handshake::kFramingV1 && ctx.config.tunnel_reuse;
+    framed_ = (reply.framing == handshake::kFramingV1 || reply.framing == handshake::kFramingV2) &&
+              ctx.config.tunnel_reuse;
+    raw_frames_ = framed_ && reply.framing == handshake::kFramingV2;
     if (reused_) worker_.metrics().tunnelReused(Role::kOutbound);
     // A reused connection is already tuned for the stack it carried.
     auto adopted = reused_ && tuned_for_ == stack_index
@@ -692,6 +694,7 @@ void OutboundSession::startRelay(std::unique_ptr<stacks::StackConnection> upstre
   info.destination = destination_;
   info.started = started_;
   info.framed = framed_ && stack != worker_.metrics().directStack();
+  info.raw_frames = info.framed && raw_frames_;
   info.tunnel_is_upstream = true;
   info.peer = peer_;
   info.policy = policy_;

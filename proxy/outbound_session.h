@@ -145,6 +145,7 @@ class OutboundSession final : public Session, public stacks::ConnectionCallbacks
   bool reused_ = false;                      // upstream_ came from the worker's tunnel pool
   std::size_t tuned_for_ = SIZE_MAX;         // reused: the stack instance it is tuned for
   bool framed_ = false;                      // the REPLY accepted framing
+  bool raw_frames_ = false;                  // ... version 2 (a direction may go raw)
   // The client's first bytes, read before the REPLY (only on a reused connection, whose peer
   // frames); sent with the HELLO when early_sent_, else by the relay.
   static constexpr std::size_t kEarlyDataMax = 16 * 1024;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <cstring>
 
 #include "common/log.h"
+#include "common/socket_util.h"
 #include "proxy/worker.h"
 
 namespace dmm::proxy {
@@ -69,7 +71,8 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
       info_(info),
       downstream_(std::move(downstream)),
       upstream_(std::move(upstream)),
-      last_active_(nowTime()) {
+      last_active_(nowTime()),
+      kernel_relay_(worker.kernelRelay()) {
   downstream_->setCallbacks(*this);
   upstream_->setCallbacks(*this);
   bool splice = worker_.config().splice && worker_.spliceUsable() && downstream_->fd() >= 0 &&
@@ -81,6 +84,8 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
   for (auto& f : flows_) {
     f.splice = splice;
     f.src_readable = f.src->mayBeReadable();
+    // Sockets both (whether TCP ones is up to attach()); not the fault wrapper, which has none.
+    f.may_offload = kernel_relay_ != nullptr && f.src->fd() >= 0 && f.dst->fd() >= 0;
   }
   if (info_.framed) {
     // flows_[0] goes towards upstream: it encodes when upstream is the tunnel.
@@ -88,6 +93,8 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
     flows_[1].decode = info_.tunnel_is_upstream;
     flows_[0].decode = !info_.tunnel_is_upstream;
     flows_[1].encode = !info_.tunnel_is_upstream;
+    for (auto& f : flows_)
+      f.decoder = framing::Decoder(info_.raw_frames);
   }
 }
 
@@ -194,6 +201,11 @@ void Relay::releaseSpace(Flow& f) {
 long Relay::decodeRead(Flow& f, std::byte* at, std::size_t n) {
   auto r = f.decoder.decodeInPlace({at, n});
   if (r.error) return -1;
+  if (r.raw) {
+    // The peer ended this direction's framing: the rest is plain bytes, ending with its FIN.
+    f.decode = false;
+    f.raw = true;
+  }
   if (r.end) {
     f.src_eof = true;
     // Only the initiator speaks after an end frame (the next HELLO, once both directions have
@@ -371,6 +383,7 @@ Relay::Step Relay::flush(Flow& f, std::size_t& written) {
 
 bool Relay::pump(Flow& f) {
   if (finished_) return false;
+  if (f.kernel) return pumpKernel(f);
   const std::size_t low = worker_.config().low_watermark;
   std::size_t moved = 0;
   for (;;) {
@@ -432,10 +445,15 @@ bool Relay::pump(Flow& f) {
         if (s.status == Status::kOk) {
           progress = true;
           if (s.drained) f.src_readable = false;
+          f.last_read_drained = s.drained;
+          ++f.reads;
         } else if (s.status == Status::kWouldBlock) {
           // With bytes in the pipe, EAGAIN may mean "pipe full" rather than "socket empty"
           // (each skb fragment takes a pipe slot): keep the readiness and retry after a flush.
-          if (!(use_pipe && f.pending > 0)) f.src_readable = false;
+          if (!(use_pipe && f.pending > 0)) {
+            f.src_readable = false;
+            f.last_read_drained = true;
+          }
         } else if (s.status == Status::kEof && !f.decode) {
           f.src_eof = true;
         } else if (s.status == Status::kEof) {
@@ -485,7 +503,178 @@ bool Relay::pump(Flow& f) {
     last_active_ = nowTime();
     worker_.relayActive(*this);
   }
+  if (f.may_offload) return maybeOffload(f);
   return true;
+}
+
+bool Relay::maybeOffload(Flow& f) {
+  // Between messages: the source read to empty (the kernel takes a segment whole, even one a
+  // read took part of), nothing held, no header half written. A framed source waits for the
+  // peer's raw header (decode turns off then). Streams stay here, with splice().
+  if (f.kernel || f.decode || f.src_eof || f.shut || f.paused || f.pending > 0 ||
+      f.header_off != f.header_len || !f.last_read_drained || f.bulk ||
+      f.bytes > f.reads * kMessageRead)
+    return true;
+  if (nowTime() - info_.started < worker_.config().kernel_relay_after) return true;
+  if (f.encode) {
+    if (!info_.raw_frames) {  // the peer cannot take a raw direction: stay framed
+      f.may_offload = false;
+      return true;
+    }
+    // The end of this direction's framing; the kernel's bytes follow it on the tunnel.
+    framing::putHeader(f.header, framing::kRawHeader);
+    f.header_len = framing::kHeaderSize;
+    f.header_off = 0;
+    f.encode = false;
+    f.raw = true;
+    std::size_t moved = 0;
+    Step w = flush(f, moved);
+    if (w.status != Status::kOk) {
+      fail(w);
+      return false;
+    }
+    if (f.header_off != f.header_len) return true;  // the rest once writable, then here again
+  }
+  f.may_offload = false;  // one try per flow
+  auto flow = kernel_relay_->attach(f.src->fd(), f.dst->fd());
+  if (!flow) {
+    std::string_view why = flow.error().reason;
+    worker_.metrics().kernelRelayRefused(
+        why == "not_relayable"       ? Metrics::KernelRelayRefusal::kNotRelayable
+        : why == "kernel_relay_full" ? Metrics::KernelRelayRefusal::kFull
+                                     : Metrics::KernelRelayRefusal::kError);
+    spdlog::debug("conn {:x}: the kernel relay did not take the {} direction: {} ({})", info_.id,
+                  direction(f) == Direction::kUpstream ? "upstream" : "downstream", why,
+                  std::strerror(flow.error().code));
+    return true;
+  }
+  f.kernel_flow = *flow;
+  f.kernel = true;
+  f.attached = true;
+  f.kernel_counted = 0;
+  spdlog::debug("conn {:x}: {} direction handed to the kernel relay", info_.id,
+                direction(f) == Direction::kUpstream ? "upstream" : "downstream");
+  worker_.metrics().kernelRelayAttached(direction(f));
+  worker_.kernelFlowStarted(f.kernel_flow.cookie, *this);
+  updateWatches();
+  return true;
+}
+
+bool Relay::pumpKernel(Flow& f) {
+  if (f.shut) return true;
+  // No reads: the kernel takes the source's bytes. Its end of stream and errors on either
+  // socket still show here, and are passed on as ever; readable bytes on the source mean the
+  // flow passes (its target stopped taking them).
+  pollfd p[2] = {{f.src->fd(), POLLIN | POLLRDHUP, 0}, {f.dst->fd(), 0, 0}};
+  if (::poll(p, 2, 0) < 0) return true;  // EINTR: the next event or check looks again
+  for (const auto& q : p) {
+    if ((q.revents & POLLERR) != 0) {
+      int err = net::socketError(q.fd);
+      spdlog::debug("conn {:x}: kernel-relayed {} direction: error on its {}: {}", info_.id,
+                    direction(f) == Direction::kUpstream ? "upstream" : "downstream",
+                    q.fd == f.src->fd() ? "source" : "destination", std::strerror(err));
+      countKernelBytes(f);
+      fail(Step{Status::kReset, 0, err != 0 ? err : ECONNRESET, false});
+      return false;
+    }
+  }
+  if ((p[0].revents & POLLRDHUP) != 0) f.src_eof = true;
+  if (!f.passing && (p[0].revents & POLLIN) != 0 && kernel_relay_->passing(f.kernel_flow))
+    f.passing = true;
+  if (!f.src_eof && !f.passing) return true;
+  // The end of stream, or the bytes the source holds now, come after every byte the kernel
+  // took: only once the destination has all of those.
+  auto drained = kernel_relay_->drained(f.kernel_flow, f.dst->fd());
+  if (!drained) {
+    countKernelBytes(f);
+    fail(Step{Status::kError, 0, drained.error().code, false});
+    return false;
+  }
+  if (!*drained) {
+    checkDrainLater();  // the destination is slow: look again shortly
+    return true;
+  }
+  countKernelBytes(f);
+  if (f.passing) {
+    // Back to this process for the rest of the connection, with reads (the passed bytes are
+    // where splice() does not look) that see the end of stream again themselves.
+    f.kernel = false;
+    f.splice = false;
+    f.bulk = false;
+    f.src_eof = false;
+    f.src_readable = true;
+    f.dst_writable = true;
+    updateWatches();
+    worker_.metrics().kernelRelayDetached();
+    worker_.metrics().kernelRelayHandedBack();
+    spdlog::debug("conn {:x}: {} direction back from the kernel relay (its destination stalled)",
+                  info_.id, direction(f) == Direction::kUpstream ? "upstream" : "downstream");
+    return pump(f);
+  }
+  f.dst->shutdownWrite();
+  f.shut = true;
+  return true;
+}
+
+void Relay::updateWatches() {
+  // flows_[0] reads downstream_ and writes upstream_; flows_[1] the other way round.
+  downstream_->watch(!flows_[0].kernel, !flows_[1].kernel);
+  upstream_->watch(!flows_[1].kernel, !flows_[0].kernel);
+}
+
+void Relay::checkDrainLater() {
+  if (!drain_timer_) drain_timer_ = worker_.loop().newEvent(-1, 0, &Relay::onDrainCheck, this);
+  if (evtimer_pending(drain_timer_.get(), nullptr) != 0) return;
+  timeval tv = toTimeval(drain_wait_);
+  event_add(drain_timer_.get(), &tv);
+  drain_wait_ = std::min(drain_wait_ * 2, kDrainWaitMax);
+}
+
+void Relay::onKernelEvent(std::uint64_t cookie, KernelRelay::Event event) {
+  if (finished_) return;
+  for (auto& f : flows_) {
+    if (!f.kernel || f.kernel_flow.cookie != cookie) continue;
+    if (event == KernelRelay::Event::kCredit) {
+      // More credit, as far as the destination has taken what came before.
+      if (auto granted = kernel_relay_->grant(f.kernel_flow, f.dst->fd()); !granted) {
+        fail(Step{Status::kError, 0, granted.error().code, false});
+        return;
+      }
+      return;
+    }
+    f.passing = true;
+    if (pumpKernel(f)) settle();
+    return;
+  }
+}
+
+void Relay::onDrainCheck(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<Relay*>(arg);
+  for (auto& f : self->flows_) {
+    if (f.kernel && !self->pumpKernel(f)) return;
+  }
+  self->settle();
+}
+
+bool Relay::countKernelBytes(Flow& f) {
+  if (!f.attached) return false;
+  std::uint64_t total = kernel_relay_->moved(f.kernel_flow);
+  if (total <= f.kernel_counted) return false;
+  auto fresh = static_cast<std::size_t>(total - f.kernel_counted);
+  f.kernel_counted = total;
+  account(f, fresh);
+  return true;
+}
+
+void Relay::refreshKernelFlows() {
+  if (finished_) return;
+  bool moved = false;
+  for (auto& f : flows_)
+    moved = countKernelBytes(f) || moved;
+  if (moved) {
+    last_active_ = nowTime();
+    worker_.relayActive(*this);
+  }
 }
 
 void Relay::account(Flow& f, std::size_t& moved) {
@@ -523,6 +712,11 @@ void Relay::expire(Outcome why) {
   // A clean end is honest only when nothing read is left undelivered. With bytes still held,
   // a FIN would tell the receiver that a truncated stream arrived whole: reset instead.
   bool undelivered = flows_[0].pending > 0 || flows_[1].pending > 0;
+  for (auto& f : flows_) {
+    if (!f.kernel || f.shut) continue;
+    auto drained = kernel_relay_->drained(f.kernel_flow, f.dst->fd());
+    if (!drained || !*drained) undelivered = true;  // the kernel still holds some
+  }
   finish(why, undelivered ? CloseType::kAbort : CloseType::kGraceful);
 }
 
@@ -546,11 +740,20 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   finished_ = true;
   // Counted before either side can see the close, so that whoever observes it finds it counted.
   worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
-  for (auto& f : flows_)
+  drain_timer_.reset();
+  for (auto& f : flows_) {
     releaseSpace(f);
-  // A framed tunnel whose session ended cleanly carries the next one.
+    if (!f.attached) continue;
+    countKernelBytes(f);
+    kernel_relay_->detach(f.kernel_flow);
+    worker_.kernelFlowEnded(f.kernel_flow.cookie);
+    if (f.kernel) worker_.metrics().kernelRelayDetached();
+  }
+  // A framed tunnel whose session ended cleanly carries the next one (not one whose framing
+  // ended: its directions ended with FINs).
   std::unique_ptr<stacks::StackConnection> reusable;
-  if (info_.framed && outcome == Outcome::kClosed && flows_[0].done() && flows_[1].done()) {
+  if (info_.framed && outcome == Outcome::kClosed && flows_[0].done() && flows_[1].done() &&
+      !flows_[0].raw && !flows_[1].raw) {
     reusable = std::move(info_.tunnel_is_upstream ? upstream_ : downstream_);
     (info_.tunnel_is_upstream ? downstream_ : upstream_)->close(close);
   } else {

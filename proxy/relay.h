@@ -13,7 +13,13 @@
 //     there and resumes at or below relay.low_watermark, so a slow reader stops its writer;
 //   - end of stream is passed on as a half-close once everything read has been written;
 //   - a reset on either side is passed on as a reset to the other;
-//   - one wake-up moves at most kWakeupBudget bytes per flow, then yields to other connections.
+//   - one wake-up moves at most kWakeupBudget bytes per flow, then yields to other connections;
+//   - a flow between two kernel TCP sockets of a connection that has lived relay.kernel_relay_after
+//     is handed to the kernel relay (kernel_relay.h) the next time it is between messages (its
+//     source read to empty, nothing held): from then on the kernel moves its bytes without
+//     waking this process, which still passes its end of stream or reset on. On a framed
+//     tunnel it first ends the framing of its direction (framing v2's raw header); the
+//     connection is then not reused.
 // The relay owns both connections and itself: it deletes itself (deferred, on its loop) when
 // it finishes. All of it runs on one worker thread.
 
@@ -29,6 +35,7 @@
 #include "common/socket_address.h"
 #include "policy/policy.h"
 #include "proxy/classify.h"
+#include "proxy/kernel_relay.h"
 #include "proxy/metrics.h"
 #include "proxy/tunnel_framing.h"
 #include "stacks/stack.h"
@@ -39,12 +46,14 @@ class Worker;
 struct TimeoutListTag;
 struct ResumeListTag;
 struct MemoryWaitTag;
+struct KernelRelayTag;
 
 class Relay final : public Deferrable,
                     public stacks::ConnectionCallbacks,
                     public ListHook<TimeoutListTag>,
                     public ListHook<ResumeListTag>,
-                    public ListHook<MemoryWaitTag> {
+                    public ListHook<MemoryWaitTag>,
+                    public ListHook<KernelRelayTag> {
  public:
   using Clock = std::chrono::steady_clock;
 
@@ -59,6 +68,7 @@ class Relay final : public Deferrable,
     // the next session when this one ends cleanly.
     bool framed = false;
     bool tunnel_is_upstream = true;  // outbound: upstream; inbound: downstream
+    bool raw_frames = false;         // framing v2: a direction may end its framing (raw header)
     SocketAddress peer;              // outbound: the peer sidecar (the pool's key)
     std::size_t early_bytes = 0;     // client bytes already sent with the HELLO (counted here)
     // The policy decision: the snapshot that classified the connection (kept alive with it),
@@ -100,6 +110,12 @@ class Relay final : public Deferrable,
   // Called when the worker stops: ends the connection at once.
   void shutdown();
 
+  // Called by the worker's tick for relays with a flow in the kernel relay: brings their byte
+  // counts (and the metric) up to date, and their activity, which the kernel's moves hide.
+  void refreshKernelFlows();
+  // An event of the kernel relay for the flow whose source has `cookie` (Worker routes them).
+  void onKernelEvent(std::uint64_t cookie, KernelRelay::Event event);
+
   Clock::time_point lastActive() const { return last_active_; }
   bool halfClosed() const { return half_closed_; }
 
@@ -138,6 +154,16 @@ class Relay final : public Deferrable,
     std::uint8_t header_off = 0;
     bool end_frame = false;        // the header is the end-of-direction frame
     std::uint32_t frame_left = 0;  // encode, pipe: pipe bytes the last header announced
+    bool raw = false;              // framing v2: this direction's framing has ended (raw header)
+    // The kernel relay.
+    bool may_offload = false;        // not yet tried, and both ends are sockets
+    bool last_read_drained = false;  // the last read left src empty (a hand-over needs it)
+    std::uint64_t reads = 0;         // reads that took bytes (the average size tells messages)
+    bool kernel = false;             // the kernel moves this direction's bytes now
+    bool attached = false;           // in the kernel relay's maps (until the relay ends)
+    bool passing = false;            // the kernel relay gave it back (its target stalled)
+    KernelRelay::Flow kernel_flow;
+    std::uint64_t kernel_counted = 0;  // of the kernel's bytes, those already in `bytes`
     bool done() const { return src_eof && pending == 0 && shut; }
   };
   struct Step {
@@ -148,6 +174,10 @@ class Relay final : public Deferrable,
   };
   // A splice() read smaller than this ends bulk mode.
   static constexpr std::size_t kSmallRead = 4096;
+  // Only a flow whose reads are messages (at most this on average) goes to the kernel relay: it
+  // moves small messages without a wake-up, but streams more slowly than splice()
+  // (bench/README.md).
+  static constexpr std::size_t kMessageRead = 16 * 1024;
 
   Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConnection> downstream,
         std::unique_ptr<stacks::StackConnection> upstream);
@@ -184,6 +214,21 @@ class Relay final : public Deferrable,
   void finish(Outcome outcome, stacks::CloseType close, int err = 0);
   // Reads the liveness channel; false if the relay finished (the peer sidecar is gone).
   bool checkControl();
+  // Hands `f` to the kernel relay if it is time and the flow is between messages (on a framed
+  // tunnel, writes the raw header first). False if the relay finished inside.
+  bool maybeOffload(Flow& f);
+  // A flow in the kernel relay: sees the source's end of stream and errors on either socket,
+  // and shuts the destination once the kernel has sent everything; a flow that passes comes
+  // back here once it has. False if finished inside.
+  bool pumpKernel(Flow& f);
+  // Arms the check of a kernel flow waiting for its destination to drain.
+  void checkDrainLater();
+  // Tells each connection which readiness this relay still wants: reads where a flow in this
+  // process takes from it, writes where one writes to it (see StackConnection::watch()).
+  void updateWatches();
+  // Adds the kernel's newly moved bytes of `f` to its count and the metric; true if any.
+  bool countKernelBytes(Flow& f);
+  static void onDrainCheck(evutil_socket_t, short, void* arg);
 
   Worker& worker_;
   Info info_;
@@ -196,6 +241,12 @@ class Relay final : public Deferrable,
   std::vector<std::byte> leftover_;  // inbound: bytes after the end frame (the next HELLO)
   std::unique_ptr<stacks::StackConnection> control_;  // the liveness channel (see start())
   bool peer_done_ = false;                            // it carried kPeerDone
+  KernelRelay* kernel_relay_ = nullptr;  // null: this relay's flows stay in this process
+  // A kernel flow whose source ended waits for the kernel to send the rest: checked again
+  // after drain_wait_, which doubles up to kDrainWaitMax.
+  EventPtr drain_timer_;
+  std::chrono::milliseconds drain_wait_{1};
+  static constexpr std::chrono::milliseconds kDrainWaitMax{100};
 };
 
 }  // namespace dmm::proxy

@@ -75,6 +75,22 @@ std::string Sidecar::start(EventLoop& main_loop, ServiceManager* service) {
     }
     workers_.push_back(std::move(worker));
   }
+  // Each worker loads its own kernel relay (its maps and events are its own).
+  bool kernel_relay = !workers_.empty();
+  for (const auto& w : workers_) {
+    if (w->kernelRelay() != nullptr) continue;
+    kernel_relay = false;
+    if (config_.kernel_relay) {
+      spdlog::warn("kernel relay: not available ({}); the workers relay every byte",
+                   w->kernelRelayWhy());
+    }
+    break;
+  }
+  if (kernel_relay) {
+    spdlog::info("kernel relay: on (message flows of connections older than {} ms, {} KiB each)",
+                 config_.kernel_relay_after.count(), config_.kernel_relay_window / 1024);
+  }
+  metrics_->kernelRelayUp(kernel_relay);
   if (config_.preload_enabled) {
     // Any local user may hand connections over, as the capture rules take everyone's.
     if (auto err = preload_listener_.listen(config_.preload_socket, 0666, 4096, "preload socket");

@@ -213,6 +213,37 @@ Worker::Worker(SidecarContext& context, unsigned index)
     event_add(tick_.get(), &tv);
   }
   resume_event_ = loop_.newEvent(-1, 0, &Worker::onResume, this);
+  if (c.kernel_relay) {
+    KernelRelay::Options options;
+    options.max_flows = std::max<std::size_t>(64, c.kernel_relay_max / c.effectiveWorkers());
+    options.window = c.kernel_relay_window;
+    kernel_relay_ = KernelRelay::create(options, kernel_relay_why_);
+    if (kernel_relay_) {
+      kernel_events_ = loop_.newEvent(kernel_relay_->eventFd(), EV_READ | EV_PERSIST,
+                                      &Worker::onKernelEvents, this);
+      event_add(kernel_events_.get(), nullptr);
+    }
+  } else {
+    kernel_relay_why_ = "relay.kernel_relay = false";
+  }
+}
+
+void Worker::onKernelEvents(evutil_socket_t, short, void* arg) {
+  auto* self = static_cast<Worker*>(arg);
+  self->kernel_relay_->takeEvents([self](std::uint64_t cookie, KernelRelay::Event event) {
+    // A flow that already ended (its relay gone) has nothing left to do.
+    if (auto it = self->kernel_flows_.find(cookie); it != self->kernel_flows_.end())
+      it->second->onKernelEvent(cookie, event);
+  });
+}
+
+void Worker::kernelFlowStarted(std::uint64_t cookie, Relay& relay) {
+  kernel_flows_[cookie] = &relay;
+  kernel_relays_.pushBack(relay);
+}
+
+void Worker::kernelFlowEnded(std::uint64_t cookie) {
+  kernel_flows_.erase(cookie);
 }
 
 Worker::~Worker() {
@@ -417,6 +448,9 @@ void Worker::onTick(evutil_socket_t fd, short, void* arg) {
 
 void Worker::sweep() {
   budget_.publish();
+  // The kernel moves these relays' bytes unseen: their counts and activity first, so that the
+  // idle timeout below does not take a busy one for idle.
+  kernel_relays_.forEachRemovable([](Relay& r) { r.refreshKernelFlows(); });
   auto now = Clock::now();
   const auto& c = config();
   while (Relay* r = open_relays_.front()) {
@@ -494,6 +528,7 @@ void Worker::relayEnded(Relay& relay) {
   IntrusiveList<Relay, TimeoutListTag>::remove(relay);
   IntrusiveList<Relay, ResumeListTag>::remove(relay);
   IntrusiveList<Relay, MemoryWaitTag>::remove(relay);
+  IntrusiveList<Relay, KernelRelayTag>::remove(relay);
 }
 
 void Worker::scheduleResume(Relay& relay) {

@@ -195,6 +195,13 @@ class Worker {
   void relayStarted(Relay& relay);
   void relayActive(Relay& relay);  // bytes moved: restart its inactivity clock
   void relayEnded(Relay& relay);
+  // This worker's kernel relay (kernel_relay.h), or null: off, or not on this host (why()).
+  KernelRelay* kernelRelay() { return kernel_relay_.get(); }
+  const std::string& kernelRelayWhy() const { return kernel_relay_why_; }
+  // A flow of `relay` (its source's `cookie`) went to the kernel relay: its events go to the
+  // relay, and its counts are refreshed at every tick, until kernelFlowEnded().
+  void kernelFlowStarted(std::uint64_t cookie, Relay& relay);
+  void kernelFlowEnded(std::uint64_t cookie);
   void scheduleResume(Relay& relay);
   // A framed session ended cleanly on `tunnel`: outbound, it goes to the pool for the next
   // session to the same peer; inbound, it waits for the peer's next HELLO (with `leftover`,
@@ -236,6 +243,7 @@ class Worker {
   static void onAcceptRetry(evutil_socket_t fd, short what, void* arg);
   static void onTick(evutil_socket_t fd, short what, void* arg);
   static void onResume(evutil_socket_t fd, short what, void* arg);
+  static void onKernelEvents(evutil_socket_t fd, short what, void* arg);
   void accepted(Listener& listener, UniqueFd fd);
   void sweep();
   void shutdownAll();
@@ -253,6 +261,11 @@ class Worker {
   IntrusiveList<Relay, ResumeListTag> resume_queue_;
   IntrusiveList<Session, SessionListTag> sessions_;
   IntrusiveList<Relay, MemoryWaitTag> memory_waiters_;  // in arrival order
+  IntrusiveList<Relay, KernelRelayTag> kernel_relays_;  // with a flow in the kernel relay
+  std::unique_ptr<KernelRelay> kernel_relay_;
+  std::string kernel_relay_why_;
+  EventPtr kernel_events_;
+  std::unordered_map<std::uint64_t, Relay*> kernel_flows_;  // by the source's cookie
   std::size_t relay_count_ = 0;
   std::size_t shm_connections_ = 0;
   std::uint64_t next_id_ = 0;

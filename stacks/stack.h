@@ -110,6 +110,11 @@ class StackConnection {
   // would only see kWouldBlock.
   virtual bool mayBeReadable() const { return true; }
   virtual std::optional<SocketAddress> peerAddress() const = 0;
+  // Which readiness the owner wants reported (a socket whose bytes the kernel relay moves must
+  // not wake it per message: the kernel raises a readable wake-up for each segment it takes,
+  // though nothing is left to read). The end of stream and errors are reported whatever is
+  // asked. Optional; both on by default.
+  virtual void watch(bool /*readable*/, bool /*writable*/) {}
 };
 
 // Receives the data connection a responder expected (Stack::expectData()), on the loop it

@@ -26,7 +26,8 @@ build_deps=(build-essential cmake ninja-build pkg-config git
   libevent-dev libssl-dev libtoml11-dev prometheus-cpp-dev libcli11-dev libspdlog-dev
   libgtest-dev libsystemd-dev
   dpdk-dev libdpdk-dev dpkg-dev
-  libibverbs-dev librdmacm-dev)
+  libibverbs-dev librdmacm-dev
+  libbpf-dev clang-14)  # the kernel relay's BPF program: compiled by clang, loaded with libbpf
 # prometheus: promtool lints the /metrics page, and a real Prometheus server scrapes a sidecar
 # (tests/integration/metrics_integration_test.cc); the tests start their own, never the service.
 run_deps=(iproute2 iptables curl python3 procps prometheus ethtool)

@@ -84,6 +84,21 @@ IoResult KernelConnection::write(std::span<const std::byte> data) {
   return IoResult::fromErrno(errno);
 }
 
+void KernelConnection::watch(bool readable, bool writable) {
+  if (!fd_ || connecting_) return;
+  // libevent reports errors (EPOLLERR, EPOLLHUP) as EV_READ | EV_WRITE, and only to an event
+  // that asked for one of those: with neither wanted, writability stays (it changes rarely, a
+  // readable wake-up per segment would not). EV_CLOSED brings the end of stream.
+  if (!readable && !writable) writable = true;
+  auto what = static_cast<short>(EV_CLOSED | EV_PERSIST | EV_ET | (readable ? EV_READ : 0) |
+                                 (writable ? EV_WRITE : 0));
+  if (event_get_events(event_.get()) == what) return;
+  event_base* base = event_get_base(event_.get());
+  event_del(event_.get());
+  event_assign(event_.get(), base, fd_.get(), what, &KernelConnection::onEvent, this);
+  event_add(event_.get(), nullptr);
+}
+
 void KernelConnection::shutdownWrite() {
   ::shutdown(fd_.get(), SHUT_WR);
 }

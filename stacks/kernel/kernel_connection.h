@@ -24,6 +24,7 @@ class KernelConnection final : public StackConnection {
   void close(CloseType type) override;
   int fd() const override { return fd_.get(); }
   bool mayBeReadable() const override { return maybe_readable_; }
+  void watch(bool readable, bool writable) override;
   std::optional<SocketAddress> peerAddress() const override;
 
  private:

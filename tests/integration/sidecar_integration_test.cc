@@ -352,33 +352,47 @@ TEST_F(SidecarPair, GarbageHeadersAreRejectedAndCounted) {
                          {{"role", "inbound"}, {"reason", "too_large"}}, 1));
 }
 
-TEST_F(SidecarPair, ReplayedAndStaleHelloAreRejected) {
-  startB();
-  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
-  std::string key = kKey;
-  std::vector<std::uint8_t> psk(key.begin(), key.end());
+// A HELLO from host A for the echo server on B, with a nonce of its own (`seed`).
+handshake::Hello helloFromA(std::uint8_t seed) {
   handshake::Hello hello;
   for (std::size_t i = 0; i < hello.nonce.size(); ++i)
-    hello.nonce[i] = static_cast<std::uint8_t>(i * 7 + 1);
+    hello.nonce[i] = static_cast<std::uint8_t>(i * 7 + seed);
   hello.timestamp_ms =
       static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
                                      std::chrono::system_clock::now().time_since_epoch())
                                      .count());
   hello.original_dst = at(TwoHosts::kIp4B, 9000);
   hello.offers.push_back({handshake::StackKind::kKernel, "kernel", {}});
+  return hello;
+}
+
+// Sends `frame` (a HELLO encoded with `psk` and `nonce`) to B's tunnel port from A and reads
+// the REPLY.
+handshake::ReplyResult exchangeHello(const Netns& from, const std::vector<std::uint8_t>& frame,
+                                     const std::vector<std::uint8_t>& psk,
+                                     const handshake::Nonce& nonce) {
+  UniqueFd fd = connectTcp(from, at(TwoHosts::kIp4B, 17002));
+  writeAll(fd.get(), frame.data(), frame.size());
+  std::string head = readExactly(fd.get(), handshake::kPrefixSize);
+  if (head.size() < handshake::kPrefixSize) return handshake::ReplyResult{};
+  std::size_t body = (std::size_t(std::uint8_t(head[8])) << 24) |
+                     (std::size_t(std::uint8_t(head[9])) << 16) |
+                     (std::size_t(std::uint8_t(head[10])) << 8) | std::uint8_t(head[11]);
+  std::string rest = readExactly(fd.get(), body);
+  std::string all = head + rest;
+  std::vector<std::uint8_t> reply(all.begin(), all.end());
+  return handshake::decodeReply(reply, psk, nonce, 4096);
+}
+
+TEST_F(SidecarPair, ReplayedAndStaleHelloAreRejected) {
+  startB();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  std::string key = kKey;
+  std::vector<std::uint8_t> psk(key.begin(), key.end());
+  handshake::Hello hello = helloFromA(1);
   auto frame = handshake::encodeHello(hello, psk);
   auto send_hello = [&](const std::vector<std::uint8_t>& bytes) {
-    UniqueFd fd = connectTcp(hosts_.a(), at(TwoHosts::kIp4B, 17002));
-    writeAll(fd.get(), bytes.data(), bytes.size());
-    std::string head = readExactly(fd.get(), handshake::kPrefixSize);
-    if (head.size() < handshake::kPrefixSize) return handshake::ReplyResult{};
-    std::size_t body = (std::size_t(std::uint8_t(head[8])) << 24) |
-                       (std::size_t(std::uint8_t(head[9])) << 16) |
-                       (std::size_t(std::uint8_t(head[10])) << 8) | std::uint8_t(head[11]);
-    std::string rest = readExactly(fd.get(), body);
-    std::string all = head + rest;
-    std::vector<std::uint8_t> reply(all.begin(), all.end());
-    return handshake::decodeReply(reply, psk, hello.nonce, 4096);
+    return exchangeHello(hosts_.a(), bytes, psk, hello.nonce);
   };
   auto first = send_hello(frame);
   ASSERT_EQ(first.error, handshake::RejectReason::kNone);
@@ -534,6 +548,25 @@ TEST_F(SidecarPair, EarlyDataSurvivesARejectOnAReusedConnection) {
     EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9000), payload), payload);
   }
   EXPECT_GE(metricA("dmm_sidecar_tunnel_reuses_total", {{"role", "outbound"}}), 1);
+}
+
+TEST_F(SidecarPair, TheResponderAnswersTheLowerFramingVersion) {
+  // v1 (reusable framed sessions), v2 (v1 plus a raw end of framing), and a version from the
+  // future, which gets the highest this side knows.
+  startB();
+  ThreadServer server(hosts_.b(), at(TwoHosts::kIp4B, 9000), echoHandler);
+  std::string key = kKey;
+  std::vector<std::uint8_t> psk(key.begin(), key.end());
+  std::uint8_t seed = 10;
+  for (auto [asked, answered] :
+       {std::pair<std::uint8_t, std::uint8_t>{0, 0}, {1, 1}, {2, 2}, {7, 2}}) {
+    handshake::Hello hello = helloFromA(seed++);
+    hello.framing = asked;
+    auto r = exchangeHello(hosts_.a(), handshake::encodeHello(hello, psk), psk, hello.nonce);
+    ASSERT_EQ(r.error, handshake::RejectReason::kNone);
+    ASSERT_TRUE(r.reply.accepted);
+    EXPECT_EQ(r.reply.framing, answered) << "asked for " << int{asked};
+  }
 }
 
 TEST_F(SidecarPair, PlainAndFramingSidecarsInteroperate) {

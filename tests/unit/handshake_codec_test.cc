@@ -639,6 +639,37 @@ TEST(TunnelFraming, ALengthAboveTheMaximumIsAnError) {
   std::vector<std::byte> bad{std::byte{0x80}, std::byte{0}, std::byte{0}, std::byte{1}};
   Decoder d;
   EXPECT_TRUE(d.decodeInPlace(bad).error);
+  // The raw header is one too, unless framing v2 allows it.
+  std::vector<std::byte> raw(kHeaderSize);
+  putHeader(raw.data(), kRawHeader);
+  Decoder v1;
+  EXPECT_TRUE(v1.decodeInPlace(raw).error);
+}
+
+TEST(TunnelFraming, AfterTheRawHeaderEverythingIsPayloadAcrossEverySplit) {
+  // Framed bytes, the raw header, then plain bytes (which may look like headers: all zeros).
+  auto stream = frames({"framed", "more"}, false);
+  std::size_t raw_at = stream.size();
+  stream.resize(raw_at + kHeaderSize);
+  putHeader(stream.data() + raw_at, kRawHeader);
+  const std::string plain = std::string(8, '\0') + "plain bytes";
+  for (char c : plain)
+    stream.push_back(static_cast<std::byte>(c));
+  for (std::size_t split = 0; split <= stream.size(); ++split) {
+    Decoder d(/*allow_raw=*/true);
+    std::string payload;
+    for (auto [from, to] : {std::pair{std::size_t{0}, split}, std::pair{split, stream.size()}}) {
+      std::vector<std::byte> part(stream.begin() + static_cast<std::ptrdiff_t>(from),
+                                  stream.begin() + static_cast<std::ptrdiff_t>(to));
+      auto r = d.decodeInPlace(part);
+      ASSERT_FALSE(r.error) << split;
+      ASSERT_FALSE(r.end) << split;
+      EXPECT_EQ(r.consumed, part.size()) << split;
+      payload += text(std::span(part).first(r.payload));
+    }
+    EXPECT_TRUE(d.raw()) << split;
+    EXPECT_EQ(payload, "framedmore" + plain) << split;
+  }
 }
 
 }  // namespace
