@@ -306,6 +306,8 @@ std::string KernelRelay::selfTest() {
   if (!loopbackPair(listener.get(), at, client, src) ||
       !loopbackPair(listener.get(), at, dst, sink))
     return errnoText("self-test: loopback connections", errno);
+  timeval bound{2, 0};  // a send that cannot complete fails the test instead of hanging it
+  (void)::setsockopt(client.get(), SOL_SOCKET, SO_SNDTIMEO, &bound, sizeof bound);
   const std::size_t window = options_.window;
   std::vector<unsigned char> data(window + 4000);
   for (std::size_t i = 0; i < data.size(); ++i)
