@@ -110,9 +110,11 @@ std::unique_ptr<KernelRelay> KernelRelay::create(const Options& options, std::st
       return nullptr;
     }
   }
-  // Room for a few events per flow (16 bytes each, plus an 8-byte header); a power of two.
+  // Events are rare (a flow asks once per quarter window, passes once): 4 bytes of ring per
+  // flow, 64 KiB to 1 MiB (its pages are resident, mapped twice). A full ring drops events,
+  // and a flow that missed its credit passes: slower, never wrong.
   std::uint32_t ring = 1u << 16;
-  while (ring < entries * 32u && ring < (1u << 26))
+  while (ring < entries * 4u && ring < (1u << 20))
     ring <<= 1;
   if (bpf_map* map = bpf_object__find_map_by_name(maps->object, "events");
       map == nullptr || bpf_map__set_max_entries(map, ring) != 0) {

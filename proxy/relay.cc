@@ -71,8 +71,7 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
       info_(info),
       downstream_(std::move(downstream)),
       upstream_(std::move(upstream)),
-      last_active_(nowTime()),
-      kernel_relay_(worker.kernelRelay()) {
+      last_active_(nowTime()) {
   downstream_->setCallbacks(*this);
   upstream_->setCallbacks(*this);
   bool splice = worker_.config().splice && worker_.spliceUsable() && downstream_->fd() >= 0 &&
@@ -85,7 +84,7 @@ Relay::Relay(Worker& worker, const Info& info, std::unique_ptr<stacks::StackConn
     f.splice = splice;
     f.src_readable = f.src->mayBeReadable();
     // Sockets both (whether TCP ones is up to attach()); not the fault wrapper, which has none.
-    f.may_offload = kernel_relay_ != nullptr && f.src->fd() >= 0 && f.dst->fd() >= 0;
+    f.may_offload = worker_.kernelRelay() != nullptr && f.src->fd() >= 0 && f.dst->fd() >= 0;
   }
   if (info_.framed) {
     // flows_[0] goes towards upstream: it encodes when upstream is the tunnel.
@@ -513,7 +512,7 @@ bool Relay::maybeOffload(Flow& f) {
   // peer's raw header (decode turns off then). Streams stay here, with splice().
   if (f.kernel || f.decode || f.src_eof || f.shut || f.paused || f.pending > 0 ||
       f.header_off != f.header_len || !f.last_read_drained || f.bulk ||
-      f.bytes > f.reads * kMessageRead)
+      f.bytes > std::uint64_t{f.reads} * kMessageRead)
     return true;
   if (nowTime() - info_.started < worker_.config().kernel_relay_after) return true;
   if (f.encode) {
@@ -536,7 +535,7 @@ bool Relay::maybeOffload(Flow& f) {
     if (f.header_off != f.header_len) return true;  // the rest once writable, then here again
   }
   f.may_offload = false;  // one try per flow
-  auto flow = kernel_relay_->attach(f.src->fd(), f.dst->fd());
+  auto flow = worker_.kernelRelay()->attach(f.src->fd(), f.dst->fd());
   if (!flow) {
     std::string_view why = flow.error().reason;
     worker_.metrics().kernelRelayRefused(
@@ -548,14 +547,15 @@ bool Relay::maybeOffload(Flow& f) {
                   std::strerror(flow.error().code));
     return true;
   }
-  f.kernel_flow = *flow;
+  if (!kernel_) kernel_ = std::make_unique<KernelState>();
+  kernelFlow(f) = *flow;
+  kernel_->counted[index(f)] = 0;
   f.kernel = true;
   f.attached = true;
-  f.kernel_counted = 0;
   spdlog::debug("conn {:x}: {} direction handed to the kernel relay", info_.id,
                 direction(f) == Direction::kUpstream ? "upstream" : "downstream");
   worker_.metrics().kernelRelayAttached(direction(f));
-  worker_.kernelFlowStarted(f.kernel_flow.cookie, *this);
+  worker_.kernelFlowStarted(flow->cookie, *this);
   updateWatches();
   return true;
 }
@@ -579,12 +579,12 @@ bool Relay::pumpKernel(Flow& f) {
     }
   }
   if ((p[0].revents & POLLRDHUP) != 0) f.src_eof = true;
-  if (!f.passing && (p[0].revents & POLLIN) != 0 && kernel_relay_->passing(f.kernel_flow))
-    f.passing = true;
+  KernelRelay& kernel = *worker_.kernelRelay();
+  if (!f.passing && (p[0].revents & POLLIN) != 0 && kernel.passing(kernelFlow(f))) f.passing = true;
   if (!f.src_eof && !f.passing) return true;
   // The end of stream, or the bytes the source holds now, come after every byte the kernel
   // took: only once the destination has all of those.
-  auto drained = kernel_relay_->drained(f.kernel_flow, f.dst->fd());
+  auto drained = kernel.drained(kernelFlow(f), f.dst->fd());
   if (!drained) {
     countKernelBytes(f);
     fail(Step{Status::kError, 0, drained.error().code, false});
@@ -623,20 +623,21 @@ void Relay::updateWatches() {
 }
 
 void Relay::checkDrainLater() {
-  if (!drain_timer_) drain_timer_ = worker_.loop().newEvent(-1, 0, &Relay::onDrainCheck, this);
-  if (evtimer_pending(drain_timer_.get(), nullptr) != 0) return;
-  timeval tv = toTimeval(drain_wait_);
-  event_add(drain_timer_.get(), &tv);
-  drain_wait_ = std::min(drain_wait_ * 2, kDrainWaitMax);
+  auto& k = *kernel_;
+  if (!k.drain_timer) k.drain_timer = worker_.loop().newEvent(-1, 0, &Relay::onDrainCheck, this);
+  if (evtimer_pending(k.drain_timer.get(), nullptr) != 0) return;
+  timeval tv = toTimeval(k.drain_wait);
+  event_add(k.drain_timer.get(), &tv);
+  k.drain_wait = std::min(k.drain_wait * 2, kDrainWaitMax);
 }
 
 void Relay::onKernelEvent(std::uint64_t cookie, KernelRelay::Event event) {
   if (finished_) return;
   for (auto& f : flows_) {
-    if (!f.kernel || f.kernel_flow.cookie != cookie) continue;
+    if (!f.kernel || kernelFlow(f).cookie != cookie) continue;
     if (event == KernelRelay::Event::kCredit) {
       // More credit, as far as the destination has taken what came before.
-      if (auto granted = kernel_relay_->grant(f.kernel_flow, f.dst->fd()); !granted) {
+      if (auto granted = worker_.kernelRelay()->grant(kernelFlow(f), f.dst->fd()); !granted) {
         fail(Step{Status::kError, 0, granted.error().code, false});
         return;
       }
@@ -658,10 +659,11 @@ void Relay::onDrainCheck(evutil_socket_t, short, void* arg) {
 
 bool Relay::countKernelBytes(Flow& f) {
   if (!f.attached) return false;
-  std::uint64_t total = kernel_relay_->moved(f.kernel_flow);
-  if (total <= f.kernel_counted) return false;
-  auto fresh = static_cast<std::size_t>(total - f.kernel_counted);
-  f.kernel_counted = total;
+  std::uint64_t total = worker_.kernelRelay()->moved(kernelFlow(f));
+  auto& counted = kernel_->counted[index(f)];
+  if (total <= counted) return false;
+  auto fresh = static_cast<std::size_t>(total - counted);
+  counted = total;
   account(f, fresh);
   return true;
 }
@@ -714,7 +716,7 @@ void Relay::expire(Outcome why) {
   bool undelivered = flows_[0].pending > 0 || flows_[1].pending > 0;
   for (auto& f : flows_) {
     if (!f.kernel || f.shut) continue;
-    auto drained = kernel_relay_->drained(f.kernel_flow, f.dst->fd());
+    auto drained = worker_.kernelRelay()->drained(kernelFlow(f), f.dst->fd());
     if (!drained || !*drained) undelivered = true;  // the kernel still holds some
   }
   finish(why, undelivered ? CloseType::kAbort : CloseType::kGraceful);
@@ -740,13 +742,13 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   finished_ = true;
   // Counted before either side can see the close, so that whoever observes it finds it counted.
   worker_.metrics().connectionClosed(info_.role, info_.stack, outcome);
-  drain_timer_.reset();
+  if (kernel_) kernel_->drain_timer.reset();
   for (auto& f : flows_) {
     releaseSpace(f);
     if (!f.attached) continue;
     countKernelBytes(f);
-    kernel_relay_->detach(f.kernel_flow);
-    worker_.kernelFlowEnded(f.kernel_flow.cookie);
+    worker_.kernelRelay()->detach(kernelFlow(f));
+    worker_.kernelFlowEnded(kernelFlow(f).cookie);
     if (f.kernel) worker_.metrics().kernelRelayDetached();
   }
   // A framed tunnel whose session ended cleanly carries the next one (not one whose framing

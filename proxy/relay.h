@@ -46,14 +46,12 @@ class Worker;
 struct TimeoutListTag;
 struct ResumeListTag;
 struct MemoryWaitTag;
-struct KernelRelayTag;
 
 class Relay final : public Deferrable,
                     public stacks::ConnectionCallbacks,
                     public ListHook<TimeoutListTag>,
                     public ListHook<ResumeListTag>,
-                    public ListHook<MemoryWaitTag>,
-                    public ListHook<KernelRelayTag> {
+                    public ListHook<MemoryWaitTag> {
  public:
   using Clock = std::chrono::steady_clock;
 
@@ -137,33 +135,31 @@ class Relay final : public Deferrable,
     std::byte* buffer = nullptr;  // copy mode: the buffer holding bytes in flight
     std::uint32_t head = 0;       // copy mode: offset of the first pending byte
     std::uint32_t pending = 0;    // bytes read from src and not yet written to dst
-    bool splice = false;          // splice() may be used for this flow
-    bool bulk = false;            // reads are large: splice() from the next read on an empty flow
-    bool src_readable = true;     // edge-triggered readiness not yet consumed
+    std::uint64_t bytes = 0;
+    std::uint32_t reads = 0;       // reads that took bytes (their average size tells messages)
+    std::uint32_t frame_left = 0;  // encode, pipe: pipe bytes the last header announced
+    bool splice = false;           // splice() may be used for this flow
+    bool bulk = false;             // reads are large: splice() from the next read on an empty flow
+    bool src_readable = true;      // edge-triggered readiness not yet consumed
     bool dst_writable = true;
     bool src_eof = false;
     bool shut = false;    // end of stream passed on to dst
     bool paused = false;  // reading stopped at the high watermark
-    std::uint64_t bytes = 0;
     // Framing (only on the tunnel's flows).
-    bool encode = false;  // dst is the framed tunnel
-    bool decode = false;  // src is the framed tunnel
-    framing::Decoder decoder;
-    std::byte header[framing::kHeaderSize]{};  // encode: a header still to write
+    bool encode = false;     // dst is the framed tunnel
+    bool decode = false;     // src is the framed tunnel
+    bool end_frame = false;  // the header is the end-of-direction frame
+    bool raw = false;        // framing v2: this direction's framing has ended (raw header)
     std::uint8_t header_len = 0;
     std::uint8_t header_off = 0;
-    bool end_frame = false;        // the header is the end-of-direction frame
-    std::uint32_t frame_left = 0;  // encode, pipe: pipe bytes the last header announced
-    bool raw = false;              // framing v2: this direction's framing has ended (raw header)
-    // The kernel relay.
+    std::byte header[framing::kHeaderSize]{};  // encode: a header still to write
+    framing::Decoder decoder;
+    // The kernel relay (its flow and counts in kernel_, made at the first hand-over).
     bool may_offload = false;        // not yet tried, and both ends are sockets
     bool last_read_drained = false;  // the last read left src empty (a hand-over needs it)
-    std::uint64_t reads = 0;         // reads that took bytes (the average size tells messages)
     bool kernel = false;             // the kernel moves this direction's bytes now
     bool attached = false;           // in the kernel relay's maps (until the relay ends)
     bool passing = false;            // the kernel relay gave it back (its target stalled)
-    KernelRelay::Flow kernel_flow;
-    std::uint64_t kernel_counted = 0;  // of the kernel's bytes, those already in `bytes`
     bool done() const { return src_eof && pending == 0 && shut; }
   };
   struct Step {
@@ -241,12 +237,20 @@ class Relay final : public Deferrable,
   std::vector<std::byte> leftover_;  // inbound: bytes after the end frame (the next HELLO)
   std::unique_ptr<stacks::StackConnection> control_;  // the liveness channel (see start())
   bool peer_done_ = false;                            // it carried kPeerDone
-  KernelRelay* kernel_relay_ = nullptr;  // null: this relay's flows stay in this process
-  // A kernel flow whose source ended waits for the kernel to send the rest: checked again
-  // after drain_wait_, which doubles up to kDrainWaitMax.
-  EventPtr drain_timer_;
-  std::chrono::milliseconds drain_wait_{1};
+  // What a relay with a flow in the kernel relay needs, made at the first hand-over: most
+  // relays never have one, and an idle connection's memory counts.
+  struct KernelState {
+    KernelRelay::Flow flows[2];
+    std::uint64_t counted[2] = {0, 0};  // of the kernel's bytes, those already in `bytes`
+    // A kernel flow whose source ended (or that passes) waits for the kernel to send the
+    // rest: checked again after drain_wait, which doubles up to kDrainWaitMax.
+    EventPtr drain_timer;
+    std::chrono::milliseconds drain_wait{1};
+  };
   static constexpr std::chrono::milliseconds kDrainWaitMax{100};
+  std::unique_ptr<KernelState> kernel_;
+  std::size_t index(const Flow& f) const { return &f == &flows_[0] ? 0 : 1; }
+  KernelRelay::Flow& kernelFlow(const Flow& f) { return kernel_->flows[index(f)]; }
 };
 
 }  // namespace dmm::proxy

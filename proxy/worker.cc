@@ -239,7 +239,6 @@ void Worker::onKernelEvents(evutil_socket_t, short, void* arg) {
 
 void Worker::kernelFlowStarted(std::uint64_t cookie, Relay& relay) {
   kernel_flows_[cookie] = &relay;
-  kernel_relays_.pushBack(relay);
 }
 
 void Worker::kernelFlowEnded(std::uint64_t cookie) {
@@ -450,7 +449,8 @@ void Worker::sweep() {
   budget_.publish();
   // The kernel moves these relays' bytes unseen: their counts and activity first, so that the
   // idle timeout below does not take a busy one for idle.
-  kernel_relays_.forEachRemovable([](Relay& r) { r.refreshKernelFlows(); });
+  for (auto& [cookie, relay] : kernel_flows_)
+    relay->refreshKernelFlows();
   auto now = Clock::now();
   const auto& c = config();
   while (Relay* r = open_relays_.front()) {
@@ -528,7 +528,6 @@ void Worker::relayEnded(Relay& relay) {
   IntrusiveList<Relay, TimeoutListTag>::remove(relay);
   IntrusiveList<Relay, ResumeListTag>::remove(relay);
   IntrusiveList<Relay, MemoryWaitTag>::remove(relay);
-  IntrusiveList<Relay, KernelRelayTag>::remove(relay);
 }
 
 void Worker::scheduleResume(Relay& relay) {

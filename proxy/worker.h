@@ -261,7 +261,6 @@ class Worker {
   IntrusiveList<Relay, ResumeListTag> resume_queue_;
   IntrusiveList<Session, SessionListTag> sessions_;
   IntrusiveList<Relay, MemoryWaitTag> memory_waiters_;  // in arrival order
-  IntrusiveList<Relay, KernelRelayTag> kernel_relays_;  // with a flow in the kernel relay
   std::unique_ptr<KernelRelay> kernel_relay_;
   std::string kernel_relay_why_;
   EventPtr kernel_events_;
