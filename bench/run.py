@@ -342,7 +342,9 @@ def sidecar_conf(variant, hop, workers, log_level, relay="", state_dir="/tmp", t
 def shm_sidecar_conf(state_dir, log_level):
     """The shm section's one sidecar: a [[forward]] listener per service for the tcp path, the
     preload socket for the others. No peer sidecar runs at SHM_ADDR: the first connection probes
-    SHM_TUNNEL, is refused and goes direct, and so do all later ones (no_sidecar_ttl)."""
+    SHM_TUNNEL, is refused and goes direct, and so do all later ones (no_sidecar_ttl). The kernel
+    relay is off: this section measures how bytes get from the application into the sidecar, and
+    with it a long-lived TCP-captured connection's bytes would not enter the sidecar at all."""
     lines = [
         "[sidecar]", "workers = 1",
         "[log]", f'level = "{log_level}"', 'format = "plain"',
@@ -351,6 +353,7 @@ def shm_sidecar_conf(state_dir, log_level):
         "[metrics]", f'listen = "127.0.0.1:{SHM_METRICS}"',
         "[timeouts]", 'idle = "10m"',
         "[fallback]", 'mode = "direct"', 'no_sidecar_ttl = "1h"',
+        "[relay]", "kernel_relay = false",
         "[tunnel]", "enabled = false", f"port = {SHM_TUNNEL}",
         "[admin]", f'socket = "{state_dir}/admin.sock"',
         "[policy]", f'dir = "{state_dir}/policy.d"',
