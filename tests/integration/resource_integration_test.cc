@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <mutex>
 #include <set>
@@ -280,11 +281,25 @@ std::string budgetConfig(int buffers) {
   return text;
 }
 
+// Sockets in both hosts buffer at most 256 KiB each way: a stalled stream then stalls the
+// sidecars' buffers for certain (with the default maxima, 6 MiB receive and 4 MiB send, the
+// sockets on the way can take a 16 MiB stream whole, and a flow that ran dry returns its buffer).
+void smallSocketBuffers(TwoHosts& hosts) {
+  for (auto* ns : {&hosts.a(), &hosts.b()}) {
+    ns->mustExec({"sysctl", "-q", "-w", "net.ipv4.tcp_rmem=4096 65536 262144"});
+    ns->mustExec({"sysctl", "-q", "-w", "net.ipv4.tcp_wmem=4096 65536 262144"});
+  }
+}
+
 // `n` connections from A to a server on B that reads nothing until released, each with a
 // sender pushing `each` bytes; released, the server takes every stream and keeps its digest.
+// The senders start once every connection is open and `ready` (when given) says the sidecars
+// have taken them all: a sender's bytes must not use up a budget before the last connection is
+// admitted.
 class StalledStreams {
  public:
-  StalledStreams(TwoHosts& hosts, int n, std::uint64_t each)
+  StalledStreams(TwoHosts& hosts, int n, std::uint64_t each,
+                 const std::function<bool()>& ready = {})
       : server_(hosts.b(), at(TwoHosts::kIp4B, 9000), [this](UniqueFd conn) {
           while (!release_)
             std::this_thread::sleep_for(10ms);
@@ -292,11 +307,17 @@ class StalledStreams {
           std::lock_guard lock(mutex_);
           received_.push_back(got);
         }) {
+    std::vector<UniqueFd> fds;
     for (int i = 0; i < n; ++i) {
       UniqueFd fd = connectTcp(hosts.a(), at(TwoHosts::kIp4B, 9000), 30s);
       EXPECT_TRUE(fd) << "connection " << i;
-      if (!fd) continue;
-      senders_.emplace_back([this, each, i, fd = std::move(fd)]() mutable {
+      if (fd) fds.push_back(std::move(fd));
+    }
+    if (ready) {
+      EXPECT_TRUE(ready()) << "the sidecars did not take every connection";
+    }
+    for (std::size_t i = 0; i < fds.size(); ++i) {
+      senders_.emplace_back([this, each, i, fd = std::move(fds[i])]() mutable {
         auto d = sendStream(fd.get(), each, 100 + static_cast<std::uint32_t>(i));
         ::shutdown(fd.get(), SHUT_WR);
         readToEof(fd.get());
@@ -339,12 +360,17 @@ class StalledStreams {
 // refused at once with a reset (counted), and when the server reads, every stream arrives
 // byte-exact, the memory comes back, and A takes new connections again.
 TEST_F(ResourcePair, BufferBudgetBoundsMemoryRefusesNewConnectionsAndLosesNothing) {
+  smallSocketBuffers(hosts_);
   b_ = std::make_unique<SidecarProcess>(hosts_.b(), config("[relay]\nsplice = false\n"), "b");
   a_ = std::make_unique<SidecarProcess>(hosts_.a(), budgetConfig(4), "a");
   a_->installCapture();
   EXPECT_EQ(a("dmm_sidecar_buffer_memory_limit_bytes", {}), 4 * 65536);
   {
-    StalledStreams streams(hosts_, 8, 16 << 20);
+    StalledStreams streams(hosts_, 8, 16 << 20, [&] {
+      return eventually([&] {
+        return a("dmm_sidecar_active_connections", {{"role", "outbound"}}) == 8;
+      });
+    });
     EXPECT_TRUE(eventually([&] { return a("dmm_sidecar_buffer_memory_waits_total", {}) >= 1; }))
         << "no flow ever waited for buffer memory";
     EXPECT_TRUE(eventually([&] { return a("dmm_sidecar_buffer_memory_bytes", {}) == 4 * 65536; }));
@@ -378,13 +404,18 @@ TEST_F(ResourcePair, BufferBudgetBoundsMemoryRefusesNewConnectionsAndLosesNothin
 // The peer's budget is used up: its sidecar rejects new sessions as overloaded, and A carries
 // them directly instead (fallback peer_overloaded) - served, not refused.
 TEST_F(ResourcePair, PeerOutOfBufferMemoryRejectsSessionsAsOverloadedAndTheyGoDirect) {
+  smallSocketBuffers(hosts_);
   b_ = std::make_unique<SidecarProcess>(hosts_.b(), budgetConfig(4), "b");
   a_ = std::make_unique<SidecarProcess>(hosts_.a(), config("[relay]\nsplice = false\n"), "a");
   a_->installCapture();
-  StalledStreams streams(hosts_, 8, 16 << 20);
   auto b = [&](const std::string& name, const std::map<std::string, std::string>& labels) {
     return b_->metric(name, labels).value_or(-1);
   };
+  StalledStreams streams(hosts_, 8, 16 << 20, [&] {
+    return eventually([&] {
+      return b("dmm_sidecar_active_connections", {{"role", "inbound"}}) == 8;
+    });
+  });
   EXPECT_TRUE(eventually([&] { return b("dmm_sidecar_buffer_memory_waits_total", {}) >= 1; }));
   EXPECT_TRUE(eventually([&] { return b("dmm_sidecar_buffer_memory_bytes", {}) == 4 * 65536; }));
   EchoServer echo(hosts_.b(), at(TwoHosts::kIp4B, 9001));
