@@ -103,7 +103,7 @@ struct Config {
   std::uint64_t buffer_memory = 512ull << 20;
   // The kernel relay (kernel_relay.h): a direction of a connection that has lived this long is
   // handed to the kernel when it is between messages; at most kernel_relay_max at once.
-  bool kernel_relay = true;
+  bool kernel_relay = false;  // opt-in: see docs/architecture.md#kernel-relay (known issue)
   Millis kernel_relay_after{20};
   std::uint32_t kernel_relay_max = 65536;
   std::uint32_t kernel_relay_window = 256 * 1024;  // bytes one flow may queue unaccounted

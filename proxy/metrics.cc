@@ -285,16 +285,19 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                                      "reader used up the direction's window).")
                                  .Register(*registry_)
                                  .Add({});
-  auto& kernel_refusals = BuildCounter()
-                              .Name("dmm_sidecar_kernel_relay_refusals_total")
-                              .Help(
-                                  "Relay directions the kernel relay did not take, by reason: "
-                                  "not_relayable (not TCP, or already at its end), full "
-                                  "(relay.kernel_relay_max), error.")
-                              .Register(*registry_);
+  auto& kernel_refusals =
+      BuildCounter()
+          .Name("dmm_sidecar_kernel_relay_refusals_total")
+          .Help(
+              "Relay directions the kernel relay did not take, by reason: "
+              "not_relayable (not TCP, or already at its end), full "
+              "(relay.kernel_relay_max), memory (the half of relay.buffer_memory "
+              "windows may hold is used up), error.")
+          .Register(*registry_);
   kernel_relay_refusals_[0] = &kernel_refusals.Add({{"reason", "not_relayable"}});
   kernel_relay_refusals_[1] = &kernel_refusals.Add({{"reason", "full"}});
-  kernel_relay_refusals_[2] = &kernel_refusals.Add({{"reason", "error"}});
+  kernel_relay_refusals_[2] = &kernel_refusals.Add({{"reason", "memory"}});
+  kernel_relay_refusals_[3] = &kernel_refusals.Add({{"reason", "error"}});
 
   splice_disabled_ = &BuildCounter()
                           .Name("dmm_sidecar_splice_disabled_total")
@@ -306,7 +309,8 @@ Metrics::Metrics(const std::vector<std::string>& stack_names, const std::string&
                         .Name("dmm_sidecar_buffer_memory_bytes")
                         .Help(
                             "Bytes the relays' copy buffers and splice pipes hold now (a pipe "
-                            "counts its full size), against [relay] buffer_memory.")
+                            "counts its full size), with the kernel relay's windows, against "
+                            "[relay] buffer_memory.")
                         .Register(*registry_)
                         .Add({});
   buffer_memory_limit_ = &BuildGauge()

@@ -205,7 +205,7 @@ class Metrics {
   }
   void kernelRelayDetached() { kernel_relay_active_->Decrement(); }
   void kernelRelayHandedBack() { kernel_relay_handbacks_->Increment(); }
-  enum class KernelRelayRefusal { kNotRelayable, kFull, kError, kCount };
+  enum class KernelRelayRefusal { kNotRelayable, kFull, kMemory, kError, kCount };
   void kernelRelayRefused(KernelRelayRefusal why) { kernel_relay_refusals_[idx(why)]->Increment(); }
 
   // Policy. Any thread.
@@ -247,7 +247,7 @@ class Metrics {
   prometheus::Gauge* kernel_relay_active_ = nullptr;
   prometheus::Counter* kernel_relay_handbacks_ = nullptr;
   std::array<prometheus::Counter*, 2> kernel_relay_flows_{};
-  std::array<prometheus::Counter*, 3> kernel_relay_refusals_{};
+  std::array<prometheus::Counter*, 4> kernel_relay_refusals_{};
   std::vector<std::string> stack_names_;
   prometheus::Gauge* policy_version_ = nullptr;
   std::array<prometheus::Counter*, 2> policy_reloads_{};

@@ -515,11 +515,22 @@ bool Relay::maybeOffload(Flow& f) {
       f.bytes > std::uint64_t{f.reads} * kMessageRead)
     return true;
   if (nowTime() - info_.started < worker_.config().kernel_relay_after) return true;
-  if (f.encode) {
-    if (!info_.raw_frames) {  // the peer cannot take a raw direction: stay framed
+  if (f.encode && !info_.raw_frames) {  // the peer cannot take a raw direction: stay framed
+    f.may_offload = false;
+    return true;
+  }
+  if (!f.window_taken) {
+    // What the kernel may queue for this direction, unaccounted by the kernel, counts against
+    // relay.buffer_memory like the workers' own buffers (checked before the framing ends), up
+    // to half of it: a storm of message flows must not leave no room to admit connections.
+    if (!worker_.takeKernelWindow(worker_.config().kernel_relay_window)) {
       f.may_offload = false;
+      worker_.metrics().kernelRelayRefused(Metrics::KernelRelayRefusal::kMemory);
       return true;
     }
+    f.window_taken = true;
+  }
+  if (f.encode) {
     // The end of this direction's framing; the kernel's bytes follow it on the tunnel.
     framing::putHeader(f.header, framing::kRawHeader);
     f.header_len = framing::kHeaderSize;
@@ -537,6 +548,7 @@ bool Relay::maybeOffload(Flow& f) {
   f.may_offload = false;  // one try per flow
   auto flow = worker_.kernelRelay()->attach(f.src->fd(), f.dst->fd());
   if (!flow) {
+    giveWindowBack(f);
     std::string_view why = flow.error().reason;
     worker_.metrics().kernelRelayRefused(
         why == "not_relayable"       ? Metrics::KernelRelayRefusal::kNotRelayable
@@ -605,6 +617,7 @@ bool Relay::pumpKernel(Flow& f) {
     f.src_readable = true;
     f.dst_writable = true;
     updateWatches();
+    giveWindowBack(f);  // its bytes will wait in the worker's own buffers now
     worker_.metrics().kernelRelayDetached();
     worker_.metrics().kernelRelayHandedBack();
     spdlog::debug("conn {:x}: {} direction back from the kernel relay (its destination stalled)",
@@ -655,6 +668,12 @@ void Relay::onDrainCheck(evutil_socket_t, short, void* arg) {
     if (f.kernel && !self->pumpKernel(f)) return;
   }
   self->settle();
+}
+
+void Relay::giveWindowBack(Flow& f) {
+  if (!f.window_taken) return;
+  f.window_taken = false;
+  worker_.giveKernelWindow(worker_.config().kernel_relay_window);
 }
 
 bool Relay::countKernelBytes(Flow& f) {
@@ -745,6 +764,7 @@ void Relay::finish(Outcome outcome, CloseType close, int err) {
   if (kernel_) kernel_->drain_timer.reset();
   for (auto& f : flows_) {
     releaseSpace(f);
+    giveWindowBack(f);
     if (!f.attached) continue;
     countKernelBytes(f);
     worker_.kernelRelay()->detach(kernelFlow(f));

@@ -160,6 +160,7 @@ class Relay final : public Deferrable,
     bool kernel = false;             // the kernel moves this direction's bytes now
     bool attached = false;           // in the kernel relay's maps (until the relay ends)
     bool passing = false;            // the kernel relay gave it back (its target stalled)
+    bool window_taken = false;       // its kernel relay window is charged to the memory budget
     bool done() const { return src_eof && pending == 0 && shut; }
   };
   struct Step {
@@ -224,6 +225,8 @@ class Relay final : public Deferrable,
   void updateWatches();
   // Adds the kernel's newly moved bytes of `f` to its count and the metric; true if any.
   bool countKernelBytes(Flow& f);
+  // Gives the flow's kernel relay window back to the memory budget (if it holds one).
+  void giveWindowBack(Flow& f);
   static void onDrainCheck(evutil_socket_t, short, void* arg);
 
   Worker& worker_;

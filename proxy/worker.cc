@@ -541,6 +541,19 @@ void Worker::memoryWait(Relay& relay) {
   metrics().memoryWait();
 }
 
+bool Worker::takeKernelWindow(std::size_t bytes) {
+  if (budget_.limited() && kernel_windows_ + bytes > budget_.limit() / 2) return false;
+  if (!budget_.take(bytes)) return false;
+  kernel_windows_ += bytes;
+  return true;
+}
+
+void Worker::giveKernelWindow(std::size_t bytes) {
+  kernel_windows_ -= bytes;
+  budget_.give(bytes);
+  memoryReturned();
+}
+
 void Worker::memoryReturned() {
   // Each waiter resumed may take a buffer; one that still finds none waits again (at the back).
   for (std::size_t n = buffers_.available(); n > 0; --n) {

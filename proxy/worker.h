@@ -179,6 +179,11 @@ class Worker {
   bool memoryExhausted() const {
     return budget_.limited() && budget_.room() < 2 * std::uint64_t{buffers_.bufferSize()};
   }
+  // A kernel relay window of `bytes` charged to the budget, or false. Windows may hold at most
+  // half of this worker's budget: the other half stays for the buffers of the connections the
+  // worker relays itself and for admitting new ones (loop thread).
+  bool takeKernelWindow(std::size_t bytes);
+  void giveKernelWindow(std::size_t bytes);
   // `relay` needs a buffer the budget cannot give now: it is resumed, in turn, once buffers
   // are returned (loop thread).
   void memoryWait(Relay& relay);
@@ -270,6 +275,7 @@ class Worker {
   std::uint64_t next_id_ = 0;
   LocalAddresses local_addresses_;
   MemoryBudget budget_;
+  std::uint64_t kernel_windows_ = 0;  // of budget_, held by kernel relay windows
   PipePool pipes_;
   BufferPool buffers_;
   std::unique_ptr<std::byte[]> scratch_;

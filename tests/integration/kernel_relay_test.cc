@@ -13,6 +13,8 @@
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "testbed/servers.h"
@@ -25,10 +27,13 @@ constexpr const char* kKey = "kernel-relay-test-key-0123456789";
 constexpr std::size_t kPing = 64;
 constexpr int kPings = 20;
 
+// The kernel relay is opt-in: on unless `relay` turns it off.
 std::string section(const std::string& relay, const std::string& timeouts = {}) {
+  std::string on =
+      relay.find("kernel_relay = false") == std::string::npos ? "kernel_relay = true\n" : "";
   return std::string("[security]\npsk = \"") + kKey +
          "\"\n\n[timeouts]\nconnect = \"2s\"\nhandshake = \"2s\"\n" + timeouts + "\n[relay]\n" +
-         relay + "\n";
+         on + relay + "\n";
 }
 
 // A server that answers kPings 64-byte pings, then runs `rest` on the connection.
@@ -156,8 +161,10 @@ TEST_F(KernelRelayPair, BytesInBothDirectionsAreExactAndCounted) {
 }
 
 TEST_F(KernelRelayPair, TheCreditIsRenewedAsTheDestinationTakesTheBytes) {
-  start();
-  // 8 MiB each way in 16 KiB messages, a little apart: 32 windows of 256 KiB per direction.
+  // 1 MiB windows: the bursts below (128 KiB) leave a busy worker three quarters of a window
+  // to answer a request for credit in.
+  start("kernel_relay_after = \"0s\"\nkernel_relay_window = 1048576");
+  // 8 MiB each way in 16 KiB messages, a little apart: eight windows per direction.
   constexpr std::size_t kMessage = 16 * 1024;
   constexpr int kMessages = 512;
   ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
@@ -377,8 +384,9 @@ TEST_F(KernelRelayPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
   // The kernel stopped taking bytes for the stalled destination once the direction's window
   // was used up, and gave it back to a worker, whose relay pauses at its high watermark.
   EXPECT_GE(metric(*b_, "dmm_sidecar_kernel_relay_handbacks_total"), 1);
-  EXPECT_LE(metric(*a_, "dmm_sidecar_buffer_memory_bytes"), 2 * 65536);
-  EXPECT_LE(metric(*b_, "dmm_sidecar_buffer_memory_bytes"), 2 * 65536);
+  // Bounded: a worker's two buffers, and at most one window still with the kernel.
+  EXPECT_LE(metric(*a_, "dmm_sidecar_buffer_memory_bytes"), 2 * 65536 + 256 * 1024);
+  EXPECT_LE(metric(*b_, "dmm_sidecar_buffer_memory_bytes"), 2 * 65536 + 256 * 1024);
   // Once the reader reads, every byte arrives.
   read_now = true;
   ::shutdown(fd.get(), SHUT_WR);
@@ -388,6 +396,64 @@ TEST_F(KernelRelayPair, ASlowReaderStopsTheWriterWithBoundedBuffering) {
   EXPECT_EQ(err, 0);
   EXPECT_EQ(server_got.bytes, queued);
   EXPECT_TRUE(closedOnBoth());
+}
+
+// Message flows in the kernel that turn into bursts their destination does not take at once:
+// each direction uses up its window, passes, is handed back to a worker and finishes there.
+// Every stream must arrive exactly once, in order, both ways. Disabled: on Linux 6.18 some
+// segments read after the hand-back arrive twice in about one run in two - the known issue
+// that keeps relay.kernel_relay off by default (docs/architecture.md#kernel-relay). Run it with
+// --gtest_also_run_disabled_tests.
+TEST_F(KernelRelayPair, DISABLED_BurstsIntoStallingDestinationsArriveExactlyOnce) {
+  start("kernel_relay_after = \"0s\"\nkernel_relay_window = 65536");
+  constexpr int kConns = 8;
+  constexpr std::uint64_t kUp = 16ull << 20;
+  constexpr std::uint64_t kDown = 4ull << 20;
+  std::mutex mutex;
+  std::vector<StreamDigest> server_got;
+  ThreadServer srv(hosts_.b(), server(), pingThen([&](int fd) {
+                     std::this_thread::sleep_for(300ms);  // the burst finds nobody reading
+                     auto got = receiveStream(fd);
+                     {
+                       std::lock_guard lock(mutex);
+                       server_got.push_back(got);
+                     }
+                     auto seed = static_cast<std::uint32_t>(got.bytes % 1000);
+                     (void)sendStream(fd, kDown, seed);
+                   }));
+  std::vector<std::thread> clients;
+  std::vector<StreamDigest> sent(kConns), received(kConns);
+  std::atomic<int> ok{0};
+  for (int i = 0; i < kConns; ++i) {
+    clients.emplace_back([&, i] {
+      UniqueFd fd = connectTcp(hosts_.a(), server());
+      if (!fd || !ping(fd.get())) return;
+      std::this_thread::sleep_for(50ms);  // in the kernel relay by now
+      sent[static_cast<std::size_t>(i)] =
+          sendStream(fd.get(), kUp, 700 + static_cast<std::uint32_t>(i));
+      ::shutdown(fd.get(), SHUT_WR);
+      int err = 0;
+      received[static_cast<std::size_t>(i)] = receiveStream(fd.get(), &err);
+      if (err == 0) ++ok;
+    });
+  }
+  for (auto& t : clients)
+    t.join();
+  srv.stop();
+  EXPECT_EQ(ok.load(), kConns);
+  std::multiset<std::string> want, got;
+  for (auto& d : sent)
+    want.insert(std::to_string(d.bytes) + ":" + d.sha256_hex);
+  for (auto& d : server_got)
+    got.insert(std::to_string(d.bytes) + ":" + d.sha256_hex);
+  EXPECT_EQ(got, want) << "upstream streams changed on the way";
+  // Every downstream stream is the one the server sent for its upstream's length.
+  for (auto& d : received)
+    EXPECT_EQ(d.bytes, kDown);
+  EXPECT_GE(metric(*a_, "dmm_sidecar_kernel_relay_handbacks_total") +
+                metric(*b_, "dmm_sidecar_kernel_relay_handbacks_total"),
+            1);
+  EXPECT_TRUE(closedOnBoth(kConns));
 }
 
 TEST_F(KernelRelayPair, ABusyConnectionOutlivesTheIdleTimeoutAndAnIdleOneDoesNot) {
@@ -458,8 +524,28 @@ TEST_F(KernelRelayPair, OffMeansEveryByteThroughTheWorkers) {
   }));
 }
 
-TEST_F(KernelRelayPair, ByDefaultOnlyConnectionsOlderThanTheThresholdAndNotStreams) {
-  start("");  // kernel_relay_after's default
+TEST_F(KernelRelayPair, OffByDefault) {
+  // No kernel_relay key at all: the sidecars relay every byte themselves.
+  std::string config = std::string("[security]\npsk = \"") + kKey + "\"\n";
+  b_ = std::make_unique<SidecarProcess>(hosts_.b(), sidecarConfig(config), "b");
+  a_ = std::make_unique<SidecarProcess>(hosts_.a(), sidecarConfig(config), "a");
+  a_->installCapture();
+  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) { (void)readToEof(fd); }));
+  UniqueFd fd = connectTcp(hosts_.a(), server());
+  ASSERT_TRUE(fd);
+  std::this_thread::sleep_for(50ms);  // older than kernel_relay_after's default
+  ASSERT_TRUE(ping(fd.get()));
+  ::shutdown(fd.get(), SHUT_WR);
+  EXPECT_EQ(readToEof(fd.get()), "");
+  EXPECT_TRUE(closedOnBoth());
+  for (auto* s : {a_.get(), b_.get()}) {
+    EXPECT_EQ(metric(*s, "dmm_sidecar_kernel_relay_up"), 0);
+    EXPECT_EQ(metric(*s, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "upstream"}}), 0);
+  }
+}
+
+TEST_F(KernelRelayPair, WhenOnOnlyConnectionsOlderThanTheThresholdAndNotStreams) {
+  start("");  // on, with kernel_relay_after's default
   // A short request/response: over before it is old enough.
   ThreadServer echo(hosts_.b(), at(TwoHosts::kIp4B, 9001), echoHandler);
   EXPECT_EQ(echoOnce(hosts_.a(), at(TwoHosts::kIp4B, 9001), "quick"), "quick");
@@ -477,6 +563,67 @@ TEST_F(KernelRelayPair, ByDefaultOnlyConnectionsOlderThanTheThresholdAndNotStrea
   EXPECT_TRUE(inKernel());
   ::shutdown(fd.get(), SHUT_WR);
   EXPECT_EQ(readToEof(fd.get()), "");
+}
+
+TEST_F(KernelRelayPair, AWindowTheMemoryBudgetCannotGiveKeepsTheDirectionWithTheWorker) {
+  // Each worker's share of buffer_memory is two 64 KiB buffers: no room for a 256 KiB window.
+  start("kernel_relay_after = \"0s\"\nbuffer_memory = 262144");
+  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
+                     std::string rest = readToEof(fd);
+                     writeAll(fd, rest.data(), rest.size());
+                   }));
+  UniqueFd fd = connectTcp(hosts_.a(), server());
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(ping(fd.get()));
+  EXPECT_TRUE(eventually([&] {
+    return metric(*a_, "dmm_sidecar_kernel_relay_refusals_total", {{"reason", "memory"}}) >= 1 &&
+           metric(*b_, "dmm_sidecar_kernel_relay_refusals_total", {{"reason", "memory"}}) >= 1;
+  }));
+  std::string tail(1 << 20, 'w');
+  ASSERT_TRUE(writeAll(fd.get(), tail.data(), tail.size()));
+  ::shutdown(fd.get(), SHUT_WR);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), tail);
+  EXPECT_EQ(err, 0);
+  for (auto* s : {a_.get(), b_.get()})
+    EXPECT_EQ(metric(*s, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "upstream"}}), 0);
+  EXPECT_TRUE(closedOnBoth());
+}
+
+TEST_F(KernelRelayPair, WindowsHoldAtMostHalfTheMemoryBudget) {
+  // Each of the two workers' shares is 768 KiB: room for both 256 KiB windows of a connection,
+  // but windows may hold only half of it (384 KiB), so one direction stays with the worker.
+  start("kernel_relay_after = \"0s\"\nbuffer_memory = 1572864");
+  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
+                     std::string rest = readToEof(fd);
+                     writeAll(fd, rest.data(), rest.size());
+                   }));
+  UniqueFd fd = connectTcp(hosts_.a(), server());
+  ASSERT_TRUE(fd);
+  ASSERT_TRUE(ping(fd.get()));
+  auto flows = [&](SidecarProcess& s) {
+    return metric(s, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "upstream"}}) +
+           metric(s, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "downstream"}});
+  };
+  // The client speaks first: A's upstream goes raw and into A's kernel relay, and B's on
+  // receiving the raw header; B's downstream then finds no room and stays framed (so A's,
+  // which waits for B's raw header, is never tried).
+  EXPECT_TRUE(eventually([&] {
+    return metric(*b_, "dmm_sidecar_kernel_relay_refusals_total", {{"reason", "memory"}}) == 1;
+  }));
+  EXPECT_EQ(flows(*a_), 1);
+  EXPECT_EQ(flows(*b_), 1);
+  EXPECT_TRUE(eventually([&] { return metric(*a_, "dmm_sidecar_buffer_memory_bytes") == 262144; }))
+      << "the one window in the kernel is charged, and nothing else is held";
+  std::string tail(1 << 20, 'h');
+  ASSERT_TRUE(writeAll(fd.get(), tail.data(), tail.size()));
+  ::shutdown(fd.get(), SHUT_WR);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd.get(), &err), tail);
+  EXPECT_EQ(err, 0);
+  EXPECT_TRUE(closedOnBoth());
+  EXPECT_TRUE(eventually([&] { return metric(*a_, "dmm_sidecar_buffer_memory_bytes") == 0; }))
+      << "the window is given back when the connection ends";
 }
 
 TEST_F(KernelRelayPair, AFallbackToADirectConnectionIsHandedOverToo) {
