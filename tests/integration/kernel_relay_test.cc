@@ -47,6 +47,25 @@ ThreadServer::Handler pingThen(std::function<void(int)> rest) {
   };
 }
 
+// pingThen() and then the rest of what the client sends, sent back once it half-closed.
+ThreadServer::Handler pingThenEchoTheRest() {
+  return pingThen([](int fd) {
+    std::string rest = readToEof(fd);
+    writeAll(fd, rest.data(), rest.size());
+  });
+}
+
+// The client's side of pingThenEchoTheRest() after the pings: 1 MiB of `c`, a half-close, and
+// the same 1 MiB back before the end of stream.
+void tailComesBack(int fd, char c) {
+  std::string tail(1 << 20, c);
+  ASSERT_TRUE(writeAll(fd, tail.data(), tail.size()));
+  ::shutdown(fd, SHUT_WR);
+  int err = 0;
+  EXPECT_EQ(readToEof(fd, &err), tail);
+  EXPECT_EQ(err, 0);
+}
+
 // The largest buffer of net.ipv4.<name> ("min default max"), in bytes.
 std::uint64_t sysctlMax(const std::string& name) {
   std::ifstream f("/proc/sys/net/ipv4/" + name);
@@ -568,10 +587,7 @@ TEST_F(KernelRelayPair, WhenOnOnlyConnectionsOlderThanTheThresholdAndNotStreams)
 TEST_F(KernelRelayPair, AWindowTheMemoryBudgetCannotGiveKeepsTheDirectionWithTheWorker) {
   // Each worker's share of buffer_memory is two 64 KiB buffers: no room for a 256 KiB window.
   start("kernel_relay_after = \"0s\"\nbuffer_memory = 262144");
-  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
-                     std::string rest = readToEof(fd);
-                     writeAll(fd, rest.data(), rest.size());
-                   }));
+  ThreadServer srv(hosts_.b(), server(), pingThenEchoTheRest());
   UniqueFd fd = connectTcp(hosts_.a(), server());
   ASSERT_TRUE(fd);
   ASSERT_TRUE(ping(fd.get()));
@@ -579,12 +595,7 @@ TEST_F(KernelRelayPair, AWindowTheMemoryBudgetCannotGiveKeepsTheDirectionWithThe
     return metric(*a_, "dmm_sidecar_kernel_relay_refusals_total", {{"reason", "memory"}}) >= 1 &&
            metric(*b_, "dmm_sidecar_kernel_relay_refusals_total", {{"reason", "memory"}}) >= 1;
   }));
-  std::string tail(1 << 20, 'w');
-  ASSERT_TRUE(writeAll(fd.get(), tail.data(), tail.size()));
-  ::shutdown(fd.get(), SHUT_WR);
-  int err = 0;
-  EXPECT_EQ(readToEof(fd.get(), &err), tail);
-  EXPECT_EQ(err, 0);
+  tailComesBack(fd.get(), 'w');
   for (auto* s : {a_.get(), b_.get()})
     EXPECT_EQ(metric(*s, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "upstream"}}), 0);
   EXPECT_TRUE(closedOnBoth());
@@ -594,10 +605,7 @@ TEST_F(KernelRelayPair, WindowsHoldAtMostHalfTheMemoryBudget) {
   // Each of the two workers' shares is 768 KiB: room for both 256 KiB windows of a connection,
   // but windows may hold only half of it (384 KiB), so one direction stays with the worker.
   start("kernel_relay_after = \"0s\"\nbuffer_memory = 1572864");
-  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
-                     std::string rest = readToEof(fd);
-                     writeAll(fd, rest.data(), rest.size());
-                   }));
+  ThreadServer srv(hosts_.b(), server(), pingThenEchoTheRest());
   UniqueFd fd = connectTcp(hosts_.a(), server());
   ASSERT_TRUE(fd);
   ASSERT_TRUE(ping(fd.get()));
@@ -615,12 +623,7 @@ TEST_F(KernelRelayPair, WindowsHoldAtMostHalfTheMemoryBudget) {
   EXPECT_EQ(flows(*b_), 1);
   EXPECT_TRUE(eventually([&] { return metric(*a_, "dmm_sidecar_buffer_memory_bytes") == 262144; }))
       << "the one window in the kernel is charged, and nothing else is held";
-  std::string tail(1 << 20, 'h');
-  ASSERT_TRUE(writeAll(fd.get(), tail.data(), tail.size()));
-  ::shutdown(fd.get(), SHUT_WR);
-  int err = 0;
-  EXPECT_EQ(readToEof(fd.get(), &err), tail);
-  EXPECT_EQ(err, 0);
+  tailComesBack(fd.get(), 'h');
   EXPECT_TRUE(closedOnBoth());
   EXPECT_TRUE(eventually([&] { return metric(*a_, "dmm_sidecar_buffer_memory_bytes") == 0; }))
       << "the window is given back when the connection ends";
@@ -631,10 +634,7 @@ TEST_F(KernelRelayPair, AFallbackToADirectConnectionIsHandedOverToo) {
   a_ = std::make_unique<SidecarProcess>(hosts_.a(),
                                         sidecarConfig(section("kernel_relay_after = \"0s\"")), "a");
   a_->installCapture();
-  ThreadServer srv(hosts_.b(), server(), pingThen([](int fd) {
-                     std::string rest = readToEof(fd);
-                     writeAll(fd, rest.data(), rest.size());
-                   }));
+  ThreadServer srv(hosts_.b(), server(), pingThenEchoTheRest());
   UniqueFd fd = connectTcp(hosts_.a(), server());
   ASSERT_TRUE(fd);
   ASSERT_TRUE(ping(fd.get()));
@@ -642,12 +642,7 @@ TEST_F(KernelRelayPair, AFallbackToADirectConnectionIsHandedOverToo) {
     return metric(*a_, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "upstream"}}) == 1 &&
            metric(*a_, "dmm_sidecar_kernel_relay_flows_total", {{"direction", "downstream"}}) == 1;
   }));
-  std::string tail(1 << 20, 't');
-  ASSERT_TRUE(writeAll(fd.get(), tail.data(), tail.size()));
-  ::shutdown(fd.get(), SHUT_WR);
-  int err = 0;
-  EXPECT_EQ(readToEof(fd.get(), &err), tail);
-  EXPECT_EQ(err, 0);
+  tailComesBack(fd.get(), 't');
   EXPECT_TRUE(eventually([&] {
     return metric(*a_, "dmm_sidecar_connections_total",
                   {{"role", "outbound"}, {"stack", "direct"}, {"outcome", "closed"}}) == 1;
