@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <map>
 #include <string>
 
@@ -20,6 +21,29 @@ SocketAddress at(const char* ip, std::uint16_t port) {
 void echoHandler(UniqueFd conn) {
   std::string data = readToEof(conn.get());
   writeAll(conn.get(), data.data(), data.size());
+}
+
+void answerAfterEof(int fd) {
+  std::string request = readToEof(fd);
+  std::string reply =
+      "got " + std::to_string(request.size()) + " bytes\n" + std::string(3 << 20, 'r');
+  writeAll(fd, reply.data(), reply.size());
+}
+
+::testing::AssertionResult halfCloseThenFullAnswer(int fd) {
+  std::string request(100000, 'q');
+  if (!writeAll(fd, request.data(), request.size()))
+    return ::testing::AssertionFailure() << "the request could not be written";
+  if (::shutdown(fd, SHUT_WR) != 0)
+    return ::testing::AssertionFailure() << "shutdown: " << std::strerror(errno);
+  int err = 0;
+  std::string reply = readToEof(fd, &err);
+  const std::string head = "got 100000 bytes\n";
+  if (err != 0) return ::testing::AssertionFailure() << "read: " << std::strerror(err);
+  if (reply.size() != head.size() + (3u << 20) || reply.rfind(head, 0) != 0)
+    return ::testing::AssertionFailure()
+           << "answer of " << reply.size() << " bytes, starting \"" << reply.substr(0, 20) << "\"";
+  return ::testing::AssertionSuccess();
 }
 
 std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload) {

@@ -17,6 +17,13 @@ SocketAddress at(const char* ip, std::uint16_t port);
 // A ThreadServer handler: reads to the client's end of stream, then writes it all back.
 void echoHandler(UniqueFd conn);
 
+// A client-first half-close, the server's side: reads to the client's end of stream, then
+// answers "got N bytes\n" and 3 MiB (more than any one buffer or ring on the way).
+void answerAfterEof(int fd);
+// The client's side: 100,000 bytes, a half-close, and the whole answer back before the end of
+// stream, without an error.
+::testing::AssertionResult halfCloseThenFullAnswer(int fd);
+
 // A request/response echo from `from` to `to` (send, half-close, read to EOF); returns what
 // came back, or "<connect failed>" / "<write failed>".
 std::string echoOnce(const Netns& from, const SocketAddress& to, const std::string& payload);
